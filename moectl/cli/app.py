@@ -1,0 +1,43 @@
+"""The `moectl` command. Each command parses its arguments, calls one function and prints.
+
+Nothing heavy (torch, pydantic) is imported until a command runs, so `moectl --help` is instant."""
+
+from __future__ import annotations
+
+import typer
+
+from moectl import __version__
+from moectl.cli import build as build_cmd
+from moectl.cli import recipes as recipes_cmd
+
+app = typer.Typer(
+    name="moectl",
+    help="Research and train Mixture-of-Experts language models from declarative YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moectl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Research and train Mixture-of-Experts language models from declarative YAML recipes."""
+
+
+app.add_typer(recipes_cmd.app, name="recipes")
+app.command("build")(build_cmd.build)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,54 @@
+"""What every command shares: error reporting, exit codes, splitting recipe arguments."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RECIPE_HELP = ("A recipe file, a run folder (its config.yaml), or a shipped recipe name "
+               "(see `moectl recipes list`).")
+OVERRIDES_HELP = "Trailing dotted.key=value overrides, parsed as YAML and validated like the file."
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def fail(err) -> None:
+    """Print a user-facing error to stderr and exit with its code."""
+    from rich.markup import escape
+
+    stderr_console().print(f"[red]{escape(err.render())}[/]")
+    raise typer.Exit(err.exit_code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn MoectlError into a clear message and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moectl.errors import MoectlError
+
+        try:
+            return fn(*args, **kwargs)
+        except MoectlError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

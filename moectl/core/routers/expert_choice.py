@@ -1,0 +1,45 @@
+"""Expert choice (Zhou et al., 2022): each expert takes its top-C tokens of the batch.
+
+Tokens may get anywhere from 0 to E experts. In a causal language model the choice looks at the
+whole batch, so a token's routing depends on later tokens: training loss is optimistic and the
+routing cannot be reproduced token by token at generation time (as its paper notes)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moectl.core.losses import z_loss
+from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+    def __init__(self, *, capacity_factor: float = 1.0, **common: Any):
+        super().__init__(**common)
+        self.capacity_factor = capacity_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, self.d_model))
+
+    def capacity(self, num_tokens: int) -> int:
+        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return max(1, min(num_tokens, c))
+
+    def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        probs = logits.softmax(-1)
+        T, E = probs.shape
+        chosen_CE = probs.topk(self.capacity(T), dim=0).indices           # tokens each expert takes
+        picked_TE = torch.zeros_like(probs, dtype=torch.bool)
+        picked_TE.scatter_(0, chosen_CE, True)
+        k_max = max(1, int(picked_TE.sum(1).max()))                      # data-dependent width
+        # Per token, the experts that picked it first (ties broken by expert index).
+        rank_TE = picked_TE.float() * 2 - torch.arange(E, device=probs.device) / E
+        expert_ids = rank_TE.topk(k_max, dim=-1).indices
+        valid = picked_TE.gather(-1, expert_ids)
+        weights = probs.gather(-1, expert_ids) * valid
+        losses = {"z_loss": z_loss(logits)}
+        return RouterOutput(expert_ids, weights, probs, logits, valid_TK=valid, aux_losses=losses, state=state)

@@ -1,0 +1,42 @@
+"""Hash routing (Roller et al., 2021 style): scores from a fixed random table indexed by token id.
+
+Nothing in the router is learned, so it has no auxiliary losses. The table is a buffer saved with
+the model and derived from (seed, layer index), so every layer routes differently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+from moectl.core.routers.topk import select_topk
+
+
+@register_router("hash")
+class HashRouter(Router):
+    fixed_k = True
+
+    def __init__(self, *, seed: int = 0, **common: Any):
+        super().__init__(**common)
+        if self.vocab_size is None:
+            raise ValueError("hash routing needs vocab_size")
+        self.seed = seed
+        self.register_buffer("table", torch.empty(self.vocab_size, self.num_experts))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        if self.table.is_meta:
+            return
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.layer_idx)
+        self.table.copy_(torch.randn(self.vocab_size, self.num_experts, generator=g))
+
+    def flops_per_token(self) -> int:
+        return 0
+
+    def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
+        if ctx.token_ids_T is None:
+            raise ValueError("hash routing needs the token ids in the route context")
+        probs = self.table[ctx.token_ids_T].float().softmax(-1)
+        ids, weights = select_topk(probs, self.top_k, renormalize=True)
+        return RouterOutput(ids, weights, probs, None, state=state)

@@ -1,0 +1,58 @@
+"""Errors a user can fix. The CLI prints them as one clear message and exits with their code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MoectlError(Exception):
+    """A failure with a message for the user (no traceback) and an exit code.
+
+    exit code 2 = bad usage or bad input (recipe, data, arguments); 1 = runtime failure.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def render(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text
+
+
+class RuntimeFailure(MoectlError):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem in a recipe: the dotted key path, what is wrong, and where it was written."""
+
+    path: str
+    message: str
+    where: str | None = None  # "file.yaml:12" or "override 'a.b=1'"
+
+    def render(self) -> str:
+        loc = self.path or "(top level)"
+        if self.where:
+            loc += f" ({self.where})"
+        return f"{loc}: {self.message}"
+
+
+class RecipeError(MoectlError):
+    """All the problems found in one recipe, reported together."""
+
+    def __init__(self, source: str, issues: list[Issue], hint: str | None = None):
+        self.source = source
+        self.issues = issues
+        n = len(issues)
+        head = f"{source}: {n} problem{'s' if n != 1 else ''}"
+        body = "\n".join("  " + i.render() for i in issues)
+        super().__init__(f"{head}\n{body}", hint=hint)

@@ -1,0 +1,111 @@
+"""`moectl build`: what a recipe's model costs, computed on the meta device (nothing allocated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moectl.recipe.schema import Recipe
+
+
+def human(n: float, unit: str = "") -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f}{suffix}{unit}" if n / factor < 100 else f"{n / factor:.1f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for factor, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+@dataclass
+class BuildReport:
+    name: str
+    rows: dict[str, tuple[int, float]]
+    total: int
+    active: float
+    embedding: int
+    seq_len: int
+    flops_forward: int
+    memory: dict[str, int]
+    moe: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_train(self) -> int:
+        return 3 * self.flops_forward
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": {"total": self.total, "active": round(self.active), "embedding": self.embedding,
+                       "components": {k: {"total": t, "active": round(a)} for k, (t, a) in self.rows.items()}},
+            "flops_per_token": {"forward": self.flops_forward, "train": self.flops_train, "seq_len": self.seq_len},
+            "memory_bytes": self.memory,
+            "moe": self.moe,
+            "notes": self.notes,
+        }
+
+
+def build_report(recipe: Recipe) -> BuildReport:
+    from moectl.core import count_parameters, training_memory
+    from moectl.factory import build_model
+
+    model = build_model(recipe, device="meta")
+    counts = count_parameters(model)
+    mem = training_memory(counts.total)
+    moe_info, notes = None, []
+    m = recipe.model.moe
+    if m is not None:
+        moe_info = {
+            "layers": model.args.moe.layers, "num_experts": m.num_experts, "top_k": m.top_k,
+            "expert_hidden": m.expert_hidden, "router": m.router.kind, "shared_experts": m.shared_experts,
+            "routed_layers": len(model.routed_layers()),
+        }
+        if m.router.kind == "topp":
+            notes.append("topp uses a varying number of experts per token: active parameters and FLOPs "
+                         f"assume the nominal top_k = {m.top_k}; training logs report the measured mean.")
+        if m.router.kind == "expert_choice":
+            notes.append("expert_choice: tokens get a varying number of experts (top_k on average).")
+    notes.append("memory: fp32 weights + fp32 gradients + AdamW moments (2 x fp32); activations excluded.")
+    return BuildReport(
+        name=recipe.name, rows=counts.rows, total=counts.total, active=counts.active,
+        embedding=counts.embedding, seq_len=recipe.model.seq_len,
+        flops_forward=model.flops_per_token(),
+        memory={"weights": mem.weights, "grads": mem.grads, "optimizer": mem.optimizer, "total": mem.total},
+        moe=moe_info, notes=notes,
+    )
+
+
+def render(report: BuildReport, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.name}: parameters", title_justify="left")
+    table.add_column("component")
+    table.add_column("total", justify="right")
+    table.add_column("active / token", justify="right")
+    table.add_column("share", justify="right")
+    for comp, (total, active) in report.rows.items():
+        table.add_row(comp, f"{total:,}", f"{round(active):,}", f"{100 * total / max(report.total, 1):.1f}%")
+    table.add_section()
+    table.add_row("[bold]total", f"[bold]{report.total:,}", f"[bold]{round(report.active):,}", "100%")
+    console.print(table)
+    console.print(f"[bold]parameters[/]  total {human(report.total)}   active/token {human(report.active)}   "
+                  f"embedding {human(report.embedding)}   non-embedding {human(report.total - report.embedding)}")
+    if report.moe:
+        m = report.moe
+        console.print(f"[bold]MoE[/]  {m['routed_layers']} routed layer(s) in layers {m['layers']}   "
+                      f"{m['num_experts']} experts x {m['expert_hidden']}   top_k {m['top_k']}   "
+                      f"router {m['router']}   shared {m['shared_experts']}")
+    console.print(f"[bold]FLOPs/token[/]  forward {human(report.flops_forward)}   "
+                  f"train (3x) {human(report.flops_train)}   at seq_len {report.seq_len}")
+    mem = report.memory
+    console.print(f"[bold]training memory[/]  weights {human_bytes(mem['weights'])} + grads "
+                  f"{human_bytes(mem['grads'])} + optimizer {human_bytes(mem['optimizer'])} = "
+                  f"{human_bytes(mem['total'])}")
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
