@@ -8,7 +8,9 @@ import typer
 
 from moectl import __version__
 from moectl.cli import build as build_cmd
+from moectl.cli import data as data_cmd
 from moectl.cli import recipes as recipes_cmd
+from moectl.cli import train as train_cmd
 
 app = typer.Typer(
     name="moectl",
@@ -35,8 +37,10 @@ def _root(
     """Research and train Mixture-of-Experts language models from declarative YAML recipes."""
 
 
-app.add_typer(recipes_cmd.app, name="recipes")
 app.command("build")(build_cmd.build)
+app.command("train")(train_cmd.train)
+app.add_typer(data_cmd.app, name="data")
+app.add_typer(recipes_cmd.app, name="recipes")
 
 
 def main() -> None:

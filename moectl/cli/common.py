@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,10 +30,11 @@ def stdout_console():
 
 
 def fail(err) -> None:
-    """Print a user-facing error to stderr and exit with its code."""
+    """Print a user-facing error to stderr (from the first process only) and exit with its code."""
     from rich.markup import escape
 
-    stderr_console().print(f"[red]{escape(err.render())}[/]")
+    if os.environ.get("RANK", "0") == "0":
+        stderr_console().print(f"[red]{escape(err.render())}[/]")
     raise typer.Exit(err.exit_code)
 
 

@@ -128,17 +128,29 @@ class ExpertBank(nn.Module):
             nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
+    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Input and weights in the compute dtype: autocast's dtype when it is on (autocast does not
+        cover grouped_mm), else the weights' own."""
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            w1, w2 = w1.to(dt), w2.to(dt)
+            w3 = w3.to(dt) if w3 is not None else None
+        return x.to(w1.dtype), w1, w3, w2
+
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of x_ND sorted by expert, counts_E rows per expert (trailing rows are unused)."""
-        return BACKENDS[self.backend](x_ND, counts_E, self.w1, self.w3, self.w2, self.act)
+        x, w1, w3, w2 = self._operands(x_ND)
+        return BACKENDS[self.backend](x, counts_E, w1, w3, w2, self.act)
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every expert on every token: [E, T, D] (for methods that compare all experts)."""
-        x = x_TD.unsqueeze(0).expand(self.num_experts, -1, -1)
-        h = self.act(torch.bmm(x, self.w1))
-        if self.w3 is not None:
-            h = h * torch.bmm(x, self.w3)
-        return torch.bmm(h, self.w2)
+        x, w1, w3, w2 = self._operands(x_TD)
+        x = x.unsqueeze(0).expand(self.num_experts, -1, -1)
+        h = self.act(torch.bmm(x, w1))
+        if w3 is not None:
+            h = h * torch.bmm(x, w3)
+        return torch.bmm(h, w2)
 
     def flops_per_slot(self) -> int:
         return mlp_matrices(self.activation) * 2 * self.d_model * self.hidden

@@ -123,6 +123,7 @@ class MoETransformer(nn.Module):
             self.head.weight = self.embed.weight
         self.router_shared: nn.Module | None = None
         self.activation_checkpointing = False
+        self.count_reducer: Callable[[Tensor], Tensor] | None = None   # see RouteContext.reduce_counts
         self.init_weights()
 
     @torch.no_grad()
@@ -160,7 +161,8 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         rope = rope_tables(S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
-        ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), step=step, shared=self.router_shared)
+        ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), step=step, shared=self.router_shared,
+                           reduce_counts=self.count_reducer)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

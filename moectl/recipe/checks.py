@@ -17,6 +17,11 @@ def check_recipe(r: Recipe) -> list[Issue]:
         add("model.n_heads", f"the head size d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         add("model.n_kv_heads", f"n_heads ({m.n_heads}) must be divisible by n_kv_heads ({m.n_kv_heads})")
+    t = r.train
+    if t.max_steps is not None and t.max_tokens is not None:
+        add("train.max_tokens", "give either train.max_steps or train.max_tokens, not both")
+    if t.warmup_steps and t.max_steps is not None and t.warmup_steps >= t.max_steps:
+        add("train.warmup_steps", f"warmup_steps ({t.warmup_steps}) must be below max_steps ({t.max_steps})")
     moe = m.moe
     if moe is None:
         return issues

@@ -187,6 +187,145 @@ class ModelConfig(Section):
     moe: MoEConfig | None = Field(None, description="Mixture-of-Experts settings; null = dense model.")
 
 
+# --------------------------------------------------------------------------- data
+
+
+class StdlibSource(Section):
+    """The Python standard library's source files of the running interpreter: a varied corpus of
+    tens of MB on every machine, no network needed."""
+
+    kind: Literal["stdlib"] = Field("stdlib", description="Source kind.")
+    include_tests: bool = Field(True, description="Include the standard library's test suite (about 60% of it).")
+
+
+class FilesSource(Section):
+    """Local files: .txt (one document per file), .jsonl / .json (one document per record),
+    .parquet (one per row); any of them gzipped (.gz)."""
+
+    kind: Literal["files"] = Field("files", description="Source kind.")
+    paths: Annotated[list[str], Field(min_length=1)] = Field(
+        ..., description="Files or glob patterns (`**` allowed), relative to the working directory."
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.json/.parquet records.")
+
+
+class HFSource(Section):
+    """A Hugging Face dataset (needs the `datasets` package: pip install 'moectl[data]')."""
+
+    kind: Literal["hf"] = Field("hf", description="Source kind.")
+    name: str = Field(..., description="Dataset name on the Hub, or a builder such as json, parquet, text.")
+    config: str | None = Field(None, description="Dataset configuration name.")
+    split: str = Field("train", description="Split to read documents from.")
+    data_files: list[str] | None = Field(None, description="Data files for builder datasets (json, parquet, ...).")
+    revision: str | None = Field(None, description="Dataset revision (branch, tag or commit).")
+    text_field: str = Field("text", description="Column holding the text.")
+
+
+def _default_source_kind(v: Any) -> Any:
+    if isinstance(v, dict) and "kind" not in v:
+        return {"kind": "files", **v} if "paths" in v else {"kind": "stdlib", **v}
+    return v
+
+
+SourceConfig = Annotated[
+    Union[StdlibSource, FilesSource, HFSource],
+    Field(discriminator="kind"),
+    BeforeValidator(_default_source_kind),
+]
+
+
+class BPETokenizer(Section):
+    """Train a byte-level BPE tokenizer (vocabulary model.vocab_size) on the training split."""
+
+    kind: Literal["bpe"] = Field("bpe", description="Tokenizer kind.")
+    train_bytes: PosInt = Field(
+        20_000_000, description="Train on at most this many bytes of training documents."
+    )
+
+
+class FileTokenizer(Section):
+    """Load an existing tokenizer (a tokenizer.json, or a folder that holds one)."""
+
+    kind: Literal["file"] = Field("file", description="Tokenizer kind.")
+    path: str = Field(..., description="tokenizer.json or a folder containing it.")
+    eot_token: str | None = Field(
+        None, description="End-of-text token placed between documents (default: the first of "
+        "<|endoftext|>, </s>, <eos>, <|end_of_text|> in the vocabulary)."
+    )
+
+
+def _default_tokenizer_kind(v: Any) -> Any:
+    if isinstance(v, dict) and "kind" not in v:
+        return {"kind": "file", **v} if "path" in v else {"kind": "bpe", **v}
+    return v
+
+
+TokenizerConfig = Annotated[
+    Union[BPETokenizer, FileTokenizer],
+    Field(discriminator="kind"),
+    BeforeValidator(_default_tokenizer_kind),
+]
+
+
+class DataConfig(Section):
+    """Where text comes from, how it is tokenised, and the train/validation split."""
+
+    source: SourceConfig = Field(default_factory=StdlibSource, description="The documents; `kind` selects it.")
+    tokenizer: TokenizerConfig = Field(default_factory=BPETokenizer, description="The tokenizer; `kind` selects it.")
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.01, description="Share of documents held out for validation (by document, from the seed)."
+    )
+    max_documents: PosInt | None = Field(None, description="Use only the first N documents of the source.")
+    cache_dir: str | None = Field(
+        None, description="Tokenizer and token-shard cache (default: $MOECTL_CACHE or ~/.cache/moectl)."
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(Section):
+    """The optimisation: budget, batch, optimizer, schedule, precision, logging and checkpoints."""
+
+    run_dir: str | None = Field(None, description="Run folder (default: runs/<name>).")
+    max_steps: PosInt | None = Field(None, description="Budget in optimizer steps (give this or max_tokens).")
+    max_tokens: PosInt | None = Field(
+        None, description="Budget in training tokens; converted to steps of the global batch."
+    )
+    batch_size: PosInt = Field(8, description="Sequences per micro-batch on each process.")
+    grad_accum: PosInt = Field(1, description="Micro-batches per optimizer step.")
+    lr: PosFloat = Field(3e-4, description="Peak learning rate.")
+    min_lr_ratio: Fraction = Field(0.1, description="Final learning rate as a fraction of lr (cosine, wsd).")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay, warmup-stable-decay, or constant."
+    )
+    warmup_steps: NonNegInt = Field(0, description="Linear warmup steps from 0 to lr.")
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = Field(
+        0.2, description="wsd: the final share of steps over which lr decays linearly."
+    )
+    weight_decay: NonNegFloat = Field(0.1, description="AdamW weight decay (not on norms, biases, embeddings).")
+    beta1: Annotated[float, Field(ge=0, lt=1)] = Field(0.9, description="AdamW beta1.")
+    beta2: Annotated[float, Field(ge=0, lt=1)] = Field(0.95, description="AdamW beta2.")
+    adam_eps: PosFloat = Field(1e-8, description="AdamW epsilon.")
+    grad_clip: NonNegFloat = Field(1.0, description="Clip the global gradient norm to this value; 0 disables.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that support it, fp32 otherwise."
+    )
+    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    eval_every: PosInt | None = Field(200, description="Validate every N steps (and at the end); null = only at the end.")
+    eval_batches: PosInt = Field(20, description="Validation batches (of batch_size sequences) per evaluation.")
+    log_every: PosInt = Field(10, description="Write metrics every N steps.")
+    checkpoint_every: PosInt | None = Field(
+        500, description="Save a checkpoint every N steps (and at the end); null = only at the end."
+    )
+    keep_last: PosInt = Field(3, description="Checkpoints to keep (older ones are deleted).")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A NaN/inf loss stops the run (latest stays the last good checkpoint) or skips the step."
+    )
+    tensorboard: bool = Field(False, description="Also log to TensorBoard under <run>/tb (needs tensorboard).")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism with several processes.")
+
+
 class Recipe(Section):
     """A moectl recipe."""
 
@@ -199,6 +338,8 @@ class Recipe(Section):
     description: str = Field("", description="Free text shown by `moectl recipes list`.")
     seed: NonNegInt = Field(0, description="Seed for initialisation, data order and routing noise.")
     model: ModelConfig = Field(..., description="The model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
 
 
 SECTION_TYPES: tuple[type[BaseModel], ...] = (Recipe,)

@@ -13,6 +13,7 @@ The MoE block never looks at the router's kind; routers register by name and are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,9 @@ class RouteContext:
     token_ids_T: Tensor | None = None   # input token ids (hash routing)
     step: int | None = None             # optimizer step (schedules)
     shared: nn.Module | None = None     # a module shared by the routers of all layers
+    # Sums per-expert slot counts over data-parallel ranks (set by the trainer), so balance losses
+    # see the global batch and results do not depend on the number of processes.
+    reduce_counts: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -66,6 +70,12 @@ class Router(nn.Module):
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
         """Called after each optimizer step with the expert loads of that step (slot counts)."""
+
+
+def fp32_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """Router logits in fp32, also under autocast (which would otherwise run them in bf16)."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return torch.nn.functional.linear(x_TD.float(), weight_ED.float())
 
 
 _REGISTRY: dict[str, type[Router]] = {}

@@ -10,11 +10,16 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.core.losses import z_loss
-from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+from moectl.core.routers.base import (
+    RouteContext,
+    Router,
+    RouterOutput,
+    fp32_logits,
+    register_router,
+)
 
 
 @register_router("expert_choice")
@@ -29,7 +34,7 @@ class ExpertChoiceRouter(Router):
         return max(1, min(num_tokens, c))
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
-        logits = F.linear(x_TD.float(), self.weight.float())
+        logits = fp32_logits(x_TD, self.weight)
         probs = logits.softmax(-1)
         T, E = probs.shape
         chosen_CE = probs.topk(self.capacity(T), dim=0).indices           # tokens each expert takes

@@ -6,11 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.core.losses import load_balance_loss, z_loss
-from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+from moectl.core.routers.base import (
+    RouteContext,
+    Router,
+    RouterOutput,
+    fp32_logits,
+    register_router,
+)
 
 
 def select_topk(scores_TE: Tensor, top_k: int, renormalize: bool, bias_E: Tensor | None = None):
@@ -49,14 +54,14 @@ class TopKRouter(Router):
         x = x_TD.float()
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        return F.linear(x, self.weight.float())
+        return fp32_logits(x, self.weight)
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         logits = self.logits(x_TD)
         scores, probs = scores_from_logits(logits, self.score_func)
         bias = self.expert_bias if self.bias_update_rate > 0 else None
         ids, weights = select_topk(scores, self.top_k, self.renormalize, bias)
-        losses = {"load_balance": load_balance_loss(probs, ids), "z_loss": z_loss(logits)}
+        losses = {"load_balance": load_balance_loss(probs, ids, reduce=ctx.reduce_counts), "z_loss": z_loss(logits)}
         return RouterOutput(ids, weights, probs, logits, aux_losses=losses, state=state)
 
     @torch.no_grad()

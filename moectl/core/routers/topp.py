@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.core.losses import load_balance_loss, z_loss
-from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+from moectl.core.routers.base import (
+    RouteContext,
+    Router,
+    RouterOutput,
+    fp32_logits,
+    register_router,
+)
 
 
 def topp_select(probs_TE: Tensor, p: float, max_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -31,8 +37,8 @@ class TopPRouter(Router):
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.d_model))
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
-        logits = F.linear(x_TD.float(), self.weight.float())
+        logits = fp32_logits(x_TD, self.weight)
         probs = logits.softmax(-1)
         ids, weights, valid = topp_select(probs, self.p, self.max_k)
-        losses = {"load_balance": load_balance_loss(probs, ids, valid), "z_loss": z_loss(logits)}
+        losses = {"load_balance": load_balance_loss(probs, ids, valid, reduce=ctx.reduce_counts), "z_loss": z_loss(logits)}
         return RouterOutput(ids, weights, probs, logits, valid_TK=valid, aux_losses=losses, state=state)

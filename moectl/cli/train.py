@@ -1,0 +1,90 @@
+"""`moectl train`: train a recipe on CPU, one GPU, or several processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from moectl.cli.common import OVERRIDES_HELP, RECIPE_HELP, handle_errors, stdout_console
+
+
+@handle_errors
+def train(
+    recipe: str = typer.Argument(..., help=RECIPE_HELP, metavar="RECIPE"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE..."),
+    resume: str = typer.Option("auto", "--resume", help="'auto': continue from the run's latest checkpoint "
+                               "if there is one; 'never': start fresh (refuses a run folder with checkpoints); "
+                               "or a checkpoint / run folder to start from."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.run_dir, else runs/<name>)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine "
+                              "(gloo on CPU, NCCL on GPUs). `accelerate launch -m moectl train ...` works too."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines; errors only."),
+) -> None:
+    """Train a recipe's model: data preparation, training, validation and checkpoints in one run folder.
+
+    Exit codes: 0 done, 1 runtime failure (e.g. a non-finite loss), 2 bad recipe or data, 130
+    interrupted after saving a checkpoint (continue with --resume auto)."""
+    from moectl.recipe.load import load_recipe
+    from moectl.train.launch import is_worker, launch
+
+    rec = load_recipe(recipe, overrides or [])
+    if nproc > 1 and not is_worker():
+        argv = ["train", recipe, *(overrides or []), "--resume", resume]
+        if run_dir is not None:
+            argv += ["--run-dir", str(run_dir)]
+        if quiet:
+            argv.append("--quiet")
+        raise typer.Exit(launch(nproc, argv))
+    from moectl.train.loop import train as run_training
+
+    quiet = quiet or os.environ.get("MOECTL_QUIET") == "1"
+    console = stdout_console()
+    from moectl.errors import MoectlError
+
+    try:
+        result = run_training(rec, run_dir=run_dir, resume=resume, show_progress=not quiet, console=console)
+    except MoectlError:
+        _close_process_group(wait=True)   # raised on every process alike (interrupts, agreed failures)
+        raise
+    except BaseException:
+        _close_process_group(wait=False)
+        raise
+    _close_process_group(wait=True)
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
+        _summary(result, console)
+
+
+def _close_process_group(wait: bool) -> None:
+    """Shut the process group down before exit, after every process got here when `wait`: a
+    group torn down while a peer still uses it, or left alive at interpreter exit, can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _summary(r, console) -> None:
+    from rich.table import Table
+
+    from moectl.report import human, human_bytes
+
+    t = Table(title=f"run summary ({r.run_dir})", title_justify="left", show_header=False)
+    t.add_column(justify="left")
+    t.add_column(justify="right")
+    t.add_row("steps", f"{r.steps:,}")
+    t.add_row("tokens", human(r.tokens))
+    t.add_row("time", f"{r.seconds:.1f} s")
+    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
+    t.add_row("peak memory", human_bytes(r.peak_memory_bytes))
+    if r.skipped_steps:
+        t.add_row("skipped steps (non-finite)", str(r.skipped_steps))
+    t.add_row("final validation loss", f"{r.final_val_loss:.4f} nats")
+    t.add_row("validation unigram entropy", f"{r.val_unigram_entropy:.4f} nats")
+    t.add_row("below unigram entropy", f"{r.val_unigram_entropy - r.final_val_loss:.4f} nats")
+    console.print(t)
+    sys.stdout.flush()

@@ -1,0 +1,1 @@
+"""Data: document sources, tokenizers, cached token shards and the batch loader."""

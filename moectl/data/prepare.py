@@ -1,0 +1,238 @@
+"""Tokenise a corpus once into memory-mapped token shards, cached by content.
+
+    source --split by document (seed)--> tokenizer (trained BPE or a file) --> train.bin, val.bin
+
+Each split is one flat array of token ids (uint16 when the vocabulary fits, else uint32) with an
+end-of-text token after every document, plus index.json. Cache keys hash the source's fingerprint,
+the split settings and the tokenizer, so a changed input gives a new cache entry and an unchanged
+one is reused without reading the corpus. Everything is written to a temporary folder and renamed
+into place, so the cache never holds half a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moectl.data.sources import DataError, Document, _hash, open_source
+from moectl.fsutil import atomic_dir
+from moectl.recipe.schema import BPETokenizer, DataConfig, Recipe
+
+EOT = "<|endoftext|>"
+EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
+FORMAT_VERSION = 1
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("MOECTL_CACHE") or Path.home() / ".cache" / "moectl"
+    return Path(root).expanduser()
+
+
+def is_val(seed: int, index: int, fraction: float) -> bool:
+    """Whether document `index` is held out: a hash of (seed, index), so the split is stable."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+def split_documents(docs: Iterator[Document], seed: int, fraction: float,
+                    max_documents: int | None) -> Iterator[tuple[str, Document]]:
+    """("train" | "val", doc) pairs. If no document was drawn for validation, the last one is."""
+    held: Document | None = None
+    any_val = False
+    for i, doc in enumerate(docs):
+        if max_documents is not None and i >= max_documents:
+            break
+        if held is not None:
+            yield "train", held
+            held = None
+        if is_val(seed, i, fraction):
+            any_val = True
+            yield "val", doc
+        else:
+            held = doc
+    if held is not None:
+        yield ("train" if any_val else "val"), held
+
+
+@dataclass
+class PreparedData:
+    dir: Path
+    tokenizer_path: Path
+    index: dict[str, Any]
+
+    def tokens(self, split: str) -> np.ndarray:
+        n = self.index["splits"][split]["tokens"]
+        if n == 0:
+            return np.zeros(0, dtype=self.index["dtype"])
+        return np.memmap(self.dir / f"{split}.bin", dtype=self.index["dtype"], mode="r", shape=(n,))
+
+    @property
+    def eot_id(self) -> int:
+        return self.index["eot_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.index["vocab_size"]
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"data.tokenizer.path: no tokenizer at {path}",
+                        hint="give a tokenizer.json or a folder that contains one")
+    try:
+        return Tokenizer.from_file(str(p)), p
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"data.tokenizer.path: {p} is not a valid tokenizer.json ({e})") from None
+
+
+def eot_id_of(tok, wanted: str | None) -> int:
+    names = (wanted,) if wanted else EOT_CANDIDATES
+    for name in names:
+        tid = tok.token_to_id(name)
+        if tid is not None:
+            return tid
+    raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(names)})",
+                    hint="set data.tokenizer.eot_token to a token of its vocabulary")
+
+
+def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def limited() -> Iterator[str]:
+        seen = 0
+        for text in docs:
+            yield text
+            seen += len(text)
+            if seen >= train_bytes:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(limited(), trainer)
+    return tok
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not enabled,
+                    transient=False)
+
+
+def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> PreparedData:
+    """Make sure the recipe's token shards exist; build them if not. Returns where they are."""
+    cfg = recipe.data
+    vocab_limit = recipe.model.vocab_size
+    source = open_source(cfg.source)
+    split_key = {"seed": recipe.seed, "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents}
+    src_fp = source.fingerprint()
+    root = cache_root(cfg)
+
+    # 1. The tokenizer.
+    if isinstance(cfg.tokenizer, BPETokenizer):
+        tok_key = _hash("bpe", src_fp, split_key, vocab_limit, cfg.tokenizer.train_bytes, FORMAT_VERSION)
+        tok_dir = root / "tokenizers" / tok_key
+        if not (tok_dir / "tokenizer.json").is_file():
+            log(f"training a {vocab_limit}-token byte-level BPE on {source.describe()}")
+            train_docs = (d.text for split, d in split_documents(iter(source), recipe.seed, cfg.val_fraction,
+                                                                 cfg.max_documents) if split == "train")
+            tok = train_bpe(train_docs, vocab_limit, cfg.tokenizer.train_bytes)
+            try:
+                with atomic_dir(tok_dir) as tmp:
+                    tok.save(str(tmp / "tokenizer.json"))
+            except OSError:
+                if not (tok_dir / "tokenizer.json").is_file():
+                    raise
+        tok, tok_path = load_tokenizer(tok_dir)
+        eot_id = eot_id_of(tok, EOT)
+    else:
+        tok, tok_path = load_tokenizer(cfg.tokenizer.path)
+        eot_id = eot_id_of(tok, cfg.tokenizer.eot_token)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if vocab > vocab_limit:
+        raise DataError(f"the tokenizer has {vocab} tokens but model.vocab_size is {vocab_limit}",
+                        hint=f"set model.vocab_size to at least {vocab}")
+    tok_sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest()
+
+    # 2. The token shards.
+    shard_key = _hash("shards", src_fp, split_key, tok_sha, eot_id, FORMAT_VERSION)
+    shard_dir = root / "tokens" / shard_key
+    if (shard_dir / "index.json").is_file():
+        return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
+    dtype = np.uint16 if vocab <= 2**16 - 1 else np.uint32
+    log(f"tokenising {source.describe()} into {shard_dir}")
+    counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
+    val_freq = np.zeros(vocab_limit, dtype=np.int64)
+    total_docs = source.size_hint()
+    if total_docs is not None and cfg.max_documents is not None:
+        total_docs = min(total_docs, cfg.max_documents)
+    try:
+        with atomic_dir(shard_dir) as tmp, _progress(show_progress) as bar:
+            task = bar.add_task("tokenising", total=total_docs, info="")
+            files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
+            try:
+                batch: list[tuple[str, Document]] = []
+
+                def flush() -> None:
+                    encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=False)
+                    for (split, _), enc in zip(batch, encoded, strict=True):
+                        ids = np.asarray(enc.ids + [eot_id], dtype=dtype)
+                        ids.tofile(files[split])
+                        counts[split]["documents"] += 1
+                        counts[split]["tokens"] += len(ids)
+                        if split == "val":
+                            val_freq[:] += np.bincount(ids, minlength=vocab_limit)[:vocab_limit]
+                    bar.update(task, advance=len(batch),
+                               info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
+                    batch.clear()
+
+                for item in split_documents(iter(source), recipe.seed, cfg.val_fraction, cfg.max_documents):
+                    batch.append(item)
+                    if len(batch) >= 256:
+                        flush()
+                if batch:
+                    flush()
+            finally:
+                for f in files.values():
+                    f.close()
+            if counts["train"]["documents"] == 0 or counts["train"]["tokens"] <= counts["train"]["documents"]:
+                raise DataError(f"the corpus is empty: {source.describe()} gave "
+                                f"{counts['train']['documents'] + counts['val']['documents']} document(s) "
+                                "with no training text",
+                                hint="point data.source at files that contain text")
+            p = val_freq[val_freq > 0] / max(val_freq.sum(), 1)
+            index = {
+                "format": FORMAT_VERSION, "source": source.describe(), "dtype": np.dtype(dtype).name,
+                "vocab_size": vocab, "eot_id": eot_id, "tokenizer": str(tok_path), "tokenizer_sha": tok_sha,
+                "splits": counts, "val_unigram_entropy": float(-(p * np.log(p)).sum()) if p.size else math.nan,
+                "seed": recipe.seed, "val_fraction": cfg.val_fraction,
+            }
+            (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    except OSError:
+        if not (shard_dir / "index.json").is_file():  # someone else may have published it first
+            raise
+    return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
+

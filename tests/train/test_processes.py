@@ -1,0 +1,147 @@
+"""Training in real processes: signals, a kill during a checkpoint write, and data parallelism."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moectl.checkpoint import CheckpointDir, load_checkpoint
+from moectl.factory import build_model
+from moectl.recipe.load import load_recipe
+from moectl.train.loop import train
+from tests.conftest import REPO, train_recipe_text
+from tests.train.helpers import evals, losses
+
+
+def _start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "moectl", "train", *map(str, args), "-q"], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    t0 = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"process ended early ({proc.returncode}):\n{out}\n{err}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out")
+        time.sleep(0.02)
+
+
+def test_sigkill_while_writing_checkpoint(corpus, write, tmp_path):
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=9, checkpoint_every=3, eval_every="null"))
+    run = tmp_path / "run"
+    proc = _start([path, "--run-dir", run], env={"MOECTL_CHECKPOINT_DELAY": "1.5"})
+    ckpts = run / "checkpoints"
+    # Wait until the second checkpoint (step 6) is being written, then kill without warning.
+    _wait_for(lambda: (ckpts / ".step-00000006.tmp-shared" / "model.safetensors").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    latest = CheckpointDir(ckpts).latest()
+    assert latest.name == "step-00000003"
+    state = load_checkpoint(latest, build_model(load_recipe(run)))
+    assert state["step"] == 3
+    # The run resumes from there and tidies the half-written folder.
+    proc = _start([path, "--run-dir", run])
+    assert proc.wait(timeout=120) == 0, proc.communicate()
+    assert CheckpointDir(ckpts).latest().name == "step-00000009"
+    assert not list(ckpts.glob(".step-*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_resumes_exactly(corpus, write, tmp_path, sig):
+    """A signal stops the run at the end of a step with a checkpoint and exit code 130; resuming
+    reproduces the uninterrupted run exactly (cosine schedule, routing jitter)."""
+    text = train_recipe_text(corpus, max_steps=400, checkpoint_every=1000, eval_every=200, warmup_steps=5)
+    path = write("r.yaml", text)
+    overrides = ["model.moe.router.jitter_eps=0.1"]
+    run = tmp_path / "run"
+    proc = _start([path, *overrides, "--run-dir", run])
+    metrics = run / "logs" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "--resume auto" in err
+    stopped = CheckpointDir(run / "checkpoints").latest()
+    stopped_step = int(stopped.name.split("-")[1])
+    assert 3 <= stopped_step < 400
+    proc = _start([path, *overrides, "--run-dir", run])
+    assert proc.wait(timeout=300) == 0, proc.communicate()
+    train(load_recipe(path, overrides), run_dir=tmp_path / "straight", resume="never", show_progress=False)
+    assert losses(run) == losses(tmp_path / "straight")
+    assert evals(run) == evals(tmp_path / "straight")
+
+
+def _nproc2(path, run, *extra):
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), "train.batch_size=2", *extra,
+                           "--nproc", "2", "--run-dir", str(run), "-q"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, write, tmp_path, parallel):
+    """--nproc 2 (gloo on CPU) with the same global batch follows the single-process loss curve,
+    with replicated (DDP) or sharded (FSDP) parameters; their checkpoints resume exactly."""
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=5, eval_every="null", checkpoint_every=3,
+                                             parallel=parallel))
+    single = tmp_path / "single"
+    train(load_recipe(path, ["train.batch_size=4"]), run_dir=single, resume="never", show_progress=False)
+    _nproc2(path, tmp_path / "dp")
+    a, b = losses(single), losses(tmp_path / "dp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    # Both processes wrote their random state into the one checkpoint.
+    ckpt = CheckpointDir(tmp_path / "dp" / "checkpoints").latest()
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    # A checkpoint of the parallel run restarts a parallel run exactly, and loads in one process.
+    _nproc2(path, tmp_path / "again", "--resume", str(tmp_path / "dp" / "checkpoints" / "step-00000003"))
+    c = losses(tmp_path / "again")
+    assert sorted(c) == [4, 5]
+    for step in c:
+        assert abs(c[step] - b[step]) < 1e-6
+    load_checkpoint(ckpt, build_model(load_recipe(path)))
+
+
+def test_bad_data_with_two_processes(corpus, write, tmp_path):
+    """A user error found by the first process is reported once, with exit code 2 and no traceback."""
+    path = write("r.yaml", train_recipe_text(corpus))
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), f"data.source.paths=['{tmp_path}/none*.txt']",
+                           "--nproc", "2", "--run-dir", str(tmp_path / "run"), "-q"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("no file matches") == 1 and "Traceback" not in proc.stderr
+
+
+def test_sigint_with_two_processes(corpus, write, tmp_path):
+    """Ctrl-C reaches every worker; they agree on the step, save one checkpoint and the launcher
+    exits with 130; the run then resumes."""
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=400, checkpoint_every=1000, eval_every=200,
+                                             batch_size=2))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "moectl", "train", str(path), "--nproc", "2", "--run-dir",
+                             str(run), "-q"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = run / "logs" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does: the whole process group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("interrupted at step") == 1
+    latest = CheckpointDir(run / "checkpoints").latest()
+    assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    resumed = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), "train.max_steps="
+                              f"{int(latest.name.split('-')[1]) + 3}", "--nproc", "2", "--run-dir", str(run), "-q"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr

@@ -1,0 +1,174 @@
+"""Training in-process: the run folder, exact resume, budgets, non-finite losses, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moectl.checkpoint import CheckpointDir, load_checkpoint
+from moectl.factory import build_model
+from moectl.recipe.load import load_recipe
+from moectl.train.loop import train
+from tests.conftest import train_recipe_text
+from tests.train.helpers import evals, losses
+
+
+@pytest.fixture
+def recipe_path(corpus, write):
+    def make(**train_settings):
+        return write("train.yaml", train_recipe_text(corpus, **train_settings))
+    return make
+
+
+def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    result = cli("train", recipe_path(), "--run-dir", run, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "data.json", "logs", "tokenizer.json"]
+    ckpts = CheckpointDir(run / "checkpoints")
+    assert ckpts.latest().name == "step-00000006"
+    assert [p.name for p in ckpts.steps()] == ["step-00000003", "step-00000006"]
+    records = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    first = train_recs[0]
+    for key in ("loss", "lr", "tokens_per_s", "mfu", "aux_loss", "load_balance", "z_loss", "imbalance_max", "grad_norm"):
+        assert key in first, key
+    layer = first["layers"]["L0"]
+    assert sum(layer["load"]) == 4 * 32 * 2 and layer["imbalance"] >= 1 and "cv" in layer and "dead" in layer
+    assert sorted(evals(run)) == [3, 6]
+    summary = json.loads((run / "logs" / "summary.json").read_text())
+    assert summary["tokens"] == 6 * 4 * 32 and summary["final_val_loss"] == evals(run)[6]
+    # The checkpoint restores the final model exactly.
+    model = build_model(load_recipe(run))
+    load_checkpoint(ckpts.latest(), model)
+    assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_keep_last(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", recipe_path(max_steps=8, checkpoint_every=2, keep_last=2), "--run-dir", run, "-q").exit_code == 0
+    assert [p.name for p in CheckpointDir(run / "checkpoints").steps()] == ["step-00000006", "step-00000008"]
+
+
+def test_resume_is_exact(recipe_path, tmp_path):
+    """2N steps straight equal N steps, resume, N steps: identical per-step losses and validation,
+    with routing jitter and aux-loss-free biases (RNG and router state restored)."""
+    overrides = ["train.schedule=constant", "train.warmup_steps=2", "model.moe.router.jitter_eps=0.1",
+                 "model.moe.router.bias_update_rate=0.01", "train.eval_every=4", "train.checkpoint_every=4"]
+    path = recipe_path()
+    straight = load_recipe(path, [*overrides, "train.max_steps=8"])
+    train(straight, run_dir=tmp_path / "a", resume="never", show_progress=False)
+    train(load_recipe(path, [*overrides, "train.max_steps=4"]), run_dir=tmp_path / "b", resume="never",
+          show_progress=False)
+    train(straight, run_dir=tmp_path / "b", resume="auto", show_progress=False)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert list(a) == list(b) == list(range(1, 9))
+    assert a == b                      # bitwise equal, not merely close
+    assert evals(tmp_path / "a") == evals(tmp_path / "b")
+    sa = torch.load(tmp_path / "a/checkpoints/step-00000008/optimizer.pt", weights_only=False)
+    sb = torch.load(tmp_path / "b/checkpoints/step-00000008/optimizer.pt", weights_only=False)
+    for name, st in sa["state"].items():
+        assert torch.equal(st["exp_avg"], sb["state"][name]["exp_avg"]), name
+
+
+def test_resume_refuses_other_model(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    path = recipe_path(max_steps=3)
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
+    result = cli("train", path, "model.d_model=64", "--run-dir", run, "-q")
+    assert result.exit_code == 2 and "model: differs" in result.stderr
+    result = cli("train", path, "--run-dir", run, "--resume", "never", "-q")
+    assert result.exit_code == 2 and "already holds checkpoints" in result.stderr
+    result = cli("train", path, "--run-dir", run, "--resume", tmp_path / "nothing", "-q")
+    assert result.exit_code == 2 and "no complete checkpoint" in result.stderr
+    # Finished runs resume as a no-op; a longer budget continues.
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
+    assert cli("train", path, "train.max_steps=5", "--run-dir", run, "-q").exit_code == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+
+
+def test_token_budget(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    assert cli("train", recipe_path(max_steps="null", max_tokens=500), "--run-dir", run, "-q").exit_code == 0
+    assert max(losses(run)) == 4   # ceil(500 / (4 sequences * 32 tokens))
+
+
+def test_no_budget_is_a_recipe_error(cli, recipe_path, tmp_path):
+    result = cli("train", recipe_path(max_steps="null"), "--run-dir", tmp_path / "r", "-q")
+    assert result.exit_code == 2 and "train.max_steps" in result.stderr
+
+
+def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    path = recipe_path(max_steps=4, checkpoint_every=2, grad_clip=0, eval_every="null")
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
+    # Continue with an absurd learning rate: the loss blows up after step 4.
+    result = cli("train", path, "train.max_steps=40", "train.lr=1.0e+8", "train.schedule=constant",
+                 "--run-dir", run, "-q")
+    assert result.exit_code == 1, result.output
+    assert "non-finite loss at step" in result.stderr and "Traceback" not in result.output
+    bad_step = int(result.stderr.split("non-finite loss at step ")[1].split()[0])
+    assert bad_step > 4
+    latest = CheckpointDir(run / "checkpoints").latest()
+    assert latest.name == f"step-{bad_step - bad_step % 2 if bad_step % 2 else bad_step - 2:08d}"
+    state = load_checkpoint(latest, build_model(load_recipe(run)))
+    assert state["step"] < bad_step
+    for p in build_model(load_recipe(run)).parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nonfinite_skip(cli, recipe_path, tmp_path):
+    run = tmp_path / "run"
+    path = recipe_path(max_steps=30, grad_clip=0, on_nonfinite="skip", eval_every="null")
+    result = cli("train", path, "train.lr=1.0e+8", "train.schedule=constant", "--run-dir", run, "-q")
+    # Either every later step is non-finite (stops after 20 skips) or the run finishes with skips.
+    skipped = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()
+               if json.loads(x)["type"] == "nonfinite"]
+    assert skipped
+    assert result.exit_code in (0, 1)
+    if result.exit_code == 1:
+        assert "consecutive non-finite steps" in result.stderr
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (lambda d: f"['{d}/missing/*.txt']", "no file matches"),
+    (lambda d: _write(d / "empty.txt", ""), "the corpus is empty"),
+    (lambda d: _write(d / "bad.jsonl", '{"text": "a"}\nnot json\n'), "bad.jsonl:2: not valid JSON"),
+    (lambda d: _write(d / "nofield.jsonl", '{"body": "a"}\n'), "nofield.jsonl:1: no 'text' field"),
+])
+def test_bad_data_input(cli, recipe_path, tmp_path, make_source, message):
+    paths = make_source(tmp_path)
+    run = tmp_path / "run"
+    result = cli("train", recipe_path(), f"data.source.paths={paths}", f"data.cache_dir={tmp_path / 'cache'}",
+                 "--run-dir", run, "-q")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not run.exists()   # nothing half-written
+    cache = tmp_path / "cache"
+    assert not (cache / "tokens").exists() or not list((cache / "tokens").iterdir())
+
+
+def _write(path, text):
+    path.write_text(text)
+    return f"['{path}']"
+
+
+def test_activation_checkpointing_trains_the_same(recipe_path, tmp_path):
+    path = recipe_path(max_steps=3, eval_every="null")
+    train(load_recipe(path), run_dir=tmp_path / "a", resume="never", show_progress=False)
+    train(load_recipe(path, ["train.activation_checkpointing=true"]), run_dir=tmp_path / "b", resume="never",
+          show_progress=False)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5
+
+
+def test_tensorboard(recipe_path, tmp_path):
+    pytest.importorskip("tensorboard")
+    path = recipe_path(max_steps=2, eval_every="null", tensorboard="true")
+    train(load_recipe(path), run_dir=tmp_path / "a", resume="never", show_progress=False)
+    assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
