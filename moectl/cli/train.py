@@ -58,14 +58,28 @@ def train(
 
 
 def _close_process_group(wait: bool) -> None:
-    """Shut the process group down before exit, after every process got here when `wait`: a
-    group torn down while a peer still uses it, or left alive at interpreter exit, can abort."""
+    """Shut the process group down before exit. The first process hosts the rendezvous store, so it
+    leaves last: if it exits while a peer is still tearing down, that peer aborts."""
+    import time
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if wait:
-            dist.barrier()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not wait:
         dist.destroy_process_group()
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store, rank, world = _get_default_store(), dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        store.add("moectl/closed", 1)
+        return
+    deadline = time.monotonic() + 60
+    while store.add("moectl/closed", 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _summary(r, console) -> None:

@@ -50,19 +50,22 @@ def launch(nproc: int, argv: list[str]) -> int:
     old_int = signal.signal(signal.SIGINT, lambda s, f: None)  # workers get Ctrl-C themselves
     try:
         codes: list[int | None] = [None] * nproc
+        deadline = None
         while any(c is None for c in codes):
-            for i, p in enumerate(procs):
-                if codes[i] is None:
-                    codes[i] = p.poll()
-                    if codes[i] not in (None, 0, 130):   # one failed: stop the rest
-                        for q in procs:
-                            if q.poll() is None:
-                                q.terminate()
-            time.sleep(0.1)
+            codes = [p.poll() for p in procs]
+            if deadline is None and any(c not in (None, 0, 130) for c in codes):
+                deadline = time.monotonic() + 30   # one failed: the others get time to stop on their own
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                deadline = float("inf")
+            time.sleep(0.05)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, old_int)
     failures = [c for c in codes if c not in (0, 130)]
     if failures:
-        return failures[0] if failures[0] > 0 else 1
+        positive = [c for c in failures if c > 0]   # a worker's own exit code beats a kill by signal
+        return positive[0] if positive else 1
     return 130 if 130 in codes else 0
