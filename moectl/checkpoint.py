@@ -5,6 +5,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   optimizer.pt        full optimizer state, keyed by parameter name (any process count can load it)
   trainer.json        step, tokens seen, scheduler state, data position, and what the method needs
   rng/rank-R.pt       each process's random generators
+  extra.pt            method state that is not in the model (e.g. CompeteSMoE's schedule), if any
   meta.json           written last inside the folder; its presence marks the folder complete
 It is written under a temporary name, synced, and renamed into place; only then is
 `checkpoints/latest` (a one-line file naming the folder) replaced, atomically. A process killed at
@@ -29,6 +30,7 @@ from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+SAME_MODEL_HINT = "the recipe's model section must be the one the checkpoint was trained with"
 
 
 def save_initial(recipe: Recipe, target: Path) -> None:
@@ -115,6 +117,18 @@ class CheckpointDir:
         for p in self.root.glob(".step-*.tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
 
+    def release(self, path: Path) -> None:
+        """Before `path` is replaced: if `latest` names it, point `latest` at the newest other
+        complete checkpoint (or remove it when there is none), so it never names a missing folder."""
+        if not self.latest_file.is_file() or self.latest_file.read_text().strip() != path.name:
+            return
+        others = [p for p in self.steps() if p != path]
+        if others:
+            atomic_write_text(self.latest_file, others[-1].name + "\n")
+        else:
+            self.latest_file.unlink()
+        fsync_dir(self.root)
+
     def prune(self, keep_last: int) -> None:
         latest = self.latest()
         for p in self.steps()[:-keep_last]:
@@ -130,7 +144,8 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: dict[str, Any],
-                    meta: dict[str, Any], *, rank: int, world_size: int, barrier, keep_last: int) -> Path:
+                    meta: dict[str, Any], *, rank: int, world_size: int, barrier, keep_last: int,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Collective: every process calls it. Rank 0 writes model, optimizer and trainer state; every
     rank writes its RNG state; rank 0 then publishes the folder and moves `latest`."""
     import torch
@@ -158,6 +173,8 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
             save_file(_dedupe_shared(model_state), str(tmp / "model.safetensors"))
             torch.save(optim_state, tmp / "optimizer.pt")
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2))
+            if extra:
+                torch.save(extra, tmp / "extra.pt")
             delay = float(os.environ.get("MOECTL_CHECKPOINT_DELAY", "0"))  # fault-injection for tests
             if delay:
                 time.sleep(delay)
@@ -165,6 +182,7 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
                                                        "time": time.time()}, indent=2))
             fsync_tree(tmp)
             if final.exists():  # a checkpoint of this step from an earlier attempt
+                ckpts.release(final)
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(ckpts.root)
@@ -196,7 +214,13 @@ def load_checkpoint(path: Path, model, optimizer=None, *, rank: int = 0) -> dict
         raise MoectlError(f"{path} is not a complete checkpoint (no meta.json / model.safetensors)")
     opts = StateDictOptions(full_state_dict=True, strict=False)
     state = load_file(str(path / "model.safetensors"))
-    missing = set_model_state_dict(model, state, options=opts)
+    try:
+        missing = set_model_state_dict(model, state, options=opts)
+    except RuntimeError as e:   # shapes differ: a checkpoint of another model
+        lines = str(e).splitlines()
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise MoectlError(f"{path} does not match the recipe's model: {first}",
+                          hint=SAME_MODEL_HINT) from None
     _check_missing(model, missing)
     if optimizer is not None:
         optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
@@ -206,7 +230,10 @@ def load_checkpoint(path: Path, model, optimizer=None, *, rank: int = 0) -> dict
         rng_file = path / "rng" / "rank-0.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return read_trainer_state(path)
+    state = read_trainer_state(path)
+    if (path / "extra.pt").is_file():
+        state["extra"] = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+    return state
 
 
 def _check_missing(model, result) -> None:
@@ -215,7 +242,7 @@ def _check_missing(model, result) -> None:
     unexpected = list(getattr(result, "unexpected_keys", []))
     if missing or unexpected:
         raise MoectlError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                          hint="the recipe's model section must be the one the checkpoint was trained with")
+                          hint=SAME_MODEL_HINT)
 
 
 def _is_tied_alias(model, key: str) -> bool:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 def model_args(cfg: ModelConfig) -> ModelArgs:
     from moectl.core import ModelArgs, MoEArgs
+    from moectl.core.config import CompetitionArgs
 
     moe = None
     if cfg.moe is not None:
@@ -23,7 +24,8 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
             layers=m.layer_indices(cfg.n_layers), shared_experts=m.shared_experts,
             shared_hidden=m.shared_hidden, shared_mix=m.shared_mix, capacity_factor=m.capacity_factor,
             backend=m.backend, aux_loss_weight=m.aux_loss_weight, z_loss_weight=m.z_loss_weight,
-            router_kind=m.router.kind, router_options=m.router.model_dump(exclude={"kind"}),
+            block=m.block, router_kind=m.router.kind, router_options=m.router.model_dump(exclude={"kind"}),
+            competition=CompetitionArgs(**m.competition.model_dump()) if m.competition else None,
         )
     return ModelArgs(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,

@@ -12,14 +12,13 @@ from moectl.cli.common import OVERRIDES_HELP, RECIPE_HELP, handle_errors, stdout
 
 @handle_errors
 def build(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP, metavar="RECIPE"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE..."),
     save: Path = typer.Option(None, "--save", help="Also write an initialised checkpoint to this folder "
                               "(model.safetensors + the resolved config.yaml). The folder must not exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
-    """Count a recipe's parameters (total and active per token), training FLOPs per token and
-    training memory, without allocating the model."""
+    """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without allocating the model."""  # noqa: E501
     from moectl.errors import MoectlError
     from moectl.recipe.load import load_recipe
     from moectl.report import build_report, render

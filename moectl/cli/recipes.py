@@ -22,7 +22,7 @@ def list_recipes() -> None:
     from moectl.recipe.load import shipped_dir, shipped_name, shipped_recipes
 
     table = Table(title=f"shipped recipes ({shipped_dir()})", title_justify="left")
-    table.add_column("name")
+    table.add_column("name", no_wrap=True, overflow="fold")   # names are what users type: never cut
     table.add_column("description")
     for path in shipped_recipes():
         try:
@@ -36,8 +36,8 @@ def list_recipes() -> None:
 @app.command("show")
 @handle_errors
 def show(
-    recipe: str = typer.Argument(..., help=RECIPE_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    recipe: str = typer.Argument(..., help=RECIPE_HELP, metavar="RECIPE"),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE..."),
 ) -> None:
     """Print the fully resolved recipe: `extends` merged, overrides applied, defaults filled in."""
     from moectl.recipe.load import dump_recipe, load_recipe
@@ -68,13 +68,11 @@ def validate(
         except MoectlError as e:
             console.print(f"[red]bad[/] {ref}")
             failures.append(e)
-    if len(failures) == 1:
-        fail(failures[0])
     if failures:
-        for e in failures[:-1]:
-            from moectl.cli.common import stderr_console
+        from moectl.cli.common import stderr_console
 
-            stderr_console().print(f"[red]{e.render()}[/]", markup=False)
+        for e in failures[:-1]:
+            stderr_console().print(e.render(), style="red", markup=False)
         fail(failures[-1])
 
 

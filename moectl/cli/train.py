@@ -25,8 +25,7 @@ def train(
 ) -> None:
     """Train a recipe's model: data preparation, training, validation and checkpoints in one run folder.
 
-    Exit codes: 0 done, 1 runtime failure (e.g. a non-finite loss), 2 bad recipe or data, 130
-    interrupted after saving a checkpoint (continue with --resume auto)."""
+    Exit codes: 0 done, 1 runtime failure (e.g. a non-finite loss), 2 bad recipe or data, 130 interrupted after saving a checkpoint (continue with --resume auto)."""  # noqa: E501
     from moectl.recipe.load import load_recipe
     from moectl.train.launch import is_worker, launch
 

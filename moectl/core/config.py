@@ -7,6 +7,22 @@ from typing import Any
 
 
 @dataclass
+class CompetitionArgs:
+    """CompeteSMoE: route by the experts' responses on scheduled steps, and distil that into the router."""
+
+    rate: float = 0.07                 # probability that a layer competes at a step
+    warmup: float = 0.05               # fraction of training without competition
+    max_layers: int = 3                # cap on competing layers per step (fixed schedule)
+    schedule: str = "fixed"            # "fixed" (precomputed from the seed) | "bernoulli" (2024: per forward)
+    response: str = "mean_softplus"    # "mean_softplus" (2025) | "l2_norm" (2024)
+    gate: str = "linear"               # "linear" (2025) | "softmax" (2024)
+    theta: float = 0.2                 # weight of the winners-only term of the router loss
+    router_loss_weight: float = 0.001
+    diversity_weight: float = 0.005
+    balance_weight: float = 0.01
+
+
+@dataclass
 class MoEArgs:
     num_experts: int
     top_k: int
@@ -22,6 +38,7 @@ class MoEArgs:
     block: str = "standard"                # MoE layer kind (see core.model.MLP_BLOCKS)
     router_kind: str = "topk"
     router_options: dict[str, Any] = field(default_factory=dict)
+    competition: CompetitionArgs | None = None
 
 
 @dataclass

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moectl.core.compete import CompeteFFN, CompetitionSchedule
 from moectl.core.config import ModelArgs
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
 from moectl.core.moe import RoutedFFN, RoutingRecord
-from moectl.core.routers.base import RouteContext
+from moectl.core.routers.base import RouteContext, router_registry
 
 MLPResult = tuple[Tensor, Any, list[RoutingRecord]]
 
@@ -40,21 +41,23 @@ class DenseMLP(nn.Module):
         return self.ffn.flops_per_token()
 
 
-def routed_ffn(args: ModelArgs, layer_idx: int, *, hidden: int | None = None,
-               shared_hidden: int | None = None, name: str = "") -> RoutedFFN:
-    """A routed FFN configured from the model's MoE arguments (widths may be overridden)."""
+def routed_ffn(args: ModelArgs, name: str) -> RoutedFFN:
+    """A routed FFN configured from the model's MoE arguments; a competing one (CompeteSMoE) when
+    the arguments ask for competition."""
     moe = args.moe
     assert moe is not None
-    return RoutedFFN(
+    kwargs = dict(
         d_model=args.d_model, num_experts=moe.num_experts, top_k=moe.top_k,
-        expert_hidden=hidden or moe.expert_hidden, activation=args.activation, backend=moe.backend,
+        expert_hidden=moe.expert_hidden, activation=args.activation, backend=moe.backend,
         router_kind=moe.router_kind, router_options=moe.router_options,
-        shared_experts=moe.shared_experts,
-        shared_hidden=shared_hidden or moe.shared_hidden or hidden or moe.expert_hidden,
+        shared_experts=moe.shared_experts, shared_hidden=moe.shared_hidden or moe.expert_hidden,
         shared_mix=moe.shared_mix, capacity_factor=moe.capacity_factor,
         aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
-        layer_idx=layer_idx, vocab_size=args.vocab_size, name=name or f"L{layer_idx}",
+        vocab_size=args.vocab_size, name=name,
     )
+    if moe.competition is not None:
+        return CompeteFFN(competition=moe.competition, **kwargs)
+    return RoutedFFN(**kwargs)
 
 
 class MoEMLP(nn.Module):
@@ -63,7 +66,7 @@ class MoEMLP(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.norm = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.moe = routed_ffn(args, layer_idx)
+        self.moe = routed_ffn(args, f"L{layer_idx}")
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
         u_TD = self.norm(h_BSD).flatten(0, 1)
@@ -74,8 +77,36 @@ class MoEMLP(nn.Module):
         return self.moe.flops_per_token()
 
 
+class CartesianMLP(nn.Module):
+    """CartesianMoE (Su et al., 2024): two routed sub-layers in sequence, so an "expert" is a pair
+    (a, b) of sub-experts from two sets, each sub-expert shared by N pairs:
+
+        h_mid = h + RoutedFFN_A(RMSNorm_A(h))
+        out   = h_mid + RoutedFFN_B(RMSNorm_B(h_mid))      (residual 2 adds to h_mid)
+
+    Each sub-layer has its own router, sub-experts (model.moe.expert_hidden, half the width of a
+    matched SMoE expert), optional shared expert, and balance loss; a recurrent routing state
+    advances once per sub-layer."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.norm_a = RMSNorm(args.d_model, eps=args.norm_eps)
+        self.moe_a = routed_ffn(args, f"L{layer_idx}a")
+        self.norm_b = RMSNorm(args.d_model, eps=args.norm_eps)
+        self.moe_b = routed_ffn(args, f"L{layer_idx}b")
+
+    def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
+        y_a, state, rec_a = self.moe_a(self.norm_a(h_BSD).flatten(0, 1), ctx, state)
+        h_mid = h_BSD + y_a.view_as(h_BSD)
+        y_b, state, rec_b = self.moe_b(self.norm_b(h_mid).flatten(0, 1), ctx, state)
+        return h_mid + y_b.view_as(h_BSD), state, [rec_a, rec_b]
+
+    def flops_per_token(self) -> int:
+        return self.moe_a.flops_per_token() + self.moe_b.flops_per_token()
+
+
 # Block kinds for MoE layers: name -> constructor(args, layer_idx).
-MLP_BLOCKS: dict[str, Callable[[ModelArgs, int], nn.Module]] = {"standard": MoEMLP}
+MLP_BLOCKS: dict[str, Callable[[ModelArgs, int], nn.Module]] = {"standard": MoEMLP, "cartesian": CartesianMLP}
 
 
 class TransformerBlock(nn.Module):
@@ -121,7 +152,16 @@ class MoETransformer(nn.Module):
         self.head.component = "lm_head"
         if args.tie_embeddings:
             self.head.weight = self.embed.weight
+        for i, layer in enumerate(self.routed_layers()):
+            layer.index = layer.router.index = i
+        # A module all routers share (RMoE's recurrent cell), built once from the router's options.
         self.router_shared: nn.Module | None = None
+        if args.moe is not None:
+            router_cls = router_registry()[args.moe.router_kind]
+            self.router_shared = router_cls.shared_module(d_model=args.d_model, num_experts=args.moe.num_experts,
+                                                          **args.moe.router_options)
+        # Which routed layers compete at a step (CompeteSMoE with a fixed schedule); set by the trainer.
+        self.competition_schedule: CompetitionSchedule | None = None
         self.activation_checkpointing = False
         self.count_reducer: Callable[[Tensor], Tensor] | None = None   # see RouteContext.reduce_counts
         self.init_weights()
@@ -161,8 +201,11 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         rope = rope_tables(S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
+        compete = frozenset()
+        if self.competition_schedule is not None and step is not None and self.training and torch.is_grad_enabled():
+            compete = self.competition_schedule.layers_at(step)
         ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), step=step, shared=self.router_shared,
-                           reduce_counts=self.count_reducer)
+                           reduce_counts=self.count_reducer, compete=compete)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

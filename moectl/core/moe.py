@@ -35,6 +35,8 @@ class RoutingRecord:
     dropped: Tensor          # slots dropped by the capacity limit
     entropy: Tensor          # mean routing entropy over tokens (nats)
     tokens: int
+    competed: bool = False   # this forward ran a competition over all experts (CompeteSMoE)
+    extra_flops: int = 0     # forward FLOPs beyond routing to top_k experts (hardware, not model)
 
 
 def apply_capacity(expert_ids_TK: Tensor, valid_TK: Tensor | None, num_experts: int,
@@ -64,13 +66,14 @@ class RoutedFFN(nn.Module):
                  router_options: dict[str, Any] | None = None, shared_experts: int = 0,
                  shared_hidden: int | None = None, shared_mix: str = "add",
                  capacity_factor: float | None = None, aux_loss_weight: float = 0.01,
-                 z_loss_weight: float = 0.001, layer_idx: int = 0, vocab_size: int | None = None,
+                 z_loss_weight: float = 0.001, index: int = 0, vocab_size: int | None = None,
                  name: str = ""):
         super().__init__()
-        self.name = name or f"L{layer_idx}"
+        self.name = name or f"R{index}"
+        self.index = index   # ordinal among the model's routed layers (set by the model)
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.router = make_router(router_kind, d_model=d_model, num_experts=num_experts, top_k=top_k,
-                                  layer_idx=layer_idx, vocab_size=vocab_size, **(router_options or {}))
+                                  index=index, vocab_size=vocab_size, **(router_options or {}))
         self.experts = ExpertBank(num_experts, d_model, expert_hidden, activation, backend)
         self.experts.active_fraction = top_k / num_experts
         self.shared = None

@@ -142,12 +142,34 @@ def _progress(enabled: bool):
                     transient=False)
 
 
+def _check_training_text(source, counts: dict[str, dict[str, int]]) -> None:
+    """Refuse a corpus that leaves nothing to train on, saying why. `counts` per split: documents,
+    and tokens including one end-of-text per document."""
+    train, val = counts["train"], counts["val"]
+    total = train["documents"] + val["documents"]
+    if total == 0:
+        raise DataError(f"the corpus is empty: {source.describe()} gave no documents",
+                        hint="point data.source at files that contain text")
+    if train["tokens"] + val["tokens"] <= total:
+        raise DataError(f"the corpus is empty: {source.describe()} gave {total} document(s), all without text",
+                        hint="point data.source at files that contain text")
+    if train["documents"] == 0:
+        raise DataError(f"{source.describe()} gave {total} document(s), all held out for validation: "
+                        "the training split is empty",
+                        hint="add documents (validation takes at least one), or lower data.val_fraction")
+    if train["tokens"] <= train["documents"]:
+        raise DataError(f"the corpus is empty: {source.describe()} gave {total} document(s), and the "
+                        "training split's are all empty",
+                        hint="point data.source at files that contain text")
+
+
 def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> PreparedData:
     """Make sure the recipe's token shards exist; build them if not. Returns where they are."""
     cfg = recipe.data
     vocab_limit = recipe.model.vocab_size
     source = open_source(cfg.source)
-    split_key = {"seed": recipe.seed, "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents}
+    split_seed = recipe.seed if cfg.split_seed is None else cfg.split_seed
+    split_key = {"seed": split_seed, "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents}
     src_fp = source.fingerprint()
     root = cache_root(cfg)
 
@@ -157,9 +179,17 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> Prepa
         tok_dir = root / "tokenizers" / tok_key
         if not (tok_dir / "tokenizer.json").is_file():
             log(f"training a {vocab_limit}-token byte-level BPE on {source.describe()}")
-            train_docs = (d.text for split, d in split_documents(iter(source), recipe.seed, cfg.val_fraction,
-                                                                 cfg.max_documents) if split == "train")
-            tok = train_bpe(train_docs, vocab_limit, cfg.tokenizer.train_bytes)
+            seen = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
+
+            def train_docs() -> Iterator[str]:
+                for split, d in split_documents(iter(source), split_seed, cfg.val_fraction, cfg.max_documents):
+                    seen[split]["documents"] += 1
+                    seen[split]["tokens"] += len(d.text) + 1   # characters + end-of-text, for the check
+                    if split == "train":
+                        yield d.text
+
+            tok = train_bpe(train_docs(), vocab_limit, cfg.tokenizer.train_bytes)
+            _check_training_text(source, seen)   # before anything is cached
             try:
                 with atomic_dir(tok_dir) as tmp:
                     tok.save(str(tmp / "tokenizer.json"))
@@ -182,7 +212,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> Prepa
     shard_dir = root / "tokens" / shard_key
     if (shard_dir / "index.json").is_file():
         return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
-    dtype = np.uint16 if vocab <= 2**16 - 1 else np.uint32
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32   # ids 0 .. vocab-1
     log(f"tokenising {source.describe()} into {shard_dir}")
     counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
     val_freq = np.zeros(vocab_limit, dtype=np.int64)
@@ -209,7 +239,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> Prepa
                                info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
                     batch.clear()
 
-                for item in split_documents(iter(source), recipe.seed, cfg.val_fraction, cfg.max_documents):
+                for item in split_documents(iter(source), split_seed, cfg.val_fraction, cfg.max_documents):
                     batch.append(item)
                     if len(batch) >= 256:
                         flush()
@@ -218,17 +248,13 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> Prepa
             finally:
                 for f in files.values():
                     f.close()
-            if counts["train"]["documents"] == 0 or counts["train"]["tokens"] <= counts["train"]["documents"]:
-                raise DataError(f"the corpus is empty: {source.describe()} gave "
-                                f"{counts['train']['documents'] + counts['val']['documents']} document(s) "
-                                "with no training text",
-                                hint="point data.source at files that contain text")
+            _check_training_text(source, counts)
             p = val_freq[val_freq > 0] / max(val_freq.sum(), 1)
             index = {
                 "format": FORMAT_VERSION, "source": source.describe(), "dtype": np.dtype(dtype).name,
                 "vocab_size": vocab, "eot_id": eot_id, "tokenizer": str(tok_path), "tokenizer_sha": tok_sha,
                 "splits": counts, "val_unigram_entropy": float(-(p * np.log(p)).sum()) if p.size else math.nan,
-                "seed": recipe.seed, "val_fraction": cfg.val_fraction,
+                "seed": split_seed, "val_fraction": cfg.val_fraction,
             }
             (tmp / "index.json").write_text(json.dumps(index, indent=2))
     except OSError:

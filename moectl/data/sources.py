@@ -123,7 +123,15 @@ def _kind_of(p: Path) -> str | None:
 
 def _open_text(p: Path) -> io.TextIOBase:
     raw = gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb")  # noqa: SIM115
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict")   # -sig: a leading BOM is not text
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _record_text(record: Any, field: str, where: str) -> str:
@@ -145,7 +153,9 @@ class FilesCorpus:
         self.files = _expand(cfg.paths)
 
     def describe(self) -> str:
-        return f"{len(self.files)} local file(s)"
+        patterns = list(self.cfg.paths)
+        shown = ", ".join(patterns[:3]) + (f" and {len(patterns) - 3} more" if len(patterns) > 3 else "")
+        return f"{len(self.files)} local file(s) ({shown})"
 
     def size_hint(self) -> int | None:
         """Documents, when every file is one document."""
@@ -171,32 +181,41 @@ class FilesCorpus:
                 raise DataError(f"{p}: cannot read: {e}") from None
 
     def _json(self, p: Path, kind: str) -> Iterator[Document]:
+        """.jsonl: one object per line, streamed. .json: one array of objects, one object, or (as
+        many .json files are) JSON lines."""
         field = self.cfg.text_field
         with _open_text(p) as f:
-            if kind == "json":
-                head = f.read(1)
-                while head and head.isspace():
-                    head = f.read(1)
-                if head == "[":  # one JSON array of records
-                    try:
-                        records = json.loads(head + f.read())
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-                    for i, rec in enumerate(records):
-                        yield Document(_record_text(rec, field, f"{p}[{i}]"), f"{p}[{i}]")
-                    return
-                lines: Iterator[str] = _prepend(head, f)
-            else:
-                lines = iter(f)
-            for lineno, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})",
-                                    hint="each line of a .jsonl file must be one JSON object") from None
-                yield Document(_record_text(rec, field, f"{p}:{lineno}"), f"{p}:{lineno}")
+            if kind == "jsonl":
+                yield from self._json_lines(p, f)
+                return
+            text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):
+                raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+            first_line_ok = _parses(text.lstrip().split("\n", 1)[0])
+            if not first_line_ok:    # neither one JSON document nor JSON lines: report the document's error
+                raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})",
+                                hint="a .json file holds one array of objects, one object, or one object per line"
+                                ) from None
+            yield from self._json_lines(p, io.StringIO(text))
+            return
+        records = data if isinstance(data, list) else [data]
+        for i, rec in enumerate(records):
+            where = f"{p}[{i}]" if isinstance(data, list) else str(p)
+            yield Document(_record_text(rec, field, where), where)
+
+    def _json_lines(self, p: Path, lines: Iterator[str]) -> Iterator[Document]:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})",
+                                hint="each line of a .jsonl file must be one JSON object") from None
+            yield Document(_record_text(rec, self.cfg.text_field, f"{p}:{lineno}"), f"{p}:{lineno}")
 
     def _parquet(self, p: Path) -> Iterator[Document]:
         try:
@@ -219,12 +238,6 @@ class FilesCorpus:
                     raise DataError(f"{p}: row {row}: {field!r} is {type(text).__name__}, not text")
                 yield Document(text, f"{p}[row {row}]")
                 row += 1
-
-
-def _prepend(first: str, rest: io.TextIOBase) -> Iterator[str]:
-    line = first + rest.readline()
-    yield line
-    yield from rest
 
 
 # --------------------------------------------------------------------------- Hugging Face datasets

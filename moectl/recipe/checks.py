@@ -51,4 +51,9 @@ def check_recipe(r: Recipe) -> list[Issue]:
             "(model.moe.router.capacity_factor); leave model.moe.capacity_factor null")
     if router.kind == "topp" and router.max_k is not None and router.max_k > moe.num_experts:
         add("model.moe.router.max_k", f"max_k ({router.max_k}) cannot exceed num_experts ({moe.num_experts})")
+    if moe.competition is not None and router.kind not in ("topk", "recurrent"):
+        add("model.moe.competition", f"competition distils into a learned token-choice router (topk or "
+            f"recurrent), not {router.kind!r}")
+    if router.kind == "recurrent" and router.detach_state and not router.pass_state:
+        add("model.moe.router.detach_state", "has no effect with pass_state: false (there is no state to detach)")
     return issues

@@ -214,6 +214,10 @@ def apply_overrides(data: dict[str, Any], sources: Sources, overrides: Sequence[
             # A new kind starts its section afresh: the old kind's options would not apply.
             for k in list(node):
                 del node[k]
+            section = keys[:-1]
+            for path in [p for p in sources if p[: len(section)] == section]:
+                del sources[path]
+            sources[section] = label   # what the section lacks now is the override's to supply
         node[last] = value
         sources[keys] = label
 

@@ -74,6 +74,27 @@ class TopPRouter(Section):
     )
 
 
+class RecurrentRouter(Section):
+    """RMoE's layerwise recurrent router: a cell shared by all MoE layers carries routing state
+    across depth (per token); per-layer projector d -> hidden and router hidden -> experts."""
+
+    kind: Literal["recurrent"] = Field("recurrent", description="Router kind.")
+    hidden: PosInt = Field(128, description="Recurrent state size p (the paper's best: 128).")
+    cell: Literal["gru", "rnn", "lstm"] = Field("gru", description="The shared recurrent cell.")
+    pass_state: bool = Field(
+        True, description="Pass the state from layer to layer; false = every layer starts from zero ('NP')."
+    )
+    detach_state: bool = Field(
+        False, description="Same forward, but no gradient flows into the previous layers' state (ablation)."
+    )
+    logit_residual: NonNegFloat = Field(
+        0.0, description="Add this multiple of the previous MoE layer's router logits ('r-alpha')."
+    )
+    shared_projector: bool = Field(False, description="One projector d -> hidden for all layers ('S-proj').")
+    projector_bias: bool = Field(False, description="Give the projector a bias (the enwik8 variant).")
+    renormalize: bool = Field(True, description="Divide the top-k weights by their sum.")
+
+
 def _default_kind(v: Any) -> Any:
     """A router section without `kind` is the default top-k router."""
     if isinstance(v, dict) and "kind" not in v:
@@ -82,7 +103,7 @@ def _default_kind(v: Any) -> Any:
 
 
 RouterConfig = Annotated[
-    Union[TopKRouter, ExpertChoiceRouter, HashRouter, TopPRouter],
+    Union[TopKRouter, ExpertChoiceRouter, HashRouter, TopPRouter, RecurrentRouter],
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]
@@ -111,6 +132,30 @@ MoELayers = Annotated[
     WithJsonSchema({"anyOf": [{"enum": ["all", "every_other"]},
                               {"type": "array", "items": {"type": "integer", "minimum": 0}}]}),
 ]
+
+
+class CompetitionConfig(Section):
+    """CompeteSMoE: on scheduled (layer, step) pairs in training, evaluate every expert and route to
+    the strongest responses; the router learns to predict them. Defaults follow the 2025 paper."""
+
+    rate: Fraction = Field(0.07, description="Probability that a MoE layer competes at a step (omega).")
+    warmup: Fraction = Field(0.05, description="Fraction of training steps, at the start, without competition.")
+    max_layers: PosInt = Field(3, description="Most layers competing in one step (A_max; fixed schedule).")
+    schedule: Literal["fixed", "bernoulli"] = Field(
+        "fixed", description="'fixed': drawn once from the seed, capped, saved in checkpoints (2025); "
+        "'bernoulli': a fresh draw per layer and forward, no cap (2024)."
+    )
+    response: Literal["mean_softplus", "l2_norm"] = Field(
+        "mean_softplus", description="An expert's response to a token: mean softplus of its output (2025) "
+        "or its L2 norm (2024)."
+    )
+    gate: Literal["linear", "softmax"] = Field(
+        "linear", description="Winners' weights: responses divided by their sum (2025) or their softmax (2024)."
+    )
+    theta: NonNegFloat = Field(0.2, description="Weight of the winners-only term of the router loss.")
+    router_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router distillation loss.")
+    diversity_weight: NonNegFloat = Field(0.005, description="Weight of the winners' diversity loss.")
+    balance_weight: NonNegFloat = Field(0.01, description="Weight of the competition balance loss.")
 
 
 class MoEConfig(Section):
@@ -153,6 +198,13 @@ class MoEConfig(Section):
     aux_loss_weight: NonNegFloat = Field(0.01, description="Weight of the load-balance loss.")
     z_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router z-loss.")
     router: RouterConfig = Field(default_factory=TopKRouter, description="The router; `kind` selects it.")
+    block: Literal["standard", "cartesian"] = Field(
+        "standard", description="MoE layer kind: 'standard' (one routed FFN) or 'cartesian' (CartesianMoE: "
+        "two routed sub-layers in sequence; expert_hidden is the sub-expert width)."
+    )
+    competition: CompetitionConfig | None = Field(
+        None, description="CompeteSMoE competition settings; null = none."
+    )
 
     def layer_indices(self, n_layers: int) -> list[int]:
         """The indices of the MoE layers in a model of `n_layers` layers."""
@@ -276,6 +328,10 @@ class DataConfig(Section):
         0.01, description="Share of documents held out for validation (by document, from the seed)."
     )
     max_documents: PosInt | None = Field(None, description="Use only the first N documents of the source.")
+    split_seed: NonNegInt | None = Field(
+        None, description="Seed of the train/validation split (default: the recipe's seed). Fix it to "
+        "compare runs of several seeds on the same validation set."
+    )
     cache_dir: str | None = Field(
         None, description="Tokenizer and token-shard cache (default: $MOECTL_CACHE or ~/.cache/moectl)."
     )

@@ -1,9 +1,11 @@
 """`moectl train --nproc N`: start N worker processes of this same command on this machine.
 
 Each worker gets the usual distributed environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT), which accelerate reads; on CPU they talk through gloo. Ctrl-C reaches the workers
-directly (same process group); SIGTERM sent to the launcher is forwarded. The launcher exits
-with 130 when the workers stopped cleanly after a signal, else with the first failure's code.
+MASTER_PORT), which accelerate reads; on CPU they talk through gloo. The workers run in a
+session of their own, and the launcher forwards SIGINT, SIGTERM and SIGHUP to them exactly once
+per signal, whether the signal came from a terminal's Ctrl-C (the launcher's process group) or
+was sent to the launcher alone. The launcher exits with 130 when the workers stopped cleanly after
+a signal, else with the first failure's code.
 """
 
 from __future__ import annotations
@@ -39,15 +41,14 @@ def launch(nproc: int, argv: list[str]) -> int:
         env.setdefault("OMP_NUM_THREADS", str(threads))
         if rank:
             env["MOECTL_QUIET"] = "1"
-        procs.append(subprocess.Popen([sys.executable, "-m", "moectl", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "moectl", *argv], env=env, start_new_session=True))
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
-    old_int = signal.signal(signal.SIGINT, lambda s, f: None)  # workers get Ctrl-C themselves
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         codes: list[int | None] = [None] * nproc
         deadline = None
@@ -62,8 +63,8 @@ def launch(nproc: int, argv: list[str]) -> int:
                 deadline = float("inf")
             time.sleep(0.05)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, old_int)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failures = [c for c in codes if c not in (0, 130)]
     if failures:
         positive = [c for c in failures if c > 0]   # a worker's own exit code beats a kill by signal

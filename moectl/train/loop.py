@@ -24,6 +24,7 @@ import torch
 
 from moectl import __version__
 from moectl.checkpoint import CheckpointDir, is_checkpoint, load_checkpoint, save_checkpoint
+from moectl.core.compete import CompetitionSchedule
 from moectl.data.loader import PackedSequences, TrainOrder, eval_indices
 from moectl.data.prepare import prepare_data
 from moectl.data.sources import DataError
@@ -125,7 +126,7 @@ def _resolve_resume(ckpts: CheckpointDir, resume: str, run_dir: Path) -> Path | 
     return path
 
 
-def _check_same_run(run_dir: Path, recipe: Recipe) -> None:
+def _check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("model", "data", "seed")) -> None:
     """Resuming with a different model or data would silently train something else: refuse."""
     import yaml
 
@@ -135,7 +136,7 @@ def _check_same_run(run_dir: Path, recipe: Recipe) -> None:
     old = yaml.safe_load(old_path.read_text())
     new = json.loads(json.dumps(recipe.model_dump(mode="json")))
     issues = []
-    for section in ("model", "data", "seed"):
+    for section in sections:
         if old.get(section) != new.get(section):
             issues.append(Issue(section, f"differs from {old_path}"))
     if issues:
@@ -151,6 +152,17 @@ def _total_steps(recipe: Recipe, tokens_per_step: int) -> int:
         return max(1, math.ceil(t.max_tokens / tokens_per_step))
     raise RecipeError("recipe", [Issue("train.max_steps", "training needs a budget: set train.max_steps "
                                                           "or train.max_tokens")])
+
+
+def competition_schedule(recipe: Recipe, core, total_steps: int) -> CompetitionSchedule | None:
+    """CompeteSMoE's fixed schedule for this run (drawn from the seed), attached to the model."""
+    comp = recipe.model.moe.competition if recipe.model.moe else None
+    if comp is None or comp.schedule != "fixed":
+        return None
+    schedule = CompetitionSchedule(recipe.seed, total_steps, len(core.routed_layers()), comp.rate, comp.warmup,
+                                   comp.max_layers)
+    core.competition_schedule = schedule
+    return schedule
 
 
 def shard_model(model, device: torch.device, world: int) -> None:
@@ -172,18 +184,23 @@ def clip_gradients(model, max_norm: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, seqs: PackedSequences, batches: list[list[int]], device, autocast=nullcontext) -> float:
-    """Mean next-token loss over the validation batches of all processes."""
+def evaluate(model, seqs: PackedSequences, batches: list[list[int]], device,
+             autocast=nullcontext) -> tuple[float, dict[str, Any]]:
+    """Mean next-token loss over the validation batches of all processes, and how the validation
+    tokens were routed (per-layer loads, imbalance, entropy, ...)."""
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
+    routing = RoutingAccumulator()
     for idx in batches:
         x, y = seqs.batch(idx)
         with autocast():
             out = model(x.to(device), y.to(device))
         total += torch.stack([out.loss.double() * y.numel(), torch.tensor(float(y.numel()), device=device)])
+        routing.add(out.records)
     total = dist.all_reduce_sum(total)
     model.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+    loss = (total[0] / total[1]).item() if total[1] > 0 else math.nan
+    return loss, routing.summary(dist.all_reduce_sum)
 
 
 def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "auto",
@@ -199,6 +216,9 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     resume_from = _resolve_resume(ckpts, resume, run)
     if resume_from is not None:
         _check_same_run(run, recipe)
+        source_run = resume_from.parent.parent   # <run>/checkpoints/step-N
+        if source_run.resolve() != run.resolve():
+            _check_same_run(source_run, recipe, sections=("model",))   # new data or seed is fine
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world * recipe.model.seq_len
     total_steps = _total_steps(recipe, tokens_per_step)
 
@@ -249,9 +269,13 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner_opt, lambda s: lr_factor(s, total_steps, cfg))
     torch.manual_seed(recipe.seed * 7919 + 17 * rank + 1)   # training-time noise (jitter), per process
 
+    schedule = competition_schedule(recipe, core, total_steps)
     start_step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, inner_opt, rank=rank)
+        saved = state.get("extra", {}).get("competition")
+        if schedule is not None and saved is not None and saved["total_steps"] == total_steps:
+            schedule.load_state_dict(saved)   # compete at exactly the (layer, step) pairs planned
         scheduler.load_state_dict(state["scheduler"])
         start_step, tokens_seen, skipped = state["step"], state["tokens"], state.get("skipped_steps", 0)
         # The recipe's optimizer settings win over the checkpoint's (a resumed run may change them).
@@ -269,7 +293,7 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
         shutil.copyfile(data.tokenizer_path, run / "tokenizer.json")
         atomic_write_text(run / "data.json", json.dumps({**data.index, "cache": str(data.dir)}, indent=2))
     dist.barrier()
-    metrics = MetricsLog(run, main, cfg.tensorboard)
+    metrics = MetricsLog(run, main, cfg.tensorboard, resume_step=start_step)
     peak = measure_peak_flops(device, torch.bfloat16 if mixed_precision == "bf16" else torch.float32)
     if start_step >= total_steps:
         log(f"{run} has already run {start_step} of {total_steps} steps; nothing to do")
@@ -277,9 +301,10 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     def checkpoint(step: int) -> Path:
         trainer_state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict(),
                          "skipped_steps": skipped, "data": {"order": "step", "epoch": order.epoch_of(step)}}
+        extra = {"competition": schedule.state_dict()} if schedule is not None else {}
         return save_checkpoint(ckpts, step, model, inner_opt, trainer_state,
                                {"moectl": __version__, "recipe": recipe.name}, rank=rank, world_size=world,
-                               barrier=dist.barrier, keep_last=cfg.keep_last)
+                               barrier=dist.barrier, keep_last=cfg.keep_last, extra=extra)
 
     step_routing, window_routing = RoutingAccumulator(), RoutingAccumulator()
     window = {"loss": 0.0, "aux": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
@@ -313,7 +338,8 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
                     if cfg.on_nonfinite == "stop":
                         latest = ckpts.latest() if ckpts.latest_file.exists() else None
                         raise RuntimeFailure(
-                            f"non-finite loss at step {step + 1} (loss {loss}, gradient norm {norm}); stopped. "
+                            f"non-finite loss or gradient norm at step {step + 1} (loss {loss}, gradient norm "
+                            f"{norm}); stopped. "
                             f"latest checkpoint: {latest.name if latest else 'none'}",
                             hint="lower train.lr, keep train.grad_clip on, or set train.on_nonfinite=skip")
                     optimizer.zero_grad(set_to_none=True)
@@ -353,9 +379,9 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
                 else:
                     progress.update(done, {"loss": loss, "lr": lr})
                 if (cfg.eval_every and done % cfg.eval_every == 0) or last:
-                    val_loss = evaluate(model, val_seqs, val_batches, device, autocast)
+                    val_loss, val_routing = evaluate(model, val_seqs, val_batches, device, autocast)
                     metrics.write({"type": "eval", "step": done, "tokens": tokens_seen, "val_loss": val_loss,
-                                   "val_ppl": math.exp(min(val_loss, 50))})
+                                   "val_ppl": math.exp(min(val_loss, 50)), **val_routing})
                     progress.note(f"step {done}: validation loss {val_loss:.4f}")
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:
                     checkpoint(done)
@@ -401,8 +427,10 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console)
+            # Two lines: the bar, then the metrics (too wide to share a line on a narrow terminal).
+            self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=self.console)
+            self.bar.columns = (*self.bar.columns, TextColumn("\n{task.fields[info]}", justify="left"))
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
     def __enter__(self) -> _Progress:

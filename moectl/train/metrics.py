@@ -13,6 +13,7 @@ import torch
 
 from moectl.core.moe import RoutingRecord
 from moectl.errors import MoectlError
+from moectl.fsutil import atomic_write_text
 
 
 def layer_summary(load_E: torch.Tensor, dropped: float, slots: float, entropy: float, tokens: int) -> dict[str, Any]:
@@ -42,6 +43,9 @@ class RoutingAccumulator:
         self.scalars: list[torch.Tensor] = []   # per layer: [dropped, slots, entropy*tokens, tokens]
         self.losses: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.competitions = 0      # (layer, micro-batch) pairs that ran a competition
+        self.extra_flops = 0       # their forward FLOPs beyond top-k routing
+        self.tokens = 0
 
     def add(self, records: list[RoutingRecord]) -> None:
         if not self.names:
@@ -49,12 +53,15 @@ class RoutingAccumulator:
             self.load = [torch.zeros_like(r.load_E) for r in records]
             self.scalars = [torch.zeros(4, device=r.load_E.device) for r in records]
         for i, r in enumerate(records):
+            self.competitions += int(r.competed)
+            self.extra_flops += r.extra_flops
             self.load[i] += r.load_E
             self.scalars[i] += torch.stack([r.dropped, r.slots, r.entropy * r.tokens,
                                             torch.tensor(float(r.tokens), device=r.load_E.device)])
             for k, v in r.losses.items():
                 self.losses[k] = self.losses.get(k, torch.zeros((), device=v.device)) + v / len(records)
         self.count += 1
+        self.tokens += records[0].tokens if records else 0
 
     def summary(self, reduce) -> dict[str, Any]:
         """Per-layer measures and mean unweighted losses; `reduce` sums a tensor over processes."""
@@ -70,26 +77,52 @@ class RoutingAccumulator:
         for k, v in self.losses.items():
             out[k] = reduce(v).item() / (self.count * world)
         out["imbalance_max"] = max(v["imbalance"] for v in layers.values())
+        extra = reduce(torch.tensor([float(self.extra_flops), float(self.competitions), float(self.tokens)],
+                                    dtype=torch.float64, device=loads.device)).tolist()
+        if extra[1]:
+            # Competition work (fwd + bwd) per training token, reported apart from model FLOPs and MFU.
+            out["competitions"] = extra[1] / world
+            out["extra_flops_per_token"] = 3 * extra[0] / max(extra[2], 1)
         return out
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a metrics log that belong to steps <= `step` (a torn last line is dropped)."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
 
 
 class MetricsLog:
     """logs/metrics.jsonl (one JSON object per line) and optionally TensorBoard. Rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        """`resume_step`: the step training continues from. Records of later steps, left by an
+        attempt that did not reach a checkpoint (killed, stopped, or resumed from an older one), are
+        dropped, so the log holds each step once and matches the run that continues."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "logs" / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = run_dir / "logs" / "metrics.jsonl"
+        if path.is_file():
+            atomic_write_text(path, "".join(_records_up_to(path, resume_step)))
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MoectlError("train.tensorboard needs the tensorboard package",
                                   hint="pip install 'moectl[tb]', or set train.tensorboard=false") from None
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # purge_step hides TensorBoard events past the resume point, like the JSON log.
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -102,7 +135,7 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
             for name, layer in record.get("layers", {}).items():
-                self.tb.add_scalar(f"imbalance/{name}", layer["imbalance"], record["step"])
+                self.tb.add_scalar(f"{prefix}/imbalance/{name}", layer["imbalance"], record["step"])
 
     def close(self) -> None:
         if self.enabled:

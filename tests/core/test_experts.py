@@ -29,6 +29,8 @@ def test_grouped_matches_loop(activation, counts, tail):
     counts_E = torch.tensor(counts)
     n = sum(counts) + tail                       # `tail` unused rows after the last expert
     x = torch.randn(n, 16)
+    # The grouped kernel itself must run here (torch >= 2.8 has it on CPU), not its loop fallback.
+    assert grouped_mm_available(x, bank.w1, bank.w2)
     grad = torch.randn(n, 16)
     results = []
     for fn in (experts_loop, experts_grouped):

@@ -44,6 +44,7 @@ def test_prepare_shards_and_cache(recipe):
     idx = data.index
     assert idx["dtype"] == "uint16" and idx["vocab_size"] <= 512
     train, val = data.tokens("train"), data.tokens("val")
+    assert isinstance(train, np.memmap) and isinstance(val, np.memmap)   # read from disk, not loaded
     assert len(train) == idx["splits"]["train"]["tokens"] > 10_000
     assert (train == data.eot_id).sum() == idx["splits"]["train"]["documents"]
     assert train[-1] == data.eot_id and val[-1] == data.eot_id
@@ -57,8 +58,12 @@ def test_prepare_shards_and_cache(recipe):
     assert "import" in tok.decode(first_doc.tolist())
     # A second run reuses both cache entries without re-reading.
     mtime = (data.dir / "train.bin").stat().st_mtime_ns
-    again = prepare_data(r, show_progress=False, log=lambda *a: None)
+    tok_mtime = data.tokenizer_path.stat().st_mtime_ns
+    logged = []
+    again = prepare_data(r, show_progress=False, log=logged.append)
     assert again.dir == data.dir and (again.dir / "train.bin").stat().st_mtime_ns == mtime
+    assert again.tokenizer_path == data.tokenizer_path and data.tokenizer_path.stat().st_mtime_ns == tok_mtime
+    assert logged == []   # neither trained nor tokenised again
     # A different split gives a different entry.
     other = prepare_data(recipe("data.val_fraction=0.3"), show_progress=False, log=lambda *a: None)
     assert other.dir != data.dir
@@ -95,10 +100,38 @@ def test_bad_input_leaves_nothing_behind(recipe, tmp_path):
 
 
 def test_empty_corpus(recipe, tmp_path):
+    """Nothing to train on: a message that says why and names the files; nothing is cached."""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(DataError, match="the corpus is empty"):
+    with pytest.raises(DataError, match=r"the corpus is empty: 1 local file\(s\) \(.*empty\.txt\)"):
         prepare_data(recipe(f"data.source.paths=['{empty}']"), show_progress=False, log=lambda *a: None)
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"the corpus is empty: .*blank\.jsonl\) gave no documents"):
+        prepare_data(recipe(f"data.source.paths=['{tmp_path}/blank.jsonl']"), show_progress=False, log=lambda *a: None)
+    single = tmp_path / "single.txt"
+    single.write_text("just one document")
+    with pytest.raises(DataError, match="all held out for validation"):
+        prepare_data(recipe(f"data.source.paths=['{single}']"), show_progress=False, log=lambda *a: None)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_large_vocabulary_uses_uint32(recipe, tmp_path):
+    """Ids above 65,535 do not fit uint16: such a tokenizer's shards are uint32 and keep every id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    vocab = {EOT: 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    for i in range(4):
+        (tmp_path / f"d{i}.txt").write_text(" ".join(words[i * 17_000:(i + 1) * 17_000 + 500]))
+    data = prepare_data(recipe(f"data.source.paths=['{tmp_path}/d*.txt']", f"data.tokenizer.path={tmp_path}",
+                               "model.vocab_size=70002", "data.val_fraction=0.3"),
+                        show_progress=False, log=lambda *a: None)
+    assert data.index["dtype"] == "uint32"
+    ids = np.concatenate([data.tokens("train"), data.tokens("val")])
+    assert ids.max() > 65_535 and set(ids.tolist()) - {0} <= set(range(2, 70_002))
 
 
 def test_index_file_is_written_last(recipe):

@@ -30,6 +30,21 @@ def test_txt_json_jsonl_gz(tmp_path):
     assert _docs([tmp_path / "*.gz"]) == ["eta", "theta"]
 
 
+def test_json_document_forms_and_bom(tmp_path):
+    """A .json file may be one pretty-printed object; a UTF-8 byte-order mark is not text."""
+    (tmp_path / "one.json").write_text(json.dumps({"text": "one object", "meta": {"a": 1}}, indent=2))
+    assert _docs([tmp_path / "one.json"]) == ["one object"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
+    (tmp_path / "bom.jsonl").write_bytes('\ufeff{"text": "hi"}\n'.encode())
+    assert _docs([tmp_path / "bom.txt", tmp_path / "bom.jsonl"]) == ["hello", "hi"]
+    (tmp_path / "broken.json").write_text('{\n  "text": "a",\n  "b": oops\n}\n')
+    with pytest.raises(DataError, match=r"broken\.json:3: not valid JSON"):
+        _docs([tmp_path / "broken.json"])
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": b}\n')
+    with pytest.raises(DataError, match=r"lines\.json:2: not valid JSON"):
+        _docs([tmp_path / "lines.json"])
+
+
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

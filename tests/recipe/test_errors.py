@@ -55,6 +55,8 @@ CASES = {
     "override_wrong_type": (TINY_RECIPE, ["model.d_model=abc"], ["model.d_model", "expected an integer"]),
     "override_into_value": (TINY_RECIPE, ["model.d_model.x=1"], ["model.d_model is a value, not a section"]),
     "override_semantic": (TINY_RECIPE, ["model.moe.top_k=9"], ["model.moe.top_k", "override 'model.moe.top_k=9'"]),
+    "override_new_kind_lacks_key": (TINY_RECIPE + "data:\n  source:\n    kind: stdlib\n", ["data.source.kind=hf"],
+                                    ["data.source.name (override 'data.source.kind=hf')", "required key is missing"]),
     "extends_missing": ("extends: nowhere.yaml\n" + TINY_RECIPE, [], ["extends", "base recipe not found"]),
     "expert_choice_with_capacity": (TINY_RECIPE + "    capacity_factor: 1.0\n    router:\n      kind: expert_choice\n",
                                     [], ["model.moe.capacity_factor", "expert_choice sets its own capacity"]),

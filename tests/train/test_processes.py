@@ -89,15 +89,20 @@ def _nproc2(path, run, *extra):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(corpus, write, tmp_path, parallel):
+COMPETE = ["model.moe.competition.rate=0.5", "model.moe.competition.warmup=0.0"]
+
+
+@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp", []), ("ddp", COMPETE)],
+                         ids=["ddp", "fsdp", "ddp-competesmoe"])
+def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     """--nproc 2 (gloo on CPU) with the same global batch follows the single-process loss curve,
-    with replicated (DDP) or sharded (FSDP) parameters; their checkpoints resume exactly."""
+    with replicated (DDP) or sharded (FSDP) parameters, and with CompeteSMoE's schedule (the same on
+    every process); their checkpoints resume exactly."""
     path = write("r.yaml", train_recipe_text(corpus, max_steps=5, eval_every="null", checkpoint_every=3,
                                              parallel=parallel))
     single = tmp_path / "single"
-    train(load_recipe(path, ["train.batch_size=4"]), run_dir=single, resume="never", show_progress=False)
-    _nproc2(path, tmp_path / "dp")
+    train(load_recipe(path, ["train.batch_size=4", *extra]), run_dir=single, resume="never", show_progress=False)
+    _nproc2(path, tmp_path / "dp", *extra)
     a, b = losses(single), losses(tmp_path / "dp")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     for step in a:
@@ -106,7 +111,7 @@ def test_two_processes_match_one(corpus, write, tmp_path, parallel):
     ckpt = CheckpointDir(tmp_path / "dp" / "checkpoints").latest()
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
     # A checkpoint of the parallel run restarts a parallel run exactly, and loads in one process.
-    _nproc2(path, tmp_path / "again", "--resume", str(tmp_path / "dp" / "checkpoints" / "step-00000003"))
+    _nproc2(path, tmp_path / "again", *extra, "--resume", str(tmp_path / "dp" / "checkpoints" / "step-00000003"))
     c = losses(tmp_path / "again")
     assert sorted(c) == [4, 5]
     for step in c:
@@ -124,9 +129,11 @@ def test_bad_data_with_two_processes(corpus, write, tmp_path):
     assert proc.stderr.count("no file matches") == 1 and "Traceback" not in proc.stderr
 
 
-def test_sigint_with_two_processes(corpus, write, tmp_path):
-    """Ctrl-C reaches every worker; they agree on the step, save one checkpoint and the launcher
-    exits with 130; the run then resumes."""
+@pytest.mark.parametrize("target", ["group", "launcher"])
+def test_sigint_with_two_processes(corpus, write, tmp_path, target):
+    """Ctrl-C (SIGINT to the whole process group) or SIGINT sent to the launcher alone reaches every
+    worker once; they agree on the step, save one checkpoint and the launcher exits with 130; the
+    run then resumes."""
     path = write("r.yaml", train_recipe_text(corpus, max_steps=400, checkpoint_every=1000, eval_every=200,
                                              batch_size=2))
     run = tmp_path / "run"
@@ -135,7 +142,10 @@ def test_sigint_with_two_processes(corpus, write, tmp_path):
                             start_new_session=True)
     metrics = run / "logs" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, proc)
-    os.killpg(proc.pid, signal.SIGINT)       # what a terminal's Ctrl-C does: the whole process group
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGINT)   # what a terminal's Ctrl-C does: the whole process group
+    else:
+        proc.send_signal(signal.SIGINT)      # e.g. `kill -INT <launcher>`
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.count("interrupted at step") == 1

@@ -39,12 +39,29 @@ def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     layer = first["layers"]["L0"]
     assert sum(layer["load"]) == 4 * 32 * 2 and layer["imbalance"] >= 1 and "cv" in layer and "dead" in layer
     assert sorted(evals(run)) == [3, 6]
+    eval_rec = next(r for r in records if r["type"] == "eval")   # how the validation tokens were routed
+    assert sum(eval_rec["layers"]["L0"]["load"]) == 2 * 4 * 32 * 2 and "load_balance" in eval_rec
     summary = json.loads((run / "logs" / "summary.json").read_text())
     assert summary["tokens"] == 6 * 4 * 32 and summary["final_val_loss"] == evals(run)[6]
     # The checkpoint restores the final model exactly.
     model = build_model(load_recipe(run))
     load_checkpoint(ckpts.latest(), model)
     assert torch.isfinite(next(model.parameters())).all()
+
+
+def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
+    """Without --quiet the run ends with a summary: final validation loss beside the validation
+    tokens' unigram entropy, and the difference."""
+    run = tmp_path / "run"
+    result = cli("train", recipe_path(max_steps=2, eval_every="null"), "--run-dir", run)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "logs" / "summary.json").read_text())
+    assert 0 < summary["val_unigram_entropy"] < 7 and summary["final_val_loss"] > 0
+    out = " ".join(result.output.replace("│", " ").split())   # the table's text, without its borders
+    assert f"final validation loss {summary['final_val_loss']:.4f} nats" in out
+    assert f"validation unigram entropy {summary['val_unigram_entropy']:.4f} nats" in out
+    gap = summary["val_unigram_entropy"] - summary["final_val_loss"]
+    assert f"below unigram entropy {gap:.4f} nats" in out
 
 
 def test_keep_last(cli, recipe_path, tmp_path):
@@ -90,6 +107,41 @@ def test_resume_refuses_other_model(cli, recipe_path, tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
 
 
+def test_resume_from_another_models_checkpoint(cli, recipe_path, tmp_path):
+    """--resume PATH from a run of a different model: a clear error (exit 2), not a traceback, and
+    the new run folder is not created."""
+    path = recipe_path(max_steps=2, eval_every="null")
+    assert cli("train", path, "--run-dir", tmp_path / "a", "-q").exit_code == 0
+    result = cli("train", path, "model.d_model=64", "--run-dir", tmp_path / "b", "-q",
+                 "--resume", tmp_path / "a" / "checkpoints" / "step-00000002")
+    assert result.exit_code == 2 and "model: differs" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
+    # Without the source run's config.yaml, loading the weights itself reports the mismatch.
+    (tmp_path / "a" / "config.yaml").unlink()
+    result = cli("train", path, "model.d_model=64", "--run-dir", tmp_path / "c", "-q",
+                 "--resume", tmp_path / "a" / "checkpoints" / "step-00000002")
+    assert result.exit_code == 2 and "does not match the recipe's model" in result.stderr, result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_from_older_checkpoint_rewrites_history(recipe_path, tmp_path):
+    """Resuming a run from an older checkpoint of its own: the log keeps each step once (the later
+    steps of the abandoned attempt are dropped), and replacing a checkpoint of the same step never
+    leaves `latest` naming a missing folder."""
+    path = recipe_path(max_steps=6, checkpoint_every=3, eval_every=3, keep_last=5)
+    run = tmp_path / "run"
+    train(load_recipe(path), run_dir=run, resume="never", show_progress=False)
+    ckpts = CheckpointDir(run / "checkpoints")
+    ckpts.release(ckpts.step_dir(3))                    # latest names step 6: nothing to do
+    assert ckpts.latest().name == "step-00000006"
+    ckpts.release(ckpts.step_dir(6))                    # about to replace step 6: latest moves back
+    assert ckpts.latest().name == "step-00000003"
+    (ckpts.root / "latest").write_text("step-00000006\n")
+    train(load_recipe(path, ["train.lr=1.0e-3"]), run_dir=run, resume=str(ckpts.step_dir(3)), show_progress=False)
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6] and sorted(evals(run)) == [3, 6]   # each step once
+    assert ckpts.latest().name == "step-00000006"
+
+
 def test_token_budget(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     assert cli("train", recipe_path(max_steps="null", max_tokens=500), "--run-dir", run, "-q").exit_code == 0
@@ -109,28 +161,46 @@ def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
     result = cli("train", path, "train.max_steps=40", "train.lr=1.0e+8", "train.schedule=constant",
                  "--run-dir", run, "-q")
     assert result.exit_code == 1, result.output
-    assert "non-finite loss at step" in result.stderr and "Traceback" not in result.output
-    bad_step = int(result.stderr.split("non-finite loss at step ")[1].split()[0])
+    assert "non-finite loss or gradient norm at step" in result.stderr and "Traceback" not in result.output
+    bad_step = int(result.stderr.split("gradient norm at step ")[1].split()[0])
     assert bad_step > 4
     latest = CheckpointDir(run / "checkpoints").latest()
     assert latest.name == f"step-{bad_step - bad_step % 2 if bad_step % 2 else bad_step - 2:08d}"
-    state = load_checkpoint(latest, build_model(load_recipe(run)))
+    model = build_model(load_recipe(run))
+    state = load_checkpoint(latest, model)
     assert state["step"] < bad_step
-    for p in build_model(load_recipe(run)).parameters():
+    for p in model.parameters():   # the checkpoint's weights, as loaded
         assert torch.isfinite(p).all()
 
 
-def test_nonfinite_skip(cli, recipe_path, tmp_path):
-    run = tmp_path / "run"
+def test_nonfinite_skip(recipe_path, tmp_path, monkeypatch):
+    """on_nonfinite: skip drops the bad step (no update) and the run goes on to the end."""
+    import moectl.train.loop as loop
+
+    real, calls = loop.clip_gradients, []
+
+    def clip(model, max_norm):   # the gradient norm of the 3rd step is NaN
+        calls.append(1)
+        norm = real(model, max_norm)
+        return norm * float("nan") if len(calls) == 3 else norm
+
+    monkeypatch.setattr(loop, "clip_gradients", clip)
+    path = recipe_path(max_steps=5, on_nonfinite="skip", eval_every="null", checkpoint_every=5)
+    result = train(load_recipe(path), run_dir=tmp_path / "run", resume="never", show_progress=False)
+    assert result.skipped_steps == 1 and result.steps == 5
+    records = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "nonfinite"] == [3]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+
+def test_nonfinite_skip_gives_up(cli, recipe_path, tmp_path):
+    """A run whose every step is non-finite stops after 20 skips in a row instead of spinning."""
     path = recipe_path(max_steps=30, grad_clip=0, on_nonfinite="skip", eval_every="null")
-    result = cli("train", path, "train.lr=1.0e+8", "train.schedule=constant", "--run-dir", run, "-q")
-    # Either every later step is non-finite (stops after 20 skips) or the run finishes with skips.
-    skipped = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()
+    result = cli("train", path, "train.lr=1.0e+8", "train.schedule=constant", "--run-dir", tmp_path / "run", "-q")
+    assert result.exit_code == 1 and "consecutive non-finite steps" in result.stderr
+    skipped = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
                if json.loads(x)["type"] == "nonfinite"]
-    assert skipped
-    assert result.exit_code in (0, 1)
-    if result.exit_code == 1:
-        assert "consecutive non-finite steps" in result.stderr
+    assert len(skipped) == 21
 
 
 @pytest.mark.parametrize("make_source, message", [

@@ -27,6 +27,7 @@ class RouteContext:
 
     token_ids_T: Tensor | None = None   # input token ids (hash routing)
     step: int | None = None             # optimizer step (schedules)
+    compete: frozenset[int] = frozenset()   # routed-layer indices that run a competition this forward
     shared: nn.Module | None = None     # a module shared by the routers of all layers
     # Sums per-expert slot counts over data-parallel ranks (set by the trainer), so balance losses
     # see the global batch and results do not depend on the number of processes.
@@ -50,14 +51,20 @@ class Router(nn.Module):
     component = "router"
     fixed_k = False   # True when every token always gets exactly top_k experts
 
-    def __init__(self, *, d_model: int, num_experts: int, top_k: int, layer_idx: int = 0,
+    def __init__(self, *, d_model: int, num_experts: int, top_k: int, index: int = 0,
                  vocab_size: int | None = None):
         super().__init__()
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
-        self.layer_idx, self.vocab_size = layer_idx, vocab_size
+        self.index, self.vocab_size = index, vocab_size  # index: ordinal among the routed layers
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         raise NotImplementedError
+
+    @classmethod
+    def shared_module(cls, **options: Any) -> nn.Module | None:
+        """A module that the routers of all layers share (built once by the model and passed in
+        `RouteContext.shared`), or None. Receives d_model, num_experts and the router's options."""
+        return None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for p in self.parameters(recurse=False):

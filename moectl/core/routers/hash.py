@@ -1,7 +1,7 @@
 """Hash routing (Roller et al., 2021 style): scores from a fixed random table indexed by token id.
 
 Nothing in the router is learned, so it has no auxiliary losses. The table is a buffer saved with
-the model and derived from (seed, layer index), so every layer routes differently."""
+the model and derived from (seed, routed-layer index), so every layer routes differently."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class HashRouter(Router):
     def init_weights(self, std: float, out_std: float) -> None:
         if self.table.is_meta:
             return
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.layer_idx)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.index)
         self.table.copy_(torch.randn(self.vocab_size, self.num_experts, generator=g))
 
     def flops_per_token(self) -> int:

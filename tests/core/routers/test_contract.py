@@ -11,22 +11,30 @@ KINDS = sorted(router_registry())
 T, D, E, K, V = 40, 16, 8, 2, 50
 
 
+SHARED: dict[str, torch.nn.Module | None] = {}
+
+
 def _router(kind: str):
+    """The router and, built the way the model builds it, the module all its layers share."""
     torch.manual_seed(0)
-    router = make_router(kind, d_model=D, num_experts=E, top_k=K, layer_idx=1, vocab_size=V)
+    router = make_router(kind, d_model=D, num_experts=E, top_k=K, index=1, vocab_size=V)
     router.init_weights(0.5, 0.5)
+    shared = type(router).shared_module(d_model=D, num_experts=E)
+    if shared is not None:
+        shared.init_weights(0.5, 0.5)
+    SHARED[kind] = shared
     return router
 
 
-def _inputs():
+def _inputs(kind: str):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, D, generator=g, requires_grad=True)
-    ctx = RouteContext(token_ids_T=torch.randint(0, V, (T,), generator=g))
+    ctx = RouteContext(token_ids_T=torch.randint(0, V, (T,), generator=g), shared=SHARED[kind])
     return x, ctx
 
 
 def test_registry_has_baselines():
-    assert {"topk", "expert_choice", "hash", "topp"} <= set(KINDS)
+    assert {"topk", "expert_choice", "hash", "topp", "recurrent"} <= set(KINDS)
 
 
 def test_registry_matches_recipe_schema():
@@ -43,7 +51,7 @@ def test_registry_matches_recipe_schema():
 @pytest.mark.parametrize("kind", KINDS)
 def test_router_contract(kind):
     router = _router(kind).train()
-    x, ctx = _inputs()
+    x, ctx = _inputs(kind)
     out = router(x, ctx)
     ids, w, probs = out.expert_ids_TK, out.weights_TK, out.probs_TE
     k = ids.shape[1]
@@ -69,7 +77,7 @@ def test_router_contract(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_router_gradients(kind):
     router = _router(kind)
-    x, ctx = _inputs()
+    x, ctx = _inputs(kind)
     out = router(x, ctx)
     objective = out.weights_TK.sum() + sum(out.aux_losses.values(), torch.zeros(()))
     params = list(router.parameters())
@@ -84,7 +92,7 @@ def test_router_gradients(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_router_deterministic_in_eval(kind):
     router = _router(kind).eval()
-    x, ctx = _inputs()
+    x, ctx = _inputs(kind)
     a, b = router(x, ctx), router(x, ctx)
     assert torch.equal(a.expert_ids_TK, b.expert_ids_TK)
     assert torch.equal(a.weights_TK, b.weights_TK)

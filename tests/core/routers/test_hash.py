@@ -5,8 +5,8 @@ import torch
 from moectl.core.routers import RouteContext, make_router
 
 
-def _router(layer_idx=0, seed=0):
-    r = make_router("hash", d_model=8, num_experts=8, top_k=2, vocab_size=30, layer_idx=layer_idx, seed=seed)
+def _router(index=0, seed=0):
+    r = make_router("hash", d_model=8, num_experts=8, top_k=2, vocab_size=30, index=index, seed=seed)
     r.init_weights(0.02, 0.02)
     return r
 
@@ -23,7 +23,7 @@ def test_routing_depends_on_token_id_only():
 
 def test_table_is_seeded_and_saved():
     assert torch.equal(_router().table, _router().table)
-    assert not torch.equal(_router(layer_idx=0).table, _router(layer_idx=1).table)
+    assert not torch.equal(_router(index=0).table, _router(index=1).table)
     assert not torch.equal(_router(seed=0).table, _router(seed=1).table)
     assert "table" in _router().state_dict()
     assert not list(_router().parameters())

@@ -1,0 +1,153 @@
+"""CompeteSMoE against a hand-written competition, its losses, its gradients and its schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moectl.core import MoETransformer
+from moectl.core.compete import CompeteFFN, CompetitionSchedule
+from moectl.core.config import CompetitionArgs
+from moectl.core.routers import RouteContext
+from tests.core.helpers import tiny_args
+
+E, K, D, H, T = 5, 2, 8, 12, 6
+
+
+def _layer(**comp):
+    torch.manual_seed(0)
+    layer = CompeteFFN(competition=CompetitionArgs(**comp), d_model=D, num_experts=E, top_k=K, expert_hidden=H,
+                       backend="loop")
+    for m in layer.modules():
+        if hasattr(m, "init_weights"):
+            m.init_weights(0.5, 0.5)
+    layer.train()
+    return layer
+
+
+def _expert(layer, e, x):
+    b = layer.experts
+    return (F.silu(x @ b.w1[e]) * (x @ b.w3[e])) @ b.w2[e]
+
+
+COMPETE = RouteContext(compete=frozenset({0}))
+
+
+@pytest.mark.parametrize("response, gate", [("mean_softplus", "linear"), ("l2_norm", "softmax")])
+def test_competition_matches_hand_computation(response, gate):
+    layer = _layer(response=response, gate=gate, theta=0.2)
+    x = torch.randn(T, D, requires_grad=True)
+    y, _, rec = layer(x, COMPETE)
+    assert rec.competed
+    ref, ref_losses = [], {"distill": 0.0, "div": 0.0}
+    outs = torch.stack([_expert(layer, e, x) for e in range(E)], 1)                  # [T, E, D]
+    s = F.softplus(outs).mean(-1) if response == "mean_softplus" else outs.norm(dim=-1)
+    p_router = (x @ layer.router.weight.t()).softmax(-1)
+    p_comp = s.softmax(-1).detach()
+    for t in range(T):
+        win = torch.topk(s[t], K).indices
+        w = s[t, win] / s[t, win].sum() if gate == "linear" else s[t, win].softmax(-1)
+        ref.append((w[:, None] * outs[t, win]).sum(0))
+        sims = [F.cosine_similarity(outs[t, i], outs[t, j], dim=0) for i in win for j in win if i != j]
+        ref_losses["div"] += sum(sims) / K**2 / T
+    ref = torch.stack(ref)
+    win = s.topk(K, -1).indices
+    distill = F.mse_loss(p_router, p_comp) + 0.2 * F.mse_loss(p_router.gather(1, win), p_comp.gather(1, win))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rec.losses["router_distill"], distill.detach())
+    torch.testing.assert_close(rec.losses["diversity"], ref_losses["div"].detach())
+    f = torch.bincount(win[:, 0], minlength=E).float() / T
+    torch.testing.assert_close(rec.losses["compete_balance"], (E * (f * s.softmax(-1).mean(0)).sum()).detach())
+    assert set(rec.losses) == {"router_distill", "diversity", "compete_balance"}
+    # Gradients reach the experts through both outputs and responses, as in the reference.
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad((y * g).sum(), [x, layer.experts.w1, layer.experts.w2])
+    theirs = torch.autograd.grad((ref * g).sum(), [x, layer.experts.w1, layer.experts.w2])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_strongest_expert_wins():
+    """Experts with known responses: all compute the same function scaled by c_e, so under the L2
+    response expert e responds c_e * |o|; the two largest c win every token with known weights."""
+    layer = _layer(response="l2_norm", gate="linear")
+    c = torch.tensor([1.0, 4.0, 2.0, 5.0, 3.0])
+    with torch.no_grad():
+        for e in range(E):
+            layer.experts.w1[e] = layer.experts.w1[0]
+            layer.experts.w3[e] = layer.experts.w3[0]
+            layer.experts.w2[e] = c[e] * layer.experts.w2[0]
+    x = torch.randn(T, D)
+    y, _, rec = layer(x, COMPETE)
+    assert rec.load_E.tolist() == [0, T, 0, T, 0]
+    base = _expert(layer, 0, x)
+    torch.testing.assert_close(y, (5 / 9 * 5 + 4 / 9 * 4) * base, rtol=1e-5, atol=1e-6)
+
+
+def test_router_gets_no_task_gradient_in_competition():
+    layer = _layer()
+    x = torch.randn(T, D)
+    y, _, rec = layer(x, COMPETE)
+    y.square().sum().backward(retain_graph=True)      # any task loss
+    assert layer.router.weight.grad is None or (layer.router.weight.grad == 0).all()
+    assert layer.experts.w1.grad.abs().sum() > 0
+    rec.loss.backward()                                 # the weighted method losses
+    assert layer.router.weight.grad.abs().sum() > 0
+    # An ordinary step trains the router through the task loss.
+    layer.zero_grad()
+    y, _, rec = layer(x, RouteContext())
+    assert not rec.competed and "load_balance" in rec.losses
+    y.square().sum().backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_never_competes_in_eval_or_without_grad():
+    layer = _layer(schedule="bernoulli", rate=1.0)
+    x = torch.randn(T, D)
+    assert layer(x, COMPETE)[2].competed
+    with torch.no_grad():
+        assert not layer(x, COMPETE)[2].competed
+    layer.eval()
+    assert not layer(x, COMPETE)[2].competed
+    layer.train()
+    assert not _layer(schedule="fixed")(x, RouteContext())[2].competed   # not scheduled
+
+
+def test_schedule_cap_warmup_and_seed():
+    s = CompetitionSchedule(seed=1, total_steps=2000, num_layers=12, rate=0.2, warmup=0.1, max_layers=3)
+    per_step = s.mask.sum(1)
+    assert per_step.max() <= 3
+    assert per_step[:200].sum() == 0
+    again = CompetitionSchedule(seed=1, total_steps=2000, num_layers=12, rate=0.2, warmup=0.1, max_layers=3)
+    assert torch.equal(s.mask, again.mask)
+    other = CompetitionSchedule(seed=2, total_steps=2000, num_layers=12, rate=0.2, warmup=0.1, max_layers=3)
+    assert not torch.equal(s.mask, other.mask)
+    # With a cap above the expected count, draws stay where they fell: about rate * layers * steps.
+    loose = CompetitionSchedule(seed=1, total_steps=2000, num_layers=12, rate=0.05, warmup=0.0, max_layers=12)
+    assert abs(loose.mask.float().mean().item() - 0.05) < 0.01
+    # Draws over the cap move to the nearest earlier step with room, so capped steps fill up.
+    tight = CompetitionSchedule(seed=0, total_steps=50, num_layers=4, rate=1.0, warmup=0.0, max_layers=2)
+    assert (tight.mask.sum(1) == 2).all()
+    state = s.state_dict()
+    fresh = CompetitionSchedule(seed=9, total_steps=10, num_layers=1, rate=0.5, warmup=0, max_layers=1)
+    fresh.load_state_dict(state)
+    assert fresh.layers_at(1500) == s.layers_at(1500) and fresh.layers_at(99999) == frozenset()
+
+
+def test_model_follows_schedule():
+    model = MoETransformer(tiny_args(competition=CompetitionArgs(rate=0.5, warmup=0.0)))
+    model.competition_schedule = CompetitionSchedule(0, 20, 2, 0.5, 0.0, 1)
+    x = torch.randint(0, 64, (2, 16))
+    for step in range(20):
+        out = model(x, x, step=step)
+        assert {i for i, r in enumerate(out.records) if r.competed} == model.competition_schedule.layers_at(step)
+    model.eval()
+    assert not any(r.competed for r in model(x, x, step=3).records)
+
+
+def test_extra_flops_reported_apart():
+    layer = _layer()
+    _, _, rec = layer(torch.randn(T, D), COMPETE)
+    assert rec.extra_flops == T * (E - K) * 3 * 2 * D * H
+    assert layer.flops_per_token() == 2 * D * E + K * 3 * 2 * D * H   # model FLOPs stay nominal
