@@ -64,7 +64,7 @@ def build_report(recipe: Recipe) -> BuildReport:
         moe_info = {
             "layers": model.args.moe.layers, "num_experts": m.num_experts, "top_k": m.top_k,
             "expert_hidden": m.expert_hidden, "router": m.router.kind, "shared_experts": m.shared_experts,
-            "routed_layers": len(model.routed_layers()),
+            "routed_layers": len(model.routed_layers()), "block": m.block,
         }
         if m.router.kind == "topp":
             notes.append("topp uses a varying number of experts per token: active parameters and FLOPs "
@@ -109,7 +109,10 @@ def render(report: BuildReport, console) -> None:
                   f"embedding {human(report.embedding)}   non-embedding {human(report.total - report.embedding)}")
     if report.moe:
         m = report.moe
-        console.print(f"[bold]MoE[/]  {m['routed_layers']} routed layer(s) in layers {m['layers']}   "
+        where = f"{len(m['layers'])} MoE layer(s) {m['layers']}"
+        if m["routed_layers"] != len(m["layers"]):
+            where += f" ({m['block']}: {m['routed_layers']} routed sub-layers)"
+        console.print(f"[bold]MoE[/]  {where}   "
                       f"{m['num_experts']} experts x {m['expert_hidden']}   top_k {m['top_k']}   "
                       f"router {m['router']}   shared {m['shared_experts']}")
     console.print(f"[bold]FLOPs/token[/]  forward {human(report.flops_forward)}   "

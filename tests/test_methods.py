@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from moectl.core.compete import CompetitionSchedule
 from moectl.recipe.load import load_recipe
 from moectl.train.loop import train
 from tests.conftest import REPO, train_recipe_text
@@ -96,6 +97,18 @@ def test_competition_schedule_resumes_identically(corpus, write, tmp_path):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(b) == list(range(7, 13))
     assert {s: a[s] for s in b} == b
-    competed = [json.loads(x).get("competitions", 0) for x in (tmp_path / "a" / "logs" / "metrics.jsonl")
-                .read_text().splitlines() if json.loads(x)["type"] == "train"]
-    assert max(competed) <= 1 and sum(competed) >= 2 and competed[0] == 0   # cap, some competition, warm-up
+    competed = _competitions(tmp_path / "a")
+    assert max(competed.values()) <= 1 and sum(competed.values()) >= 2 and competed[1] == 0   # cap, some, warm-up
+    # The schedule comes from the checkpoint, not from the seed: a run resumed with another seed
+    # (allowed from another run folder) still competes where the first run planned to.
+    train(load_recipe(path, [*overrides, "seed=5"]), run_dir=tmp_path / "c",
+          resume=str(tmp_path / "a" / "checkpoints" / "step-00000006"), show_progress=False)
+    assert _competitions(tmp_path / "c") == {s: competed[s] for s in range(7, 13)}
+    other = CompetitionSchedule(5, 12, 2, 0.3, 0.1, 1)
+    assert [len(other.layers_at(s - 1)) for s in range(7, 13)] != [competed[s] for s in range(7, 13)]
+
+
+def _competitions(run) -> dict[int, int]:
+    """step -> layers that competed in it (log_every=1)."""
+    records = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r.get("competitions", 0) for r in records if r["type"] == "train"}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moectl.core.config import CompetitionArgs
+from moectl.core.losses import load_balance_loss
 from moectl.core.moe import RoutedFFN, RoutingRecord
 from moectl.core.routers.base import RouteContext
 
@@ -78,11 +79,9 @@ class CompeteFFN(RoutedFFN):
         return (self.num_experts - self.top_k) * self.experts.flops_per_slot()
 
     def competes(self, ctx: RouteContext) -> bool:
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        if self.competition.schedule == "bernoulli":
-            return bool(torch.rand(()) < self.competition.rate)
-        return self.index in ctx.compete
+        """Whether this forward competes: the model's schedule put this layer in `ctx.compete`, and
+        this is a training forward with gradients (never in evaluation)."""
+        return self.training and torch.is_grad_enabled() and self.index in ctx.compete
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         if not self.competes(ctx):
@@ -97,14 +96,11 @@ class CompeteFFN(RoutedFFN):
         o_win_TKD = o_TED.gather(1, win_TK.unsqueeze(-1).expand(-1, -1, o_TED.shape[-1]))
         y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
         p_comp = s_TE.softmax(-1)
-        f_E = torch.bincount(win_TK[:, 0], minlength=self.num_experts).float()
-        if ctx.reduce_counts is not None:
-            f_E = ctx.reduce_counts(f_E)
-        f_E = f_E / f_E.sum().clamp_min(1)
         losses = {
             "router_distill": router_distillation_loss(out.probs_TE, p_comp, win_TK, c.theta),
             "diversity": diversity_loss(o_win_TKD),
-            "compete_balance": self.num_experts * (f_E * p_comp.mean(0)).sum(),
+            # f from each token's first choice; P = mean softmax(s), not detached (see docs/methods.md)
+            "compete_balance": load_balance_loss(p_comp, win_TK[:, :1], reduce=ctx.reduce_counts),
         }
         load_E = torch.bincount(win_TK.reshape(-1), minlength=self.num_experts)
         # The router's own balance and z losses are left out: on a competition step the router
@@ -117,13 +113,60 @@ class CompeteFFN(RoutedFFN):
         return self.mix_shared(y_TD, x_TD), out.state, record
 
 
+def place_draws(draws: Tensor, first: int, cap: int) -> Tensor:
+    """Place drawn (step, layer) pairs under a cap of `cap` layers per step. Draws are taken in
+    step order; one that finds its step full (or, after a move, the layer already there) moves
+    to the nearest earlier step with room (not before `first`), else the nearest later one, else
+    it is dropped. Returns the [steps, layers] mask."""
+    steps, layers = draws.shape
+    count = [0] * steps
+    taken = [set() for _ in range(steps)]
+    # Full steps are skipped in O(1) amortised: left[s] / right[s] point towards the nearest step
+    # that may still have room (path-compressed), so a crowded schedule stays fast.
+    left, right = list(range(steps)), list(range(steps))
+
+    def find(links: list[int], s: int) -> int:
+        root = s
+        while 0 <= root < steps and links[root] != root:
+            root = links[root]
+        while 0 <= s < steps and links[s] != s:
+            links[s], s = root, links[s]
+        return root
+
+    def take(s: int, layer: int) -> None:
+        count[s] += 1
+        taken[s].add(layer)
+        if count[s] == cap:          # full: later searches jump over it
+            left[s], right[s] = s - 1, s + 1
+
+    for step, layer in draws.nonzero().tolist():
+        if count[step] < cap and layer not in taken[step]:
+            take(step, layer)
+            continue
+        s = find(left, step - 1)
+        while s >= first and layer in taken[s]:
+            s = find(left, s - 1)
+        if s < first:
+            s = find(right, step + 1)
+            while s < steps and layer in taken[s]:
+                s = find(right, s + 1)
+        if first <= s < steps:
+            take(s, layer)
+    mask = torch.zeros(steps, layers, dtype=torch.bool)
+    for s, held in enumerate(taken):
+        if held:
+            mask[s, sorted(held)] = True
+    return mask
+
+
 class CompetitionSchedule:
-    """Which routed layers compete at which step, drawn once from the seed.
+    """Which routed layers compete at which step (the 2025 mechanism), drawn once from the seed.
 
     After a warm-up fraction with no competition, each layer competes at each step with
-    probability `rate`; at most `max_layers` compete in one step, and a draw that would exceed the
-    cap moves to the nearest earlier step with room (that layer not already competing there),
-    else the nearest later one. The same seed gives the same schedule on every process."""
+    probability `rate`; at most `max_layers` compete in one step (see `place_draws`). The same seed
+    gives the same schedule on every process; it is saved in checkpoints."""
+
+    kind = "fixed"
 
     def __init__(self, seed: int, total_steps: int, num_layers: int, rate: float, warmup: float, max_layers: int):
         self.total_steps, self.num_layers = total_steps, num_layers
@@ -131,29 +174,7 @@ class CompetitionSchedule:
         draws = torch.rand(total_steps, num_layers, generator=g) < rate
         first = math.floor(warmup * total_steps)
         draws[:first] = False
-        mask = torch.zeros(total_steps, num_layers, dtype=torch.bool)
-        count = [0] * total_steps
-        for step, layer in draws.nonzero().tolist():
-            target = self._place(mask, count, step, layer, first, max_layers)
-            if target is not None:
-                mask[target, layer] = True
-                count[target] += 1
-        self.mask = mask
-
-    @staticmethod
-    def _place(mask, count, step, layer, first, cap) -> int | None:
-        def free(s: int) -> bool:
-            return count[s] < cap and not mask[s, layer]
-
-        if free(step):
-            return step
-        for s in range(step - 1, first - 1, -1):
-            if free(s):
-                return s
-        for s in range(step + 1, len(count)):
-            if free(s):
-                return s
-        return None
+        self.mask = place_draws(draws, first, max_layers)
 
     def layers_at(self, step: int) -> frozenset[int]:
         if not 0 <= step < self.total_steps:
@@ -161,7 +182,61 @@ class CompetitionSchedule:
         return frozenset(self.mask[step].nonzero().flatten().tolist())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "num_layers": self.num_layers, "mask": self.mask.clone()}
+        return {"kind": self.kind, "total_steps": self.total_steps, "num_layers": self.num_layers,
+                "mask": self.mask.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total_steps, self.num_layers, self.mask = state["total_steps"], state["num_layers"], state["mask"]
+
+    def resume(self, state: dict[str, Any]) -> bool:
+        """Continue a checkpoint's schedule when it is one for this run (same kind, length and
+        layers); False when it is not (this schedule, drawn from the seed, stays)."""
+        if (state.get("kind", "fixed"), state["total_steps"], state["num_layers"]) != \
+                (self.kind, self.total_steps, self.num_layers):
+            return False
+        self.load_state_dict(state)
+        return True
+
+
+class BernoulliCompetition:
+    """The 2024 mechanism: a fresh Bernoulli(rate) draw per layer at every training forward (each
+    micro-batch), no cap; no competition during the warm-up fraction of steps.
+
+    The draws come from a generator seeded by the run's seed, so every data-parallel process
+    draws the same layers (their collectives stay in step); the model draws once per forward,
+    outside any recomputed region, and the generator state is saved in checkpoints."""
+
+    kind = "bernoulli"
+
+    def __init__(self, seed: int, total_steps: int, num_layers: int, rate: float, warmup: float):
+        self.total_steps, self.num_layers, self.rate = total_steps, num_layers, rate
+        self.first = math.floor(warmup * total_steps)
+        self.generator = torch.Generator().manual_seed(seed * 2_654_435_761 % 2**63 + 1)
+
+    def layers_at(self, step: int) -> frozenset[int]:
+        draw = torch.rand(self.num_layers, generator=self.generator) < self.rate   # advances every call
+        if step < self.first:
+            return frozenset()
+        return frozenset(draw.nonzero().flatten().tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "total_steps": self.total_steps, "num_layers": self.num_layers,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def resume(self, state: dict[str, Any]) -> bool:
+        """Continue a checkpoint's draws (same kind and layers); False when they are not this run's."""
+        if (state.get("kind"), state["num_layers"]) != (self.kind, self.num_layers):
+            return False
+        self.load_state_dict(state)
+        return True
+
+
+def make_schedule(args: CompetitionArgs, seed: int, total_steps: int,
+                  num_layers: int) -> CompetitionSchedule | BernoulliCompetition:
+    """The competition schedule of a run with these settings."""
+    if args.schedule == "bernoulli":
+        return BernoulliCompetition(seed, total_steps, num_layers, args.rate, args.warmup)
+    return CompetitionSchedule(seed, total_steps, num_layers, args.rate, args.warmup, args.max_layers)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moectl.core.compete import CompeteFFN, CompetitionSchedule
+from moectl.core.compete import BernoulliCompetition, CompeteFFN, CompetitionSchedule
 from moectl.core.config import ModelArgs
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
 from moectl.core.moe import RoutedFFN, RoutingRecord
@@ -160,8 +160,10 @@ class MoETransformer(nn.Module):
             router_cls = router_registry()[args.moe.router_kind]
             self.router_shared = router_cls.shared_module(d_model=args.d_model, num_experts=args.moe.num_experts,
                                                           **args.moe.router_options)
-        # Which routed layers compete at a step (CompeteSMoE with a fixed schedule); set by the trainer.
-        self.competition_schedule: CompetitionSchedule | None = None
+        # Which routed layers compete in a training forward (CompeteSMoE); set by the trainer
+        # (`moectl.core.compete.make_schedule`). Consulted once per training forward, outside any
+        # recomputed region, so activation checkpointing sees the same decision twice.
+        self.competition_schedule: CompetitionSchedule | BernoulliCompetition | None = None
         self.activation_checkpointing = False
         self.count_reducer: Callable[[Tensor], Tensor] | None = None   # see RouteContext.reduce_counts
         self.init_weights()

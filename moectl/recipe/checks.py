@@ -54,6 +54,9 @@ def check_recipe(r: Recipe) -> list[Issue]:
     if moe.competition is not None and router.kind not in ("topk", "recurrent"):
         add("model.moe.competition", f"competition distils into a learned token-choice router (topk or "
             f"recurrent), not {router.kind!r}")
+    if moe.competition is not None and router.kind == "topk" and router.bias_update_rate > 0:
+        add("model.moe.router.bias_update_rate", "aux-loss-free balancing does not combine with competition: on "
+            "competition steps the loads are the competition's choices, not the router's; set it to 0")
     if router.kind == "recurrent" and router.detach_state and not router.pass_state:
         add("model.moe.router.detach_state", "has no effect with pass_state: false (there is no state to detach)")
     return issues

@@ -143,7 +143,7 @@ class CompetitionConfig(Section):
     max_layers: PosInt = Field(3, description="Most layers competing in one step (A_max; fixed schedule).")
     schedule: Literal["fixed", "bernoulli"] = Field(
         "fixed", description="'fixed': drawn once from the seed, capped, saved in checkpoints (2025); "
-        "'bernoulli': a fresh draw per layer and forward, no cap (2024)."
+        "'bernoulli': a fresh draw per layer and training forward from the seed, no cap (2024)."
     )
     response: Literal["mean_softplus", "l2_norm"] = Field(
         "mean_softplus", description="An expert's response to a token: mean softplus of its output (2025) "

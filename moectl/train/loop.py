@@ -24,7 +24,7 @@ import torch
 
 from moectl import __version__
 from moectl.checkpoint import CheckpointDir, is_checkpoint, load_checkpoint, save_checkpoint
-from moectl.core.compete import CompetitionSchedule
+from moectl.core.compete import make_schedule
 from moectl.data.loader import PackedSequences, TrainOrder, eval_indices
 from moectl.data.prepare import prepare_data
 from moectl.data.sources import DataError
@@ -154,15 +154,14 @@ def _total_steps(recipe: Recipe, tokens_per_step: int) -> int:
                                                           "or train.max_tokens")])
 
 
-def competition_schedule(recipe: Recipe, core, total_steps: int) -> CompetitionSchedule | None:
-    """CompeteSMoE's fixed schedule for this run (drawn from the seed), attached to the model."""
-    comp = recipe.model.moe.competition if recipe.model.moe else None
-    if comp is None or comp.schedule != "fixed":
+def attach_competition_schedule(core, seed: int, total_steps: int):
+    """Give the model CompeteSMoE's schedule for this run (drawn from the seed, the same on every
+    process) and return it, or None without competition."""
+    comp = core.args.moe.competition if core.args.moe else None
+    if comp is None:
         return None
-    schedule = CompetitionSchedule(recipe.seed, total_steps, len(core.routed_layers()), comp.rate, comp.warmup,
-                                   comp.max_layers)
-    core.competition_schedule = schedule
-    return schedule
+    core.competition_schedule = make_schedule(comp, seed, total_steps, len(core.routed_layers()))
+    return core.competition_schedule
 
 
 def shard_model(model, device: torch.device, world: int) -> None:
@@ -269,13 +268,14 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner_opt, lambda s: lr_factor(s, total_steps, cfg))
     torch.manual_seed(recipe.seed * 7919 + 17 * rank + 1)   # training-time noise (jitter), per process
 
-    schedule = competition_schedule(recipe, core, total_steps)
+    schedule = attach_competition_schedule(core, recipe.seed, total_steps)
     start_step, tokens_seen, skipped = 0, 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, inner_opt, rank=rank)
         saved = state.get("extra", {}).get("competition")
-        if schedule is not None and saved is not None and saved["total_steps"] == total_steps:
-            schedule.load_state_dict(saved)   # compete at exactly the (layer, step) pairs planned
+        if schedule is not None and saved is not None and not schedule.resume(saved):
+            log(f"the checkpoint's competition schedule ({saved.get('kind', 'fixed')}, {saved['total_steps']} "
+                f"steps) does not fit this run ({schedule.kind}, {total_steps} steps): using one drawn from the seed")
         scheduler.load_state_dict(state["scheduler"])
         start_step, tokens_seen, skipped = state["step"], state["tokens"], state.get("skipped_steps", 0)
         # The recipe's optimizer settings win over the checkpoint's (a resumed run may change them).

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moectl.core import MoETransformer
-from moectl.core.compete import CompeteFFN, CompetitionSchedule
+from moectl.core.compete import BernoulliCompetition, CompeteFFN, CompetitionSchedule, place_draws
 from moectl.core.config import CompetitionArgs
 from moectl.core.routers import RouteContext
 from tests.core.helpers import tiny_args
@@ -102,8 +102,17 @@ def test_router_gets_no_task_gradient_in_competition():
     assert layer.router.weight.grad.abs().sum() > 0
 
 
+def test_competition_balance_loss_trains_the_experts():
+    """L_bal's P is the undetached softmax of the responses: it reaches the experts."""
+    layer = _layer(router_loss_weight=0.0, diversity_weight=0.0, balance_weight=1.0)
+    _, _, rec = layer(torch.randn(T, D), COMPETE)
+    rec.loss.backward()
+    assert layer.experts.w2.grad.abs().sum() > 0
+    assert layer.router.weight.grad is None or (layer.router.weight.grad == 0).all()
+
+
 def test_never_competes_in_eval_or_without_grad():
-    layer = _layer(schedule="bernoulli", rate=1.0)
+    layer = _layer()
     x = torch.randn(T, D)
     assert layer(x, COMPETE)[2].competed
     with torch.no_grad():
@@ -111,7 +120,7 @@ def test_never_competes_in_eval_or_without_grad():
     layer.eval()
     assert not layer(x, COMPETE)[2].competed
     layer.train()
-    assert not _layer(schedule="fixed")(x, RouteContext())[2].competed   # not scheduled
+    assert not layer(x, RouteContext())[2].competed   # not scheduled
 
 
 def test_schedule_cap_warmup_and_seed():
@@ -135,6 +144,46 @@ def test_schedule_cap_warmup_and_seed():
     assert fresh.layers_at(1500) == s.layers_at(1500) and fresh.layers_at(99999) == frozenset()
 
 
+def test_draws_move_to_the_nearest_earlier_step_with_room_else_later():
+    """A hand-built draw pattern with a cap of 2 layers per step and a warm-up of 1 step."""
+    draws = torch.zeros(6, 4, dtype=torch.bool)
+    draws[2, :4] = True        # two too many at step 2: move to step 1 (earlier), then to step 3 (later)
+    draws[1, 0] = True         # layer 0 already at step 1
+    draws[4, [1, 2, 3]] = True  # one too many at step 4: layer 3 is already at step 3, steps 2 and 1 are
+    #                             full, step 0 is warm-up -> step 5
+    mask = place_draws(draws, first=1, cap=2)
+    assert mask.sum(1).tolist() == [0, 2, 2, 1, 2, 1]
+    assert mask[2].tolist() == [True, True, False, False]      # the first two drawn stay
+    assert mask[1].tolist() == [True, False, True, False]      # layer 2 moved back one step
+    assert mask[3].tolist() == [False, False, False, True]     # layer 3: step 1 full, so forward
+    assert mask[4].tolist() == [False, True, True, False] and mask[5].tolist() == [False, False, False, True]
+    assert mask[0].sum() == 0                                   # never into the warm-up
+    # A draw with no room anywhere is dropped.
+    assert place_draws(torch.ones(2, 3, dtype=torch.bool), first=0, cap=1).sum() == 2
+
+
+def test_crowded_schedule_fills_every_step():
+    """Far more draws than room (24 layers at rate 0.5, cap 3): every step holds the cap. (At this
+    size a placement that rescans full steps takes hours; `place_draws` jumps over them.)"""
+    s = CompetitionSchedule(seed=0, total_steps=20_000, num_layers=24, rate=0.5, warmup=0.0, max_layers=3)
+    assert (s.mask.sum(1) == 3).all()
+
+
+def test_bernoulli_draws_agree_across_processes_and_resume():
+    """The 2024 schedule: fresh draws per forward from the run's seed, so two processes (two
+    instances with one seed) draw the same layers; warm-up respected; state restores the stream."""
+    a, b = (BernoulliCompetition(seed=3, total_steps=100, num_layers=8, rate=0.3, warmup=0.1) for _ in range(2))
+    draws_a = [a.layers_at(step) for step in range(100) for _ in range(2)]   # two micro-batches a step
+    assert draws_a == [b.layers_at(step) for step in range(100) for _ in range(2)]
+    assert all(d == frozenset() for d in draws_a[:20])
+    assert draws_a[20:40] != draws_a[40:60] and 0.2 < sum(map(len, draws_a[20:])) / (180 * 8) < 0.4
+    saved = a.state_dict()
+    fresh = BernoulliCompetition(seed=99, total_steps=100, num_layers=8, rate=0.3, warmup=0.1)
+    assert fresh.resume(saved)
+    assert [fresh.layers_at(50) for _ in range(5)] == [a.layers_at(50) for _ in range(5)]
+    assert not CompetitionSchedule(1, 100, 8, 0.3, 0.1, 3).resume(saved)   # another kind: not taken
+
+
 def test_model_follows_schedule():
     model = MoETransformer(tiny_args(competition=CompetitionArgs(rate=0.5, warmup=0.0)))
     model.competition_schedule = CompetitionSchedule(0, 20, 2, 0.5, 0.0, 1)
@@ -144,6 +193,20 @@ def test_model_follows_schedule():
         assert {i for i, r in enumerate(out.records) if r.competed} == model.competition_schedule.layers_at(step)
     model.eval()
     assert not any(r.competed for r in model(x, x, step=3).records)
+
+
+def test_bernoulli_draw_once_per_forward_under_recomputation():
+    """With activation checkpointing the layers run twice; the draw happens once, before, so the
+    recomputed forward competes exactly where the first did and the stream advances once."""
+    model = MoETransformer(tiny_args(competition=CompetitionArgs(schedule="bernoulli", rate=0.5, warmup=0.0)))
+    model.activation_checkpointing = True
+    model.competition_schedule = BernoulliCompetition(0, 10, 2, 0.5, 0.0)
+    twin = BernoulliCompetition(0, 10, 2, 0.5, 0.0)
+    x = torch.randint(0, 64, (2, 16))
+    for step in range(6):
+        out = model(x, x, step=step)
+        out.total_loss.backward()
+        assert {i for i, r in enumerate(out.records) if r.competed} == twin.layers_at(step)
 
 
 def test_extra_flops_reported_apart():

@@ -57,6 +57,9 @@ CASES = {
     "override_semantic": (TINY_RECIPE, ["model.moe.top_k=9"], ["model.moe.top_k", "override 'model.moe.top_k=9'"]),
     "override_new_kind_lacks_key": (TINY_RECIPE + "data:\n  source:\n    kind: stdlib\n", ["data.source.kind=hf"],
                                     ["data.source.name (override 'data.source.kind=hf')", "required key is missing"]),
+    "competition_with_bias_balancing": (TINY_RECIPE + "    competition: {rate: 0.1}\n    router:\n      kind: topk\n"
+                                        "      bias_update_rate: 0.001\n", [],
+                                        ["model.moe.router.bias_update_rate", "does not combine with competition"]),
     "extends_missing": ("extends: nowhere.yaml\n" + TINY_RECIPE, [], ["extends", "base recipe not found"]),
     "expert_choice_with_capacity": (TINY_RECIPE + "    capacity_factor: 1.0\n    router:\n      kind: expert_choice\n",
                                     [], ["model.moe.capacity_factor", "expert_choice sets its own capacity"]),

@@ -90,14 +90,15 @@ def _nproc2(path, run, *extra):
 
 
 COMPETE = ["model.moe.competition.rate=0.5", "model.moe.competition.warmup=0.0"]
+COMPETE_2024 = [*COMPETE, "model.moe.competition.schedule=bernoulli", "model.moe.router.kind=recurrent"]
 
 
-@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp", []), ("ddp", COMPETE)],
-                         ids=["ddp", "fsdp", "ddp-competesmoe"])
+@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp", []), ("ddp", COMPETE), ("fsdp", COMPETE_2024)],
+                         ids=["ddp", "fsdp", "ddp-competesmoe", "fsdp-competesmoe2024-rmoe"])
 def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     """--nproc 2 (gloo on CPU) with the same global batch follows the single-process loss curve,
-    with replicated (DDP) or sharded (FSDP) parameters, and with CompeteSMoE's schedule (the same on
-    every process); their checkpoints resume exactly."""
+    with replicated (DDP) or sharded (FSDP) parameters, and with CompeteSMoE's schedules (the same on
+    every process; per-forward draws with the recurrent router too); their checkpoints resume exactly."""
     path = write("r.yaml", train_recipe_text(corpus, max_steps=5, eval_every="null", checkpoint_every=3,
                                              parallel=parallel))
     single = tmp_path / "single"
@@ -116,7 +117,7 @@ def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     assert sorted(c) == [4, 5]
     for step in c:
         assert abs(c[step] - b[step]) < 1e-6
-    load_checkpoint(ckpt, build_model(load_recipe(path)))
+    load_checkpoint(ckpt, build_model(load_recipe(path, extra)))
 
 
 def test_bad_data_with_two_processes(corpus, write, tmp_path):

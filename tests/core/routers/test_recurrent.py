@@ -146,6 +146,21 @@ def test_in_model_state_advances_once_per_routed_layer(block):
     assert model.router_shared.cell.weight_hh.grad.abs().sum() > 0
 
 
+def test_dense_layers_pass_the_state_on():
+    """MoE on layers 0 and 2 of 3: the router of layer 2 continues from layer 0's state (the dense
+    layer 1 leaves it untouched)."""
+    import dataclasses
+
+    args = tiny_args(router_kind="recurrent", router_options={"hidden": 8}, layers=[0, 2])
+    model = MoETransformer(dataclasses.replace(args, n_layers=3))
+    seen = []
+    for layer in model.routed_layers():
+        layer.router.register_forward_hook(lambda mod, inp, out: seen.append((inp[2], out.state)))
+    model(torch.randint(0, 64, (2, 16)))
+    (state_in_0, state_out_0), (state_in_2, _) = seen
+    assert state_in_0 is None and state_in_2 is state_out_0
+
+
 def test_activation_checkpointing_same_routing():
     torch.manual_seed(0)
     model = MoETransformer(tiny_args(router_kind="recurrent", router_options={"hidden": 8}, block="cartesian"))
