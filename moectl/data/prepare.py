@@ -158,8 +158,8 @@ def _check_training_text(source, counts: dict[str, dict[str, int]]) -> None:
                         "the training split is empty",
                         hint="add documents (validation takes at least one), or lower data.val_fraction")
     if train["tokens"] <= train["documents"]:
-        raise DataError(f"the corpus is empty: {source.describe()} gave {total} document(s), and the "
-                        "training split's are all empty",
+        raise DataError(f"no training text: {source.describe()} gave {total} document(s), and those of the "
+                        "training split are all empty",
                         hint="point data.source at files that contain text")
 
 
