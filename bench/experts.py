@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from moectl.core import ModelArgs, MoEArgs
 from moectl.core.moe import RoutedFFN
 from moectl.core.routers import RouteContext
 
@@ -50,7 +51,9 @@ def run(tokens, d, hidden, experts, k, device, dtype, reps) -> None:
     layers = {}
     for backend in ("loop", "grouped_mm"):
         torch.manual_seed(0)
-        layer = RoutedFFN(d_model=d, num_experts=experts, top_k=k, expert_hidden=hidden, backend=backend)
+        args = ModelArgs(vocab_size=8, d_model=d, n_layers=1, n_heads=1, ffn_hidden=hidden,
+                         moe=MoEArgs(num_experts=experts, top_k=k, expert_hidden=hidden, layers=[0], backend=backend))
+        layer = RoutedFFN(args)
         for m in layer.modules():
             if hasattr(m, "init_weights"):
                 m.init_weights(0.02, 0.02)

@@ -1,15 +1,21 @@
-"""Checkpoints: complete or absent.
+"""Checkpoints: complete or absent, and nothing in them can execute code when read.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   model.safetensors   full model state (weights and persistent buffers such as router biases)
   optimizer.pt        full optimizer state, keyed by parameter name (any process count can load it)
-  trainer.json        step, tokens seen, scheduler state, data position, and what the method needs
+  trainer.json        step, tokens seen, skipped steps, data position
   rng/rank-R.pt       each process's random generators
-  extra.pt            method state that is not in the model (e.g. CompeteSMoE's schedule), if any
+  plan.pt             the model's routing plan (e.g. CompeteSMoE's schedule), if it has one
   meta.json           written last inside the folder; its presence marks the folder complete
-It is written under a temporary name, synced, and renamed into place; only then is
-`checkpoints/latest` (a one-line file naming the folder) replaced, atomically. A process killed at
-any moment leaves `latest` pointing at a complete checkpoint.
+The .pt files hold only tensors, numbers and strings and are read with
+`torch.load(weights_only=True)`. A checkpoint is written under a temporary name, synced, and
+renamed into place; only then is `checkpoints/latest` (a one-line file naming the folder)
+replaced, atomically. A process killed at any moment leaves `latest` pointing at a complete
+checkpoint.
+
+Reading comes in two parts: `load_weights` (the model only, into a plain or meta-built model;
+what evaluation and conversion need) and `restore_training_state` (optimizer, random generators
+and trainer state too; what resuming a run needs).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, PLAN_FILE, META_FILE = (
+    "model.safetensors", "optimizer.pt", "trainer.json", "plan.pt", "meta.json")
 SAME_MODEL_HINT = "the recipe's model section must be the one the checkpoint was trained with"
 
 
@@ -41,45 +49,8 @@ def save_initial(recipe: Recipe, target: Path) -> None:
 
     model = build_model(recipe)
     with atomic_dir(Path(target)) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / MODEL_FILE))
         (tmp / "config.yaml").write_text(dump_recipe(recipe))
-
-
-# --------------------------------------------------------------------------- state helpers
-
-
-def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop aliases of tensors that appear twice (tied weights); safetensors stores each once."""
-    out, seen = {}, {}
-    for name, t in state.items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen[key] = name
-        out[name] = t.contiguous()
-    return out
-
-
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------- folders
@@ -104,13 +75,13 @@ class CheckpointDir:
             return None
         name = self.latest_file.read_text().strip()
         path = self.root / name
-        if not (path / "meta.json").is_file():
-            raise MoectlError(f"{self.latest_file} names {name}, which is not a complete checkpoint",
+        if not STEP_DIR.match(name) or not (path / META_FILE).is_file():
+            raise MoectlError(f"{self.latest_file} names {name!r}, which is not a complete checkpoint",
                               hint="point `latest` at a complete step-* folder, or resume from one with --resume PATH")
         return path
 
     def steps(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step-*") if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+        return sorted(p for p in self.root.glob("step-*") if STEP_DIR.match(p.name) and (p / META_FILE).is_file())
 
     def clean_temporaries(self) -> None:
         """Remove half-written checkpoints left by a killed process."""
@@ -137,15 +108,64 @@ class CheckpointDir:
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "meta.json").is_file() and (path / "model.safetensors").is_file()
+    return (path / META_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
-# --------------------------------------------------------------------------- save / load
+def step_of(path: Path) -> int | None:
+    """The step of a step-NNNNNNNN folder (None for any other folder)."""
+    m = STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------- random generators
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators, as tensors and numbers only (safe to read back)."""
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_pt(path: Path) -> Any:
+    """A checkpoint's .pt file: tensors, numbers and strings only; never executes code."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MoectlError(f"{path} cannot be read safely: {first}",
+                          hint="the file is damaged or was not written by moectl; resume from another checkpoint") from None
+
+
+# --------------------------------------------------------------------------- save
 
 
 def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: dict[str, Any],
                     meta: dict[str, Any], *, rank: int, world_size: int, barrier, keep_last: int,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    plan_state: dict[str, Any] | None = None) -> Path:
     """Collective: every process calls it. Rank 0 writes model, optimizer and trainer state; every
     rank writes its RNG state; rank 0 then publishes the folder and moves `latest`."""
     import torch
@@ -170,16 +190,16 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
     barrier()
     if rank == 0:
         try:
-            save_file(_dedupe_shared(model_state), str(tmp / "model.safetensors"))
-            torch.save(optim_state, tmp / "optimizer.pt")
-            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2))
-            if extra:
-                torch.save(extra, tmp / "extra.pt")
+            save_file(_dedupe_shared(model_state), str(tmp / MODEL_FILE))
+            torch.save(optim_state, tmp / OPTIMIZER_FILE)
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2))
+            if plan_state is not None:
+                torch.save(plan_state, tmp / PLAN_FILE)
             delay = float(os.environ.get("MOECTL_CHECKPOINT_DELAY", "0"))  # fault-injection for tests
             if delay:
                 time.sleep(delay)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": world_size,
-                                                       "time": time.time()}, indent=2))
+            (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "world_size": world_size,
+                                                     "time": time.time()}, indent=2))
             fsync_tree(tmp)
             if final.exists():  # a checkpoint of this step from an earlier attempt
                 ckpts.release(final)
@@ -195,15 +215,89 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
     return final
 
 
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / "trainer.json").read_text())
+def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop aliases of tensors that appear twice (tied weights); safetensors stores each once."""
+    out, seen = {}, {}
+    for name, t in state.items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.contiguous()
+    return out
 
 
-def load_checkpoint(path: Path, model, optimizer=None, *, rank: int = 0) -> dict[str, Any]:
-    """Load a checkpoint into a (possibly wrapped) model and optimizer; restore this rank's RNG.
-    Returns the trainer state."""
-    import torch
+# --------------------------------------------------------------------------- weights
+
+
+def tied_aliases(model) -> dict[str, str]:
+    """name -> the earlier name of the same parameter (tied weights; stored once in a checkpoint)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def read_weights(path: Path, device: Any = "cpu") -> dict[str, Any]:
+    """The tensors of a checkpoint's model.safetensors, with a clear error for a missing or damaged file."""
     from safetensors.torch import load_file
+
+    file = Path(path) / MODEL_FILE
+    if not file.is_file():
+        raise MoectlError(f"{path} holds no {MODEL_FILE}", hint="give a complete checkpoint (a step-* folder)")
+    try:
+        return load_file(str(file), device=str(device))
+    except Exception as e:   # safetensors reports damage with its own exception types
+        raise MoectlError(f"{file} is damaged or not a safetensors file ({e})",
+                          hint="use another checkpoint of the run (checkpoints/step-*)") from None
+
+
+def check_weights(model, state: dict[str, Any], path: Path) -> None:
+    """Refuse weights that do not fit the model, naming the tensors that are missing, unexpected
+    or of another shape. Tied aliases may be absent."""
+    aliases = tied_aliases(model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in expected
+              if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)):
+            if names:
+                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+                parts.append(f"{label}: {', '.join(names[:5])}{more}")
+        raise MoectlError(f"{path} does not match the recipe's model ({'; '.join(parts)})", hint=SAME_MODEL_HINT)
+
+
+def load_weights(path: Path, model, *, device: Any = "cpu", assign: bool = False,
+                 dtypes: dict[str, Any] | None = None) -> None:
+    """Load a checkpoint's weights into a plain (unwrapped) model. With `assign=True` the file's
+    tensors become the model's (for a model built on the meta device: nothing is initialised and
+    then overwritten). `dtypes` casts floating tensors by name (default: the model's own dtypes).
+    Touches no random generator, optimizer or trainer state."""
+    state = read_weights(path, device)
+    check_weights(model, state, path)
+    for name, tensor in model.state_dict().items():
+        want = (dtypes or {}).get(name, tensor.dtype)
+        if name in state and state[name].dtype != want and want.is_floating_point:
+            state[name] = state[name].to(want)
+    model.load_state_dict(state, strict=False, assign=assign)
+    model.tie_weights()
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def restore_training_state(path: Path, model, optimizer, *, rank: int, core) -> dict[str, Any]:
+    """Resume training from a checkpoint: weights into the (possibly wrapped) model, the optimizer
+    state, this process's random generators. Returns trainer.json, plus the routing plan's state
+    under "plan" when the checkpoint has one. `core` is the unwrapped model."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -211,41 +305,35 @@ def load_checkpoint(path: Path, model, optimizer=None, *, rank: int = 0) -> dict
     )
 
     if not is_checkpoint(path):
-        raise MoectlError(f"{path} is not a complete checkpoint (no meta.json / model.safetensors)")
-    opts = StateDictOptions(full_state_dict=True, strict=False)
-    state = load_file(str(path / "model.safetensors"))
+        raise MoectlError(f"{path} is not a complete checkpoint (no {META_FILE} / {MODEL_FILE})")
+    state = read_weights(path)
+    check_weights(core, state, path)
+    for alias, name in tied_aliases(core).items():
+        state[alias] = state[name]
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    optim_state = _load_pt(path / OPTIMIZER_FILE)
     try:
-        missing = set_model_state_dict(model, state, options=opts)
-    except RuntimeError as e:   # shapes differ: a checkpoint of another model
-        lines = str(e).splitlines()
-        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
-        raise MoectlError(f"{path} does not match the recipe's model: {first}",
-                          hint=SAME_MODEL_HINT) from None
-    _check_missing(model, missing)
-    if optimizer is not None:
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise MoectlError(f"{path / OPTIMIZER_FILE} does not fit the model's optimizer ({type(e).__name__}: {e})",
+                          hint=SAME_MODEL_HINT) from None
     rng_file = path / "rng" / f"rank-{rank}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng" / "rank-0.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    state = read_trainer_state(path)
-    if (path / "extra.pt").is_file():
-        state["extra"] = torch.load(path / "extra.pt", map_location="cpu", weights_only=False)
+        set_rng_state(_load_pt(rng_file))
+    trainer = read_trainer_state(path)
+    if (path / PLAN_FILE).is_file():
+        trainer["plan"] = _load_pt(path / PLAN_FILE)
+    return trainer
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((Path(path) / TRAINER_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MoectlError(f"{Path(path) / TRAINER_FILE} cannot be read ({type(e).__name__}: {e})",
+                          hint="resume from another checkpoint of the run") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise MoectlError(f"{Path(path) / TRAINER_FILE} is not a moectl trainer state")
     return state
-
-
-def _check_missing(model, result) -> None:
-    """Only tied aliases may be absent from the file; anything else is a mismatch."""
-    missing = [k for k in getattr(result, "missing_keys", []) if not _is_tied_alias(model, k)]
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if missing or unexpected:
-        raise MoectlError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}",
-                          hint=SAME_MODEL_HINT)
-
-
-def _is_tied_alias(model, key: str) -> bool:
-    inner = getattr(model, "module", model)
-    args = getattr(inner, "args", None)
-    return bool(args is not None and args.tie_embeddings and key.endswith("head.weight"))

@@ -37,13 +37,18 @@ class Issue:
 
     path: str
     message: str
-    where: str | None = None  # "file.yaml:12" or "override 'a.b=1'"
+    where: str | None = None     # "file.yaml:12" or "override 'a.b=1'"
+    related: str | None = None   # another key the problem involves (its origin is shown too)
+    related_where: str | None = None
 
     def render(self) -> str:
         loc = self.path or "(top level)"
         if self.where:
             loc += f" ({self.where})"
-        return f"{loc}: {self.message}"
+        text = f"{loc}: {self.message}"
+        if self.related and self.related_where:
+            text += f" [{self.related} is set at {self.related_where}]"
+        return text
 
 
 class RecipeError(MoectlError):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from moectl.recipe.schema import ModelConfig, Recipe
 
@@ -12,33 +13,38 @@ if TYPE_CHECKING:
     from moectl.core import ModelArgs, MoETransformer
 
 
+def _options(registry, kind: str, section: Any) -> Any:
+    """The engine's options object of a registered part, from its recipe section."""
+    return registry.get(kind).options(**section.model_dump(exclude={"kind"}))
+
+
+def _same_named(section: Any, args_cls: type, skip: set[str]) -> dict[str, Any]:
+    """The recipe values of every engine argument that has a schema field of the same name."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(args_cls)
+            if f.name not in skip and f.name in type(section).model_fields}
+
+
 def model_args(cfg: ModelConfig) -> ModelArgs:
-    from moectl.core import ModelArgs, MoEArgs
-    from moectl.core.config import CompetitionArgs
+    from moectl.core import ModelArgs, MoEArgs, registry
+    from moectl.recipe.parts import variant_fields
 
     moe = None
     if cfg.moe is not None:
         m = cfg.moe
+        variant = next((name for name in variant_fields() if getattr(m, name) is not None), None)
         moe = MoEArgs(
-            num_experts=m.num_experts, top_k=m.top_k, expert_hidden=m.expert_hidden,
-            layers=m.layer_indices(cfg.n_layers), shared_experts=m.shared_experts,
-            shared_hidden=m.shared_hidden, shared_mix=m.shared_mix, capacity_factor=m.capacity_factor,
-            backend=m.backend, aux_loss_weight=m.aux_loss_weight, z_loss_weight=m.z_loss_weight,
-            block=m.block, router_kind=m.router.kind, router_options=m.router.model_dump(exclude={"kind"}),
-            competition=CompetitionArgs(**m.competition.model_dump()) if m.competition else None,
+            **_same_named(m, MoEArgs, skip={"layers", "router", "block", "variant"}),
+            layers=m.layer_indices(cfg.n_layers),
+            router=_options(registry.routers, m.router.kind, m.router),
+            block=_options(registry.blocks, m.block.kind, m.block),
+            variant=_options(registry.variants, variant, getattr(m, variant)) if variant else None,
         )
-    return ModelArgs(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads, ffn_hidden=cfg.ffn_hidden, activation=cfg.activation,
-        seq_len=cfg.seq_len, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
-        tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
-        scale_residual_init=cfg.scale_residual_init, moe=moe,
-    )
+    return ModelArgs(**_same_named(cfg, ModelArgs, skip={"moe"}), moe=moe)
 
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoETransformer:
     """Instantiate the recipe's model, initialised from the recipe's seed. device="meta" builds the
-    structure without allocating memory (for counting)."""
+    structure without allocating memory (for counting, or to load weights into with assign=True)."""
     import torch
 
     from moectl.core import MoETransformer

@@ -61,27 +61,22 @@ def build_report(recipe: Recipe) -> BuildReport:
     moe_info, notes = None, []
     m = recipe.model.moe
     if m is not None:
+        layers = model.routed_layers()
         moe_info = {
             "layers": model.args.moe.layers, "num_experts": m.num_experts, "top_k": m.top_k,
             "expert_hidden": m.expert_hidden, "router": m.router.kind, "shared_experts": m.shared_experts,
-            "routed_layers": len(model.routed_layers()), "block": m.block,
+            "routed_layers": len(layers), "block": m.block.kind,
         }
-        if m.router.kind == "topp":
-            notes.append("topp uses a varying number of experts per token: active parameters and FLOPs "
-                         f"assume the nominal top_k = {m.top_k}; training logs report the measured mean.")
-        if m.router.kind == "expert_choice":
-            notes.append("expert_choice: tokens get a varying number of experts (top_k on average).")
-        if m.block == "cartesian":
-            notes.append("cartesian: each MoE layer is two routed sub-layers; experts and active parameters "
-                         "count both sets of sub-experts.")
-        if m.competition is not None:
-            c = m.competition
-            layers = model.routed_layers()
-            share = min(c.rate * len(layers), c.max_layers if c.schedule == "fixed" else len(layers)) / len(layers)
-            extra = 3 * (1 - c.warmup) * share * sum(layer.extra_flops_per_token() for layer in layers)
-            moe_info["competition_extra_train_flops_per_token"] = round(extra)
-            notes.append(f"competition: about {human(extra)} extra training FLOPs per token on average "
-                         f"(all experts on competing layers); not part of the FLOPs or MFU above.")
+        # What each part has to say about itself (varying experts per token, two sub-layers, ...).
+        for module in model.modules():
+            for note in getattr(module, "build_notes", lambda: [])():
+                if note not in notes:
+                    notes.append(note)
+        extra = 3 * sum(layer.expected_extra_flops_per_token(len(layers)) for layer in layers)
+        if extra:
+            moe_info["extra_train_flops_per_token"] = round(extra)
+            notes.append(f"about {human(extra)} extra training FLOPs per token on average, beyond routing to top_k "
+                         "experts; not part of the FLOPs or MFU above.")
     notes.append("memory: fp32 weights + fp32 gradients + AdamW moments (2 x fp32); activations excluded.")
     return BuildReport(
         name=recipe.name, rows=counts.rows, total=counts.total, active=counts.active,

@@ -9,7 +9,7 @@ import pytest
 
 from moectl.core.compete import CompetitionSchedule
 from moectl.recipe.load import load_recipe
-from moectl.train.loop import train
+from moectl.train.trainer import train
 from tests.conftest import REPO, train_recipe_text
 from tests.train.helpers import losses
 
@@ -105,7 +105,7 @@ def test_competition_schedule_resumes_identically(corpus, write, tmp_path):
           resume=str(tmp_path / "a" / "checkpoints" / "step-00000006"), show_progress=False)
     assert _competitions(tmp_path / "c") == {s: competed[s] for s in range(7, 13)}
     other = CompetitionSchedule(5, 12, 2, 0.3, 0.1, 1)
-    assert [len(other.layers_at(s - 1)) for s in range(7, 13)] != [competed[s] for s in range(7, 13)]
+    assert [len(other.at(s - 1)) for s in range(7, 13)] != [competed[s] for s in range(7, 13)]
 
 
 def _competitions(run) -> dict[int, int]:

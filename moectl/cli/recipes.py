@@ -82,9 +82,15 @@ def schema(
     output: Path = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
     fmt: str = typer.Option("json", "--format", help="'json' (JSON Schema, for editors and validators) "
                             "or 'markdown' (the human reference in docs/recipe-reference.md)."),
+    plugins: list[str] = typer.Option(None, "--plugin", help="Also import this plugin module (repeatable), so "
+                                      "the routers and block kinds it registers are in the schema.",
+                                      show_default=False),
 ) -> None:
     """Emit the recipe JSON Schema (for editor completion and validation)."""
     from moectl.errors import MoectlError
+    from moectl.recipe.parts import load_plugins
+
+    load_plugins(list(plugins or []), source="--plugin")
 
     if fmt == "json":
         from moectl.recipe.jsonschema import recipe_json_schema

@@ -20,7 +20,8 @@ def train(
                                "or a checkpoint / run folder to start from."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.run_dir, else runs/<name>)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine "
-                              "(gloo on CPU, NCCL on GPUs). `accelerate launch -m moectl train ...` works too."),
+                              "(gloo on CPU, NCCL on GPUs). torchrun and `accelerate launch --multi_gpu` work "
+                              "too (see docs/training.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines; errors only."),
 ) -> None:
     """Train a recipe's model: data preparation, training, validation and checkpoints in one run folder.
@@ -37,48 +38,13 @@ def train(
         if quiet:
             argv.append("--quiet")
         raise typer.Exit(launch(nproc, argv))
-    from moectl.train.loop import train as run_training
+    from moectl.train.trainer import train as run_training
 
     quiet = quiet or os.environ.get("MOECTL_QUIET") == "1"
     console = stdout_console()
-    from moectl.errors import MoectlError
-
-    try:
-        result = run_training(rec, run_dir=run_dir, resume=resume, show_progress=not quiet, console=console)
-    except MoectlError:
-        _close_process_group(wait=True)   # raised on every process alike (interrupts, agreed failures)
-        raise
-    except BaseException:
-        _close_process_group(wait=False)
-        raise
-    _close_process_group(wait=True)
+    result = run_training(rec, run_dir=run_dir, resume=resume, show_progress=not quiet, console=console)
     if not quiet and int(os.environ.get("RANK", "0")) == 0:
         _summary(result, console)
-
-
-def _close_process_group(wait: bool) -> None:
-    """Shut the process group down before exit. The first process hosts the rendezvous store, so it
-    leaves last: if it exits while a peer is still tearing down, that peer aborts."""
-    import time
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if not wait:
-        dist.destroy_process_group()
-        return
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    store, rank, world = _get_default_store(), dist.get_rank(), dist.get_world_size()
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank != 0:
-        store.add("moectl/closed", 1)
-        return
-    deadline = time.monotonic() + 60
-    while store.add("moectl/closed", 0) < world - 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _summary(r, console) -> None:

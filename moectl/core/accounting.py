@@ -5,9 +5,10 @@ model on the meta device to count a model of any size without allocating it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 COMPONENT_ORDER = ("embedding", "attention", "norm", "dense_ffn", "router", "experts",
                    "shared_experts", "lm_head", "other")
@@ -30,26 +31,38 @@ class ParamCount:
         return self.rows.get("embedding", (0, 0.0))[0]
 
 
-def count_parameters(model: nn.Module) -> ParamCount:
-    """Attribute every parameter to the nearest enclosing module that declares a `component`;
-    expert banks count toward the active total with their `active_fraction` (k / E)."""
-    rows: dict[str, list[float]] = {}
+def component_parameters(model: nn.Module, buffers: bool = False) -> Iterator[tuple[str, Tensor, str, float]]:
+    """(name, parameter, component, active fraction) for every parameter (and with `buffers`, every
+    buffer), once: tied weights are yielded under their first name. A tensor belongs to the nearest
+    enclosing module that declares a `component`; `active_fraction` (k / E on expert banks) is
+    inherited the same way. The one walk of the module tree that counting, optimizer groups and
+    dtype casting share."""
     seen: set[int] = set()
 
-    def visit(module: nn.Module, component: str, fraction: float) -> None:
+    def visit(module: nn.Module, prefix: str, component: str, fraction: float):
         component = getattr(module, "component", component)
         fraction = getattr(module, "active_fraction", fraction)
-        for p in module.parameters(recurse=False):
-            if id(p) in seen:        # tied weights count once
-                continue
-            seen.add(id(p))
-            row = rows.setdefault(component, [0, 0.0])
-            row[0] += p.numel()
-            row[1] += p.numel() * fraction
-        for child in module.children():
-            visit(child, component, fraction)
+        own = list(module.named_parameters(recurse=False))
+        if buffers:
+            own += [(n, b) for n, b in module.named_buffers(recurse=False) if b is not None]
+        for name, t in own:
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield prefix + name, t, component, fraction
+        for name, child in module.named_children():
+            yield from visit(child, f"{prefix}{name}.", component, fraction)
 
-    visit(model, "other", 1.0)
+    yield from visit(model, "", "other", 1.0)
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Parameters per component, total and active per token (expert banks count toward the
+    active total with their `active_fraction`)."""
+    rows: dict[str, list[float]] = {}
+    for _, p, component, fraction in component_parameters(model):
+        row = rows.setdefault(component, [0, 0.0])
+        row[0] += p.numel()
+        row[1] += p.numel() * fraction
     order = {c: i for i, c in enumerate(COMPONENT_ORDER)}
     ordered = sorted(rows.items(), key=lambda kv: order.get(kv[0], len(order)))
     return ParamCount({k: (int(v[0]), v[1]) for k, v in ordered})

@@ -18,16 +18,39 @@ pairs during training, never in evaluation.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moectl.core.config import CompetitionArgs
+from moectl.core import registry
 from moectl.core.losses import load_balance_loss
-from moectl.core.moe import RoutedFFN, RoutingRecord
+from moectl.core.moe import RoutedFFN, RoutingRecord, register_variant
+from moectl.core.registry import option
 from moectl.core.routers.base import RouteContext
+
+
+@dataclass
+class CompetitionOptions:
+    """CompeteSMoE: on scheduled (layer, step) pairs in training, evaluate every expert and route to
+    the strongest responses; the router learns to predict them. Defaults follow the 2025 paper."""
+
+    rate: float = option(0.07, "Probability that a MoE layer competes at a step (omega).", ge=0, le=1)
+    warmup: float = option(0.05, "Fraction of training steps, at the start, without competition.", ge=0, le=1)
+    max_layers: int = option(3, "Most layers competing in one step (A_max; fixed schedule).", gt=0)
+    schedule: Literal["fixed", "bernoulli"] = option(
+        "fixed", "'fixed': drawn once from the seed, capped, saved in checkpoints (2025); "
+        "'bernoulli': a fresh draw per layer and training forward from the seed, no cap (2024).")
+    response: Literal["mean_softplus", "l2_norm"] = option(
+        "mean_softplus", "An expert's response to a token: mean softplus of its output (2025) or its L2 norm (2024).")
+    gate: Literal["linear", "softmax"] = option(
+        "linear", "Winners' weights: responses divided by their sum (2025) or their softmax (2024).")
+    theta: float = option(0.2, "Weight of the winners-only term of the router loss.", ge=0)
+    router_loss_weight: float = option(0.001, "Weight of the router distillation loss.", ge=0)
+    diversity_weight: float = option(0.005, "Weight of the winners' diversity loss.", ge=0)
+    balance_weight: float = option(0.01, "Weight of the competition balance loss.", ge=0)
 
 
 def responses(o_ETD: Tensor, kind: str) -> Tensor:
@@ -64,30 +87,60 @@ def diversity_loss(o_win_TKD: Tensor) -> Tensor:
     return sim.sum((-1, -2)).mean() / (K * K)
 
 
+@register_variant("competition", options=CompetitionOptions,
+                  summary="CompeteSMoE competition settings; null = none.")
 class CompeteFFN(RoutedFFN):
     """A routed FFN that competes on scheduled steps and routes with its router otherwise."""
 
-    def __init__(self, *, competition: CompetitionArgs, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.competition = competition
-        self.loss_weights.update(router_distill=competition.router_loss_weight,
-                                 diversity=competition.diversity_weight,
-                                 compete_balance=competition.balance_weight)
+    def __init__(self, args, index: int = 0, name: str = ""):
+        super().__init__(args, index, name)
+        c = self.competition = args.moe.variant
+        self.loss_weights.update(router_distill=c.router_loss_weight, diversity=c.diversity_weight,
+                                 compete_balance=c.balance_weight)
+
+    @classmethod
+    def make_plan(cls, args, seed: int, total_steps: int, num_layers: int):
+        """Which layers compete at which step: drawn from the seed, the same on every process."""
+        c = args.moe.variant
+        if c.schedule == "bernoulli":
+            return BernoulliCompetition(seed, total_steps, num_layers, c.rate, c.warmup)
+        return CompetitionSchedule(seed, total_steps, num_layers, c.rate, c.warmup, c.max_layers)
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        router = registry.routers.get(moe.router.kind).cls
+        if not (router.fixed_k and router.learned):
+            return [("competition", "competition distils into a learned router that gives every token top_k "
+                                    f"experts (such as topk or recurrent), not {moe.router.kind!r}")]
+        if getattr(moe.router, "bias_update_rate", 0) > 0:
+            return [("router.bias_update_rate", "aux-loss-free balancing does not combine with competition: on "
+                     "competition steps the loads are the competition's choices, not the router's; set it to 0")]
+        return []
 
     def extra_flops_per_token(self) -> int:
         """Forward FLOPs a competition adds over routing to top_k experts."""
         return (self.num_experts - self.top_k) * self.experts.flops_per_slot()
 
+    def expected_extra_flops_per_token(self, num_layers: int) -> float:
+        c = self.competition
+        cap = c.max_layers if c.schedule == "fixed" else num_layers
+        share = min(c.rate * num_layers, cap) / num_layers
+        return (1 - c.warmup) * share * self.extra_flops_per_token()
+
+    def build_notes(self) -> list[str]:
+        return ["competition: on its scheduled steps a layer runs every expert; that work is counted apart from "
+                "the model's FLOPs."]
+
     def competes(self, ctx: RouteContext) -> bool:
-        """Whether this forward competes: the model's schedule put this layer in `ctx.compete`, and
-        this is a training forward with gradients (never in evaluation)."""
-        return self.training and torch.is_grad_enabled() and self.index in ctx.compete
+        """Whether this forward competes: the model's plan put this layer in `ctx.plan`, and this is
+        a training forward with gradients (never in evaluation)."""
+        return self.training and torch.is_grad_enabled() and ctx.plan is not None and self.index in ctx.plan
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         if not self.competes(ctx):
             return super().forward(x_TD, ctx, state)
         c = self.competition
-        out = self.router(x_TD, ctx, state)              # used only for distillation (and its state)
+        out = self.run_router(x_TD, ctx, state)          # used only for distillation (and its state)
         o_ETD = self.experts.forward_all(x_TD)
         s_TE = responses(o_ETD, c.response)
         win_TK, w_TK = competition_gates(s_TE, self.top_k, c.gate)
@@ -96,6 +149,8 @@ class CompeteFFN(RoutedFFN):
         o_win_TKD = o_TED.gather(1, win_TK.unsqueeze(-1).expand(-1, -1, o_TED.shape[-1]))
         y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
         p_comp = s_TE.softmax(-1)
+        # The router's own balance and z losses are left out: on a competition step the router
+        # learns from the distillation loss alone.
         losses = {
             "router_distill": router_distillation_loss(out.probs_TE, p_comp, win_TK, c.theta),
             "diversity": diversity_loss(o_win_TKD),
@@ -103,13 +158,8 @@ class CompeteFFN(RoutedFFN):
             "compete_balance": load_balance_loss(p_comp, win_TK[:, :1], reduce=ctx.reduce_counts),
         }
         load_E = torch.bincount(win_TK.reshape(-1), minlength=self.num_experts)
-        # The router's own balance and z losses are left out: on a competition step the router
-        # learns from the distillation loss alone.
-        out.aux_losses = {}
-        out.expert_ids_TK = win_TK
-        record = self.record(out, None, load_E, losses)
-        record.competed = True
-        record.extra_flops = self.extra_flops_per_token() * T
+        record = self.record(losses, out.probs_TE, win_TK, None, None, load_E, counters={"competitions": 1},
+                             extra_flops=self.extra_flops_per_token() * T)
         return self.mix_shared(y_TD, x_TD), out.state, record
 
 
@@ -176,7 +226,8 @@ class CompetitionSchedule:
         draws[:first] = False
         self.mask = place_draws(draws, first, max_layers)
 
-    def layers_at(self, step: int) -> frozenset[int]:
+    def at(self, step: int) -> frozenset[int]:
+        """The routed layers that compete at `step`."""
         if not 0 <= step < self.total_steps:
             return frozenset()
         return frozenset(self.mask[step].nonzero().flatten().tolist())
@@ -188,14 +239,15 @@ class CompetitionSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total_steps, self.num_layers, self.mask = state["total_steps"], state["num_layers"], state["mask"]
 
-    def resume(self, state: dict[str, Any]) -> bool:
+    def resume(self, state: dict[str, Any]) -> str | None:
         """Continue a checkpoint's schedule when it is one for this run (same kind, length and
-        layers); False when it is not (this schedule, drawn from the seed, stays)."""
-        if (state.get("kind", "fixed"), state["total_steps"], state["num_layers"]) != \
-                (self.kind, self.total_steps, self.num_layers):
-            return False
+        layers); else say why not (this schedule, drawn from the seed, stays)."""
+        theirs = (state.get("kind"), state.get("total_steps"), state.get("num_layers"))
+        if theirs != (self.kind, self.total_steps, self.num_layers):
+            return (f"the checkpoint's competition schedule ({theirs[0]}, {theirs[1]} steps, {theirs[2]} layers) "
+                    f"is not this run's ({self.kind}, {self.total_steps} steps, {self.num_layers} layers)")
         self.load_state_dict(state)
-        return True
+        return None
 
 
 class BernoulliCompetition:
@@ -213,7 +265,8 @@ class BernoulliCompetition:
         self.first = math.floor(warmup * total_steps)
         self.generator = torch.Generator().manual_seed(seed * 2_654_435_761 % 2**63 + 1)
 
-    def layers_at(self, step: int) -> frozenset[int]:
+    def at(self, step: int) -> frozenset[int]:
+        """The routed layers that compete in this forward (a fresh draw on every call)."""
         draw = torch.rand(self.num_layers, generator=self.generator) < self.rate   # advances every call
         if step < self.first:
             return frozenset()
@@ -226,17 +279,11 @@ class BernoulliCompetition:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
-    def resume(self, state: dict[str, Any]) -> bool:
-        """Continue a checkpoint's draws (same kind and layers); False when they are not this run's."""
-        if (state.get("kind"), state["num_layers"]) != (self.kind, self.num_layers):
-            return False
+    def resume(self, state: dict[str, Any]) -> str | None:
+        """Continue a checkpoint's draws (same kind and layers); else say why not."""
+        theirs = (state.get("kind"), state.get("num_layers"))
+        if theirs != (self.kind, self.num_layers):
+            return (f"the checkpoint's competition draws ({theirs[0]}, {theirs[1]} layers) are not this run's "
+                    f"({self.kind}, {self.num_layers} layers)")
         self.load_state_dict(state)
-        return True
-
-
-def make_schedule(args: CompetitionArgs, seed: int, total_steps: int,
-                  num_layers: int) -> CompetitionSchedule | BernoulliCompetition:
-    """The competition schedule of a run with these settings."""
-    if args.schedule == "bernoulli":
-        return BernoulliCompetition(seed, total_steps, num_layers, args.rate, args.warmup)
-    return CompetitionSchedule(seed, total_steps, num_layers, args.rate, args.warmup, args.max_layers)
+        return None

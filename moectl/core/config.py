@@ -1,4 +1,12 @@
-"""Plain, typed arguments for the engine. The recipe layer fills these; notebooks can too."""
+"""Plain, typed arguments for the engine. The recipe layer fills these; notebooks can too.
+
+Modules take these objects whole (`RoutedFFN(args, index, name)`), so every option is spelled
+once on the engine side. The router, the block kind and the routed-layer variant are given as
+instances of their registered options dataclasses (see `moectl.core.registry`):
+
+    MoEArgs(num_experts=8, top_k=2, expert_hidden=256, layers=[1, 3],
+            router=RecurrentOptions(hidden=64), block=CartesianOptions())
+"""
 
 from __future__ import annotations
 
@@ -6,20 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
-class CompetitionArgs:
-    """CompeteSMoE: route by the experts' responses on scheduled steps, and distil that into the router."""
+def _default(registry_name: str, kind: str):
+    def make() -> Any:
+        import moectl.core  # noqa: F401  (importing the engine registers the built-in parts)
+        from moectl.core import registry
 
-    rate: float = 0.07                 # probability that a layer competes at a step
-    warmup: float = 0.05               # fraction of training without competition
-    max_layers: int = 3                # cap on competing layers per step (fixed schedule)
-    schedule: str = "fixed"            # "fixed" (precomputed from the seed) | "bernoulli" (2024: per forward)
-    response: str = "mean_softplus"    # "mean_softplus" (2025) | "l2_norm" (2024)
-    gate: str = "linear"               # "linear" (2025) | "softmax" (2024)
-    theta: float = 0.2                 # weight of the winners-only term of the router loss
-    router_loss_weight: float = 0.001
-    diversity_weight: float = 0.005
-    balance_weight: float = 0.01
+        return getattr(registry, registry_name).default_options(kind)
+
+    return make
 
 
 @dataclass
@@ -35,10 +37,9 @@ class MoEArgs:
     backend: str = "grouped_mm"            # "loop" | "grouped_mm"
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
-    block: str = "standard"                # MoE layer kind (see core.model.MLP_BLOCKS)
-    router_kind: str = "topk"
-    router_options: dict[str, Any] = field(default_factory=dict)
-    competition: CompetitionArgs | None = None
+    router: Any = field(default_factory=_default("routers", "topk"))        # a router's options
+    block: Any = field(default_factory=_default("blocks", "standard"))     # a block kind's options
+    variant: Any = None                    # a routed-layer variant's options (e.g. competition); None = plain
 
 
 @dataclass

@@ -17,13 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_ACTS: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
-
-
-def mlp_matrices(activation: str) -> int:
-    """Matrices per FFN: 3 for the gated SwiGLU, 2 otherwise (the FLOPs convention's m)."""
-    return 3 if activation == "swiglu" else 2
-
+from moectl.core.layers import ACTIVATIONS, mlp_matrices
 
 # --------------------------------------------------------------------------- backends
 
@@ -110,17 +104,17 @@ class ExpertBank(nn.Module):
     component = "experts"
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 backend: str = "grouped_mm"):
+                 backend: str = "grouped_mm", active_fraction: float = 1.0):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.activation, self.backend = activation, backend
-        self.act = _ACTS[activation]
+        self.act = ACTIVATIONS[activation]
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        self.active_fraction = 1.0  # share of the bank a token uses; set by the owning block
+        self.active_fraction = active_fraction   # share of the bank one token uses (k / E), for counting
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)

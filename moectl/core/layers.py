@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moectl.core.experts import _ACTS, mlp_matrices
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def mlp_matrices(activation: str) -> int:
+    """Matrices per FFN: 3 for the gated SwiGLU, 2 otherwise (the FLOPs convention's m)."""
+    return 3 if activation == "swiglu" else 2
 
 
 class RMSNorm(nn.RMSNorm):
@@ -70,7 +77,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
-        self.activation, self.act = activation, _ACTS[activation]
+        self.activation, self.act = activation, ACTIVATIONS[activation]
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
         self.w2 = nn.Linear(hidden, d_model, bias=False)

@@ -1,7 +1,8 @@
 """The decoder-only MoE transformer.
 
 Each layer is attention followed by an "MLP part" that owns its norm(s) and residual(s): a dense
-FFN, a standard MoE layer, or any block kind registered in `MLP_BLOCKS`. A recurrent routing state
+FFN, or on MoE layers a registered block kind (`register_block`: the standard layer, CartesianMoE's
+two sub-layers, or a user's own). A recurrent routing state
 (None for memoryless routers) is threaded explicitly through the layer loop, and every routed layer
 returns a `RoutingRecord`, so auxiliary losses are plain return values: under activation
 checkpointing the recomputed forward's records are discarded and nothing is counted twice.
@@ -9,6 +10,7 @@ checkpointing the recomputed forward's records are discarded and nothing is coun
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,13 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from moectl.core.compete import BernoulliCompetition, CompeteFFN, CompetitionSchedule
+from moectl.core import registry
 from moectl.core.config import ModelArgs
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
-from moectl.core.moe import RoutedFFN, RoutingRecord
-from moectl.core.routers.base import RouteContext, router_registry
+from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
+from moectl.core.routers.base import RouteContext
 
 MLPResult = tuple[Tensor, Any, list[RoutingRecord]]
+# Builds the next routed layer of the model, in forward order, from its name.
+NewRouted = Callable[[str], RoutedFFN]
 
 
 class DenseMLP(nn.Module):
@@ -41,32 +45,42 @@ class DenseMLP(nn.Module):
         return self.ffn.flops_per_token()
 
 
-def routed_ffn(args: ModelArgs, name: str) -> RoutedFFN:
-    """A routed FFN configured from the model's MoE arguments; a competing one (CompeteSMoE) when
-    the arguments ask for competition."""
-    moe = args.moe
-    assert moe is not None
-    kwargs = dict(
-        d_model=args.d_model, num_experts=moe.num_experts, top_k=moe.top_k,
-        expert_hidden=moe.expert_hidden, activation=args.activation, backend=moe.backend,
-        router_kind=moe.router_kind, router_options=moe.router_options,
-        shared_experts=moe.shared_experts, shared_hidden=moe.shared_hidden or moe.expert_hidden,
-        shared_mix=moe.shared_mix, capacity_factor=moe.capacity_factor,
-        aux_loss_weight=moe.aux_loss_weight, z_loss_weight=moe.z_loss_weight,
-        vocab_size=args.vocab_size, name=name,
-    )
-    if moe.competition is not None:
-        return CompeteFFN(competition=moe.competition, **kwargs)
-    return RoutedFFN(**kwargs)
+class MoEBlock(nn.Module):
+    """Base of MoE block kinds: the "MLP part" of a MoE layer. A kind registers with its options
+    (`@register_block("name", options=...)`); it is built as `cls(args, layer_idx, new_routed)`,
+    where `new_routed(name)` makes each of its routed layers in forward order, and its forward is
+    `(h_BSD, ctx, state) -> (h_BSD, state, [records])`. Class-level hooks: `check(moe)`,
+    `build_notes()`."""
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        return []
+
+    def build_notes(self) -> list[str]:
+        return []
 
 
-class MoEMLP(nn.Module):
+registry.blocks.base = MoEBlock
+
+
+def register_block(name: str, *, options: type):
+    """Class decorator: make a MoEBlock subclass selectable as `model.moe.block: name`."""
+    return registry.blocks.register(name, options=options)
+
+
+@dataclass
+class StandardOptions:
+    """The standard MoE layer: one routed FFN after a norm, with a residual."""
+
+
+@register_block("standard", options=StandardOptions)
+class MoEMLP(MoEBlock):
     """The standard MoE layer: h + RoutedFFN(RMSNorm(h))."""
 
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, new_routed: NewRouted):
         super().__init__()
         self.norm = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.moe = routed_ffn(args, f"L{layer_idx}")
+        self.moe = new_routed(f"L{layer_idx}")
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
         u_TD = self.norm(h_BSD).flatten(0, 1)
@@ -77,7 +91,14 @@ class MoEMLP(nn.Module):
         return self.moe.flops_per_token()
 
 
-class CartesianMLP(nn.Module):
+@dataclass
+class CartesianOptions:
+    """CartesianMoE: two routed sub-layers in sequence; model.moe.expert_hidden is the sub-expert
+    width (half that of a matched SMoE expert)."""
+
+
+@register_block("cartesian", options=CartesianOptions)
+class CartesianMLP(MoEBlock):
     """CartesianMoE (Su et al., 2024): two routed sub-layers in sequence, so an "expert" is a pair
     (a, b) of sub-experts from two sets, each sub-expert shared by N pairs:
 
@@ -88,12 +109,16 @@ class CartesianMLP(nn.Module):
     matched SMoE expert), optional shared expert, and balance loss; a recurrent routing state
     advances once per sub-layer."""
 
-    def __init__(self, args: ModelArgs, layer_idx: int):
+    def __init__(self, args: ModelArgs, layer_idx: int, new_routed: NewRouted):
         super().__init__()
         self.norm_a = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.moe_a = routed_ffn(args, f"L{layer_idx}a")
+        self.moe_a = new_routed(f"L{layer_idx}a")
         self.norm_b = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.moe_b = routed_ffn(args, f"L{layer_idx}b")
+        self.moe_b = new_routed(f"L{layer_idx}b")
+
+    def build_notes(self) -> list[str]:
+        return ["cartesian: each MoE layer is two routed sub-layers; experts and active parameters count "
+                "both sets of sub-experts."]
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
         y_a, state, rec_a = self.moe_a(self.norm_a(h_BSD).flatten(0, 1), ctx, state)
@@ -105,8 +130,19 @@ class CartesianMLP(nn.Module):
         return self.moe_a.flops_per_token() + self.moe_b.flops_per_token()
 
 
-# Block kinds for MoE layers: name -> constructor(args, layer_idx).
-MLP_BLOCKS: dict[str, Callable[[ModelArgs, int], nn.Module]] = {"standard": MoEMLP, "cartesian": CartesianMLP}
+def mlp_maker(args: ModelArgs) -> Callable[[int], nn.Module]:
+    """Builds the MLP part of layer i: the MoE block kind on MoE layers, else a dense FFN. Routed
+    layers get their index (ordinal in forward order) as they are built."""
+    if args.moe is None:
+        return lambda i: DenseMLP(args, i)
+    block_cls, routed_cls = registry.blocks.of(args.moe.block).cls, routed_layer_class(args)
+    moe_layers = set(args.moe.layers)
+    count = itertools.count()
+
+    def new_routed(name: str) -> RoutedFFN:
+        return routed_cls(args, next(count), name)
+
+    return lambda i: block_cls(args, i, new_routed) if i in moe_layers else DenseMLP(args, i)
 
 
 class TransformerBlock(nn.Module):
@@ -136,37 +172,48 @@ class ModelOutput:
 
 
 class MoETransformer(nn.Module):
+    """A decoder-only MoE language model built from `ModelArgs`.
+
+    `forward(tokens_BS, targets_BS=None, step=None)` returns a `ModelOutput`: logits, the mean
+    next-token loss when targets are given, the weighted router losses and one `RoutingRecord` per
+    routed layer. `step` is the optimizer step of a training forward; the routing plan (if the
+    model's routed-layer variant has one, see `make_plan`) is consulted with it. The model is plain
+    single-device code: parallelism, precision and activation checkpointing
+    (`activation_checkpointing = True`) are switched on from outside."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        moe_layers = set(args.moe.layers) if args.moe else set()
-        block_kind = args.moe.block if args.moe else "standard"
         self.embed = nn.Embedding(args.vocab_size, args.d_model)
         self.embed.component = "embedding"
-        self.layers = nn.ModuleList(
-            TransformerBlock(args, i, MLP_BLOCKS[block_kind](args, i) if i in moe_layers else DenseMLP(args, i))
-            for i in range(args.n_layers)
-        )
+        new_mlp = mlp_maker(args)
+        self.layers = nn.ModuleList(TransformerBlock(args, i, new_mlp(i)) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, eps=args.norm_eps)
         self.head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         self.head.component = "lm_head"
-        if args.tie_embeddings:
-            self.head.weight = self.embed.weight
-        for i, layer in enumerate(self.routed_layers()):
-            layer.index = layer.router.index = i
-        # A module all routers share (RMoE's recurrent cell), built once from the router's options.
+        self.tie_weights()
+        # A module all routers share (RMoE's recurrent cell), built once by the router class.
         self.router_shared: nn.Module | None = None
         if args.moe is not None:
-            router_cls = router_registry()[args.moe.router_kind]
-            self.router_shared = router_cls.shared_module(d_model=args.d_model, num_experts=args.moe.num_experts,
-                                                          **args.moe.router_options)
-        # Which routed layers compete in a training forward (CompeteSMoE); set by the trainer
-        # (`moectl.core.compete.make_schedule`). Consulted once per training forward, outside any
-        # recomputed region, so activation checkpointing sees the same decision twice.
-        self.competition_schedule: CompetitionSchedule | BernoulliCompetition | None = None
+            self.router_shared = registry.routers.of(args.moe.router).cls.shared_module(args)
+        # Per-forward routing decisions of the routed-layer variant (`make_plan`), if any.
+        self.plan: RoutingPlan | None = None
         self.activation_checkpointing = False
         self.count_reducer: Callable[[Tensor], Tensor] | None = None   # see RouteContext.reduce_counts
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the arguments ask for it (also after loading
+        weights with `assign=True`, which replaces the parameters)."""
+        if self.args.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def make_plan(self, seed: int, total_steps: int) -> RoutingPlan | None:
+        """Attach the routing plan of a training run of `total_steps` steps (drawn from `seed`, the
+        same on every process) and return it; None when the routed layers have none."""
+        layers = self.routed_layers()
+        self.plan = type(layers[0]).make_plan(self.args, seed, total_steps, len(layers)) if layers else None
+        return self.plan
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -203,11 +250,11 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         rope = rope_tables(S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
-        compete = frozenset()
-        if self.competition_schedule is not None and step is not None and self.training and torch.is_grad_enabled():
-            compete = self.competition_schedule.layers_at(step)
-        ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), step=step, shared=self.router_shared,
-                           reduce_counts=self.count_reducer, compete=compete)
+        plan = None
+        if self.plan is not None and step is not None and self.training and torch.is_grad_enabled():
+            plan = self.plan.at(step)
+        ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), shared=self.router_shared,
+                           reduce_counts=self.count_reducer, plan=plan)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

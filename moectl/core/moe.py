@@ -2,22 +2,26 @@
 
 x_TD --router--> RouterOutput --capacity (optional)--> dispatch --experts--> combine (+ shared)
 
-It is the one generic MoE layer; blocks made of several routed layers (CartesianMoE) or policies
-that evaluate every expert (CompeteSMoE) are built from it and from its pieces.
+It is the one generic MoE layer; blocks made of several routed layers (CartesianMoE) are built
+from it, and routed-layer variants (CompeteSMoE's competition) subclass it and reuse its pieces.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from moectl.core import registry
 from moectl.core.experts import ExpertBank, run_experts
 from moectl.core.layers import FeedForward
-from moectl.core.routers.base import RouteContext, RouterOutput, make_router
+from moectl.core.routers.base import RouteContext, RouterOutput, fp32_linear, make_router
+
+if TYPE_CHECKING:
+    from moectl.core.config import ModelArgs
 
 
 @dataclass
@@ -25,7 +29,9 @@ class RoutingRecord:
     """What one routed layer reports for one forward: losses for the objective, statistics for logs.
 
     `losses` are unweighted; `loss` is their weighted sum (what the objective adds). Statistics are
-    detached and stay on the device until someone reads them."""
+    detached and stay on the device until someone reads them. `counters` are events a layer kind
+    counts (summed over a logging window and reported under their names); `extra_flops` is forward
+    work beyond routing to top_k experts (hardware FLOPs, kept apart from model FLOPs and MFU)."""
 
     name: str
     losses: dict[str, Tensor]
@@ -35,8 +41,20 @@ class RoutingRecord:
     dropped: Tensor          # slots dropped by the capacity limit
     entropy: Tensor          # mean routing entropy over tokens (nats)
     tokens: int
-    competed: bool = False   # this forward ran a competition over all experts (CompeteSMoE)
-    extra_flops: int = 0     # forward FLOPs beyond routing to top_k experts (hardware, not model)
+    counters: dict[str, float] = field(default_factory=dict)
+    extra_flops: int = 0
+
+
+class RoutingPlan(Protocol):
+    """Per-forward routing decisions of a routed-layer variant (CompeteSMoE's competition
+    schedule). The model asks `at(step)` once per training forward, outside any recomputed region,
+    and passes the answer to every layer as `RouteContext.plan`; the trainer saves `state_dict()`
+    in checkpoints and gives it back through `resume`."""
+
+    def at(self, step: int) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def resume(self, state: dict[str, Any]) -> str | None:
+        """Continue from a checkpoint's state; None when taken, else why it does not fit this run."""
 
 
 def apply_capacity(expert_ids_TK: Tensor, valid_TK: Tensor | None, num_experts: int,
@@ -56,36 +74,89 @@ def apply_capacity(expert_ids_TK: Tensor, valid_TK: Tensor | None, num_experts: 
     return keep_KT.view(K, T).t()
 
 
+class RouterContractError(RuntimeError):
+    """A router returned something that breaks the contract of `RouterOutput`."""
+
+
+def check_router_output(out: Any, router: nn.Module, T: int) -> None:
+    """The shapes and dtypes every router must return (checked on a layer's first forward, so a
+    user's router that breaks the contract is named instead of failing somewhere downstream)."""
+    who = f"router {getattr(router, 'kind', '?')!r} ({type(router).__module__}.{type(router).__qualname__})"
+    if not isinstance(out, RouterOutput):
+        raise RouterContractError(f"{who} returned a {type(out).__name__}, not a RouterOutput")
+    E = router.num_experts
+    ids, w, p = out.expert_ids_TK, out.weights_TK, out.probs_TE
+    problems = []
+    if not (isinstance(ids, Tensor) and ids.dtype == torch.int64 and ids.dim() == 2 and ids.shape[0] == T):
+        problems.append(f"expert_ids_TK must be int64 [T={T}, K], got {_describe(ids)}")
+    elif not (isinstance(w, Tensor) and w.shape == ids.shape):
+        problems.append(f"weights_TK must have the shape of expert_ids_TK {tuple(ids.shape)}, got {_describe(w)}")
+    if not (isinstance(p, Tensor) and p.shape == (T, E)):
+        problems.append(f"probs_TE must be [T={T}, E={E}], got {_describe(p)}")
+    if out.valid_TK is not None and not (isinstance(ids, Tensor) and out.valid_TK.shape == ids.shape):
+        problems.append("valid_TK must have the shape of expert_ids_TK")
+    if not problems and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        problems.append(f"expert ids must lie in 0..{E - 1}")
+    if problems:
+        raise RouterContractError(f"{who} breaks the router contract: " + "; ".join(problems))
+
+
+def _describe(t: Any) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
 class RoutedFFN(nn.Module):
-    """One routed feed-forward layer on flattened tokens x_TD."""
+    """One routed feed-forward layer on flattened tokens x_TD, configured by `args.moe`.
+
+    Class-level hooks a routed-layer variant may override: `make_plan` (per-forward routing
+    decisions), `check` (recipe cross-field checks), `build_notes` and
+    `expected_extra_flops_per_token` (what `moectl build` reports)."""
 
     component = "moe"
+    kind = "routed"
 
-    def __init__(self, *, d_model: int, num_experts: int, top_k: int, expert_hidden: int,
-                 activation: str = "swiglu", backend: str = "grouped_mm", router_kind: str = "topk",
-                 router_options: dict[str, Any] | None = None, shared_experts: int = 0,
-                 shared_hidden: int | None = None, shared_mix: str = "add",
-                 capacity_factor: float | None = None, aux_loss_weight: float = 0.01,
-                 z_loss_weight: float = 0.001, index: int = 0, vocab_size: int | None = None,
-                 name: str = ""):
+    def __init__(self, args: ModelArgs, index: int = 0, name: str = ""):
         super().__init__()
+        moe = args.moe
         self.name = name or f"R{index}"
-        self.index = index   # ordinal among the model's routed layers (set by the model)
-        self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
-        self.router = make_router(router_kind, d_model=d_model, num_experts=num_experts, top_k=top_k,
-                                  index=index, vocab_size=vocab_size, **(router_options or {}))
-        self.experts = ExpertBank(num_experts, d_model, expert_hidden, activation, backend)
-        self.experts.active_fraction = top_k / num_experts
+        self.index = index   # ordinal among the model's routed layers (forward order)
+        self.num_experts, self.top_k, self.capacity_factor = moe.num_experts, moe.top_k, moe.capacity_factor
+        self.router = make_router(args, index)
+        self.experts = ExpertBank(moe.num_experts, args.d_model, moe.expert_hidden, args.activation, moe.backend,
+                                  active_fraction=moe.top_k / moe.num_experts)
         self.shared = None
-        if shared_experts:
+        if moe.shared_experts:
             # n shared experts of width h are one always-on FFN of width n*h.
-            self.shared = FeedForward(d_model, shared_experts * (shared_hidden or expert_hidden), activation)
+            width = moe.shared_experts * (moe.shared_hidden or moe.expert_hidden)
+            self.shared = FeedForward(args.d_model, width, args.activation)
             self.shared.component = "shared_experts"
         self.shared_gate = None
-        if shared_experts and shared_mix == "gate":
-            self.shared_gate = nn.Linear(d_model, 2, bias=True)
+        if moe.shared_experts and moe.shared_mix == "gate":
+            self.shared_gate = nn.Linear(args.d_model, 2, bias=True)
             self.shared_gate.component = "router"
-        self.loss_weights = {"load_balance": aux_loss_weight, "z_loss": z_loss_weight}
+        self.loss_weights = {"load_balance": moe.aux_loss_weight, "z_loss": moe.z_loss_weight}
+        self._contract_checked = False
+
+    # ----------------------------------------------------------------- hooks of variants
+
+    @classmethod
+    def make_plan(cls, args: ModelArgs, seed: int, total_steps: int, num_layers: int) -> RoutingPlan | None:
+        """The per-forward routing plan of a training run, or None (the plain layer has none)."""
+        return None
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        """Problems of a recipe's `model.moe` section that involve this variant."""
+        return []
+
+    def build_notes(self) -> list[str]:
+        return []
+
+    def expected_extra_flops_per_token(self, num_layers: int) -> float:
+        """Average forward FLOPs per token this layer spends beyond top_k routing over a run."""
+        return 0.0
+
+    # ----------------------------------------------------------------- the layer
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.shared_gate is not None:
@@ -101,9 +172,16 @@ class RoutedFFN(nn.Module):
             flops += 2 * d * 2
         return flops
 
+    def run_router(self, x_TD: Tensor, ctx: RouteContext, state: Any) -> RouterOutput:
+        out = self.router(x_TD, ctx, state)
+        if not self._contract_checked:
+            check_router_output(out, self.router, x_TD.shape[0])
+            self._contract_checked = True
+        return out
+
     def route(self, x_TD: Tensor, ctx: RouteContext, state: Any) -> tuple[RouterOutput, Tensor | None]:
         """Router decision plus the capacity limit. Returns (output, validity mask after dropping)."""
-        out = self.router(x_TD, ctx, state)
+        out = self.run_router(x_TD, ctx, state)
         valid = out.valid_TK
         if self.capacity_factor is not None:
             T, K = out.expert_ids_TK.shape
@@ -117,25 +195,45 @@ class RoutedFFN(nn.Module):
         shared_TD = self.shared(x_TD)
         if self.shared_gate is None:
             return routed_TD + shared_TD
-        c = self.shared_gate(x_TD).float().softmax(-1).to(routed_TD.dtype)
+        gate = self.shared_gate
+        c = fp32_linear(x_TD, gate.weight, gate.bias).softmax(-1).to(routed_TD.dtype)   # router math in fp32
         return c[:, :1] * routed_TD + c[:, 1:] * shared_TD
 
-    def record(self, out: RouterOutput, valid: Tensor | None, load_E: Tensor,
-               extra_losses: dict[str, Tensor] | None = None) -> RoutingRecord:
-        losses = {**out.aux_losses, **(extra_losses or {})}
+    def record(self, losses: dict[str, Tensor], probs_TE: Tensor, slots_TK: Tensor, asked_TK: Tensor | None,
+               kept_TK: Tensor | None, load_E: Tensor, counters: dict[str, float] | None = None,
+               extra_flops: int = 0) -> RoutingRecord:
+        """The layer's record: `losses` unweighted (weighted here), `slots_TK` the routed slots,
+        `asked_TK` / `kept_TK` their validity before / after the capacity limit (None: all)."""
         weighted = [self.loss_weights[k] * v for k, v in losses.items() if self.loss_weights.get(k, 0) > 0]
         loss = torch.stack(weighted).sum() if weighted else load_E.new_zeros((), dtype=torch.float32)
         with torch.no_grad():
-            T, K = out.expert_ids_TK.shape
-            asked = out.valid_TK.sum() if out.valid_TK is not None else torch.tensor(T * K, device=load_E.device)
-            kept = valid.sum() if valid is not None else asked
-            p = out.probs_TE.detach()
+            T, K = slots_TK.shape
+            asked = asked_TK.sum() if asked_TK is not None else torch.tensor(T * K, device=load_E.device)
+            kept = kept_TK.sum() if kept_TK is not None else asked
+            p = probs_TE.detach()
             entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
         return RoutingRecord(self.name, {k: v.detach() for k, v in losses.items()}, loss,
-                             load_E.detach().float(), asked.float(), (asked - kept).float(), entropy, T)
+                             load_E.detach().float(), asked.float(), (asked - kept).float(), entropy, T,
+                             dict(counters or {}), extra_flops)
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         out, valid = self.route(x_TD, ctx, state)
         weights = out.weights_TK if valid is None else out.weights_TK * valid
         y_TD, load_E = run_experts(self.experts, x_TD, out.expert_ids_TK, weights, valid)
-        return self.mix_shared(y_TD, x_TD), out.state, self.record(out, valid, load_E)
+        record = self.record(out.aux_losses, out.probs_TE, out.expert_ids_TK, out.valid_TK, valid, load_E)
+        return self.mix_shared(y_TD, x_TD), out.state, record
+
+
+registry.variants.base = RoutedFFN
+
+
+def register_variant(name: str, *, options: type, summary: str):
+    """Class decorator: a RoutedFFN subclass that replaces the plain routed layer when the recipe
+    sets `model.moe.<name>` (a section of `options`); `summary` describes that key."""
+    return registry.variants.register(name, options=options, summary=summary)
+
+
+def routed_layer_class(args: ModelArgs) -> type[RoutedFFN]:
+    """The routed-layer class of a model: its variant's, else the plain RoutedFFN."""
+    variant = args.moe.variant if args.moe else None
+    return RoutedFFN if variant is None else registry.variants.of(variant).cls

@@ -10,6 +10,8 @@ any process count with the same global batch sees the same sequences.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -61,6 +63,14 @@ class TrainOrder:
 def eval_indices(num_sequences: int, batch_size: int, num_batches: int, world_size: int, rank: int) -> list[list[int]]:
     """The first num_batches * batch_size validation sequences (fewer if the split is small), as
     batches dealt round-robin to the ranks."""
+    return _eval_batches(num_sequences, batch_size, num_batches)[rank::world_size]
+
+
+def eval_rounds(num_sequences: int, batch_size: int, num_batches: int, world_size: int) -> int:
+    """The most validation batches any rank gets (every rank runs that many forwards)."""
+    return math.ceil(len(_eval_batches(num_sequences, batch_size, num_batches)) / world_size)
+
+
+def _eval_batches(num_sequences: int, batch_size: int, num_batches: int) -> list[list[int]]:
     total = min(num_sequences, batch_size * num_batches)
-    batches = [list(range(i, min(i + batch_size, total))) for i in range(0, total, batch_size)]
-    return batches[rank::world_size]
+    return [list(range(i, min(i + batch_size, total))) for i in range(0, total, batch_size)]

@@ -22,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from moectl.data.sources import DataError, Document, _hash, open_source
+from moectl.data.sources import DataError, Document, content_hash, open_source
+from moectl.data.tokenizer import EOT, eot_id_of, load_tokenizer, train_bpe
 from moectl.fsutil import atomic_dir
 from moectl.recipe.schema import BPETokenizer, DataConfig, Recipe
 
-EOT = "<|endoftext|>"
-EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
 FORMAT_VERSION = 1
 
 
@@ -83,54 +82,6 @@ class PreparedData:
         return self.index["vocab_size"]
 
 
-# --------------------------------------------------------------------------- tokenizers
-
-
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.is_file():
-        raise DataError(f"data.tokenizer.path: no tokenizer at {path}",
-                        hint="give a tokenizer.json or a folder that contains one")
-    try:
-        return Tokenizer.from_file(str(p)), p
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise DataError(f"data.tokenizer.path: {p} is not a valid tokenizer.json ({e})") from None
-
-
-def eot_id_of(tok, wanted: str | None) -> int:
-    names = (wanted,) if wanted else EOT_CANDIDATES
-    for name in names:
-        tid = tok.token_to_id(name)
-        if tid is not None:
-            return tid
-    raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(names)})",
-                    hint="set data.tokenizer.eot_token to a token of its vocabulary")
-
-
-def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    def limited() -> Iterator[str]:
-        seen = 0
-        for text in docs:
-            yield text
-            seen += len(text)
-            if seen >= train_bytes:
-                return
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(limited(), trainer)
-    return tok
-
-
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -163,102 +114,125 @@ def _check_training_text(source, counts: dict[str, dict[str, int]]) -> None:
                         hint="point data.source at files that contain text")
 
 
+@dataclass
+class _Job:
+    """What every stage of preparing one recipe's data needs."""
+
+    recipe: Recipe
+    source: Any
+    split_seed: int
+    split_key: dict[str, Any]
+    fingerprint: str
+    root: Path
+
+    @property
+    def cfg(self) -> DataConfig:
+        return self.recipe.data
+
+    @property
+    def vocab_limit(self) -> int:
+        return self.recipe.model.vocab_size
+
+    def documents(self) -> Iterator[tuple[str, Document]]:
+        return split_documents(iter(self.source), self.split_seed, self.cfg.val_fraction, self.cfg.max_documents)
+
+
 def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> PreparedData:
     """Make sure the recipe's token shards exist; build them if not. Returns where they are."""
     cfg = recipe.data
-    vocab_limit = recipe.model.vocab_size
     source = open_source(cfg.source)
     split_seed = recipe.seed if cfg.split_seed is None else cfg.split_seed
     split_key = {"seed": split_seed, "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents}
-    src_fp = source.fingerprint()
-    root = cache_root(cfg)
-
-    # 1. The tokenizer.
-    if isinstance(cfg.tokenizer, BPETokenizer):
-        tok_key = _hash("bpe", src_fp, split_key, vocab_limit, cfg.tokenizer.train_bytes, FORMAT_VERSION)
-        tok_dir = root / "tokenizers" / tok_key
-        if not (tok_dir / "tokenizer.json").is_file():
-            log(f"training a {vocab_limit}-token byte-level BPE on {source.describe()}")
-            seen = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
-
-            def train_docs() -> Iterator[str]:
-                for split, d in split_documents(iter(source), split_seed, cfg.val_fraction, cfg.max_documents):
-                    seen[split]["documents"] += 1
-                    seen[split]["tokens"] += len(d.text) + 1   # characters + end-of-text, for the check
-                    if split == "train":
-                        yield d.text
-
-            tok = train_bpe(train_docs(), vocab_limit, cfg.tokenizer.train_bytes)
-            _check_training_text(source, seen)   # before anything is cached
-            try:
-                with atomic_dir(tok_dir) as tmp:
-                    tok.save(str(tmp / "tokenizer.json"))
-            except OSError:
-                if not (tok_dir / "tokenizer.json").is_file():
-                    raise
-        tok, tok_path = load_tokenizer(tok_dir)
-        eot_id = eot_id_of(tok, EOT)
-    else:
-        tok, tok_path = load_tokenizer(cfg.tokenizer.path)
-        eot_id = eot_id_of(tok, cfg.tokenizer.eot_token)
+    job = _Job(recipe, source, split_seed, split_key, source.fingerprint(), cache_root(cfg))
+    tok, tok_path, eot_id = _tokenizer(job, log)
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    if vocab > vocab_limit:
-        raise DataError(f"the tokenizer has {vocab} tokens but model.vocab_size is {vocab_limit}",
+    if vocab > job.vocab_limit:
+        raise DataError(f"the tokenizer has {vocab} tokens but model.vocab_size is {job.vocab_limit}",
                         hint=f"set model.vocab_size to at least {vocab}")
     tok_sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest()
-
-    # 2. The token shards.
-    shard_key = _hash("shards", src_fp, split_key, tok_sha, eot_id, FORMAT_VERSION)
-    shard_dir = root / "tokens" / shard_key
-    if (shard_dir / "index.json").is_file():
-        return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32   # ids 0 .. vocab-1
-    log(f"tokenising {source.describe()} into {shard_dir}")
-    counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
-    val_freq = np.zeros(vocab_limit, dtype=np.int64)
-    total_docs = source.size_hint()
-    if total_docs is not None and cfg.max_documents is not None:
-        total_docs = min(total_docs, cfg.max_documents)
-    try:
-        with atomic_dir(shard_dir) as tmp, _progress(show_progress) as bar:
-            task = bar.add_task("tokenising", total=total_docs, info="")
-            files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}  # noqa: SIM115
-            try:
-                batch: list[tuple[str, Document]] = []
-
-                def flush() -> None:
-                    encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=False)
-                    for (split, _), enc in zip(batch, encoded, strict=True):
-                        ids = np.asarray(enc.ids + [eot_id], dtype=dtype)
-                        ids.tofile(files[split])
-                        counts[split]["documents"] += 1
-                        counts[split]["tokens"] += len(ids)
-                        if split == "val":
-                            val_freq[:] += np.bincount(ids, minlength=vocab_limit)[:vocab_limit]
-                    bar.update(task, advance=len(batch),
-                               info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
-                    batch.clear()
-
-                for item in split_documents(iter(source), split_seed, cfg.val_fraction, cfg.max_documents):
-                    batch.append(item)
-                    if len(batch) >= 256:
-                        flush()
-                if batch:
-                    flush()
-            finally:
-                for f in files.values():
-                    f.close()
-            _check_training_text(source, counts)
-            p = val_freq[val_freq > 0] / max(val_freq.sum(), 1)
-            index = {
-                "format": FORMAT_VERSION, "source": source.describe(), "dtype": np.dtype(dtype).name,
-                "vocab_size": vocab, "eot_id": eot_id, "tokenizer": str(tok_path), "tokenizer_sha": tok_sha,
-                "splits": counts, "val_unigram_entropy": float(-(p * np.log(p)).sum()) if p.size else math.nan,
-                "seed": split_seed, "val_fraction": cfg.val_fraction,
-            }
-            (tmp / "index.json").write_text(json.dumps(index, indent=2))
-    except OSError:
-        if not (shard_dir / "index.json").is_file():  # someone else may have published it first
-            raise
+    shard_key = content_hash("shards", job.fingerprint, split_key, tok_sha, eot_id, FORMAT_VERSION)
+    shard_dir = job.root / "tokens" / shard_key
+    if not (shard_dir / "index.json").is_file():
+        log(f"tokenising {source.describe()} into {shard_dir}")
+        try:
+            with atomic_dir(shard_dir) as tmp:
+                _write_shards(job, tmp, tok, tok_path, tok_sha, eot_id, show_progress)
+        except OSError:
+            if not (shard_dir / "index.json").is_file():  # someone else may have published it first
+                raise
     return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
 
+
+def _tokenizer(job: _Job, log) -> tuple[Any, Path, int]:
+    """The recipe's tokenizer: a BPE trained on the training split (cached), or a file."""
+    cfg = job.cfg
+    if not isinstance(cfg.tokenizer, BPETokenizer):
+        tok, tok_path = load_tokenizer(cfg.tokenizer.path)
+        return tok, tok_path, eot_id_of(tok, cfg.tokenizer.eot_token)
+    tok_key = content_hash("bpe", job.fingerprint, job.split_key, job.vocab_limit, cfg.tokenizer.train_bytes,
+                           FORMAT_VERSION)
+    tok_dir = job.root / "tokenizers" / tok_key
+    if not (tok_dir / "tokenizer.json").is_file():
+        log(f"training a {job.vocab_limit}-token byte-level BPE on {job.source.describe()}")
+        seen = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
+
+        def train_docs() -> Iterator[str]:
+            for split, d in job.documents():
+                seen[split]["documents"] += 1
+                seen[split]["tokens"] += len(d.text) + 1   # characters + end-of-text, for the check
+                if split == "train":
+                    yield d.text
+
+        tok = train_bpe(train_docs(), job.vocab_limit, cfg.tokenizer.train_bytes)
+        _check_training_text(job.source, seen)   # before anything is cached
+        try:
+            with atomic_dir(tok_dir) as tmp:
+                tok.save(str(tmp / "tokenizer.json"))
+        except OSError:
+            if not (tok_dir / "tokenizer.json").is_file():
+                raise
+    tok, tok_path = load_tokenizer(tok_dir)
+    return tok, tok_path, eot_id_of(tok, EOT)
+
+
+def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_id: int, show_progress: bool) -> None:
+    """Tokenise every document into out/{train,val}.bin and write out/index.json."""
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32   # ids 0 .. vocab-1
+    counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
+    val_freq = np.zeros(job.vocab_limit, dtype=np.int64)
+    total_docs = job.source.size_hint()
+    if total_docs is not None and job.cfg.max_documents is not None:
+        total_docs = min(total_docs, job.cfg.max_documents)
+    with _progress(show_progress) as bar, open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
+        files = {"train": f_train, "val": f_val}
+        task = bar.add_task("tokenising", total=total_docs, info="")
+
+        def flush(batch: list[tuple[str, Document]]) -> None:
+            encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=False)
+            for (split, _), enc in zip(batch, encoded, strict=True):
+                ids = np.asarray(enc.ids + [eot_id], dtype=dtype)
+                ids.tofile(files[split])
+                counts[split]["documents"] += 1
+                counts[split]["tokens"] += len(ids)
+                if split == "val":
+                    val_freq[:] += np.bincount(ids, minlength=job.vocab_limit)[:job.vocab_limit]
+            bar.update(task, advance=len(batch), info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
+
+        batch: list[tuple[str, Document]] = []
+        for item in job.documents():
+            batch.append(item)
+            if len(batch) >= 256:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    _check_training_text(job.source, counts)
+    p = val_freq[val_freq > 0] / max(val_freq.sum(), 1)
+    index = {
+        "format": FORMAT_VERSION, "source": job.source.describe(), "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab, "eot_id": eot_id, "tokenizer": str(tok_path), "tokenizer_sha": tok_sha,
+        "splits": counts, "val_unigram_entropy": float(-(p * np.log(p)).sum()) if p.size else math.nan,
+        "seed": job.split_seed, "val_fraction": job.cfg.val_fraction,
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=2))

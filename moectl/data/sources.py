@@ -34,7 +34,7 @@ class Document:
     origin: str      # "path" or "path:line" or "dataset[row]"
 
 
-def _hash(*parts: Any) -> str:
+def content_hash(*parts: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
@@ -81,7 +81,7 @@ class StdlibCorpus:
         return len(self.files)
 
     def fingerprint(self) -> str:
-        return _hash("stdlib", self.cfg.model_dump(), _stat_list(self.files))
+        return content_hash("stdlib", self.cfg.model_dump(), _stat_list(self.files))
 
     def __iter__(self) -> Iterator[Document]:
         for p in self.files:
@@ -162,7 +162,7 @@ class FilesCorpus:
         return len(self.files) if all(_kind_of(p) == "txt" for p in self.files) else None
 
     def fingerprint(self) -> str:
-        return _hash("files", self.cfg.text_field, _stat_list(self.files))
+        return content_hash("files", self.cfg.text_field, _stat_list(self.files))
 
     def __iter__(self) -> Iterator[Document]:
         for p in self.files:
@@ -270,7 +270,7 @@ class HFCorpus:
         return len(self.ds)
 
     def fingerprint(self) -> str:
-        return _hash("hf", self.cfg.model_dump(), self.ds._fingerprint)
+        return content_hash("hf", self.cfg.model_dump(), self.ds._fingerprint)
 
     def __iter__(self) -> Iterator[Document]:
         field, i = self.cfg.text_field, 0

@@ -135,6 +135,23 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Sources]:
 
 # --------------------------------------------------------------------------- extends and merging
 
+# Sections that may be written as a bare kind name (`block: cartesian` for `block: {kind: cartesian}`).
+BARE_KIND_PATHS: tuple[tuple[str, ...], ...] = (("model", "moe", "block"),)
+
+
+def expand_bare_kinds(data: dict[str, Any], sources: Sources) -> None:
+    """Write bare kind names as the mapping they stand for, so a base's `block: cartesian` merges
+    with a child's `block: {scale: 2}` and an override can set `model.moe.block.scale`."""
+    for path in BARE_KIND_PATHS:
+        node: Any = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
+            node[path[-1]] = {"kind": node[path[-1]]}
+            if path in sources:
+                sources[(*path, "kind")] = sources[path]
+
+
 
 def _merge(base: Any, top: Any) -> Any:
     """Deep-merge `top` over `base`. Lists replace. A section whose `kind` changes is replaced whole,
@@ -156,6 +173,7 @@ def resolve_file(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
         cycle = " -> ".join(str(p) for p in (*_chain, real))
         raise MoectlError(f"`extends` forms a cycle: {cycle}")
     data, sources = read_yaml(path)
+    expand_bare_kinds(data, sources)
     base_ref = data.pop("extends", None)
     if base_ref is None:
         return data, sources
@@ -220,6 +238,7 @@ def apply_overrides(data: dict[str, Any], sources: Sources, overrides: Sequence[
             sources[section] = label   # what the section lacks now is the override's to supply
         node[last] = value
         sources[keys] = label
+        expand_bare_kinds(data, sources)
 
 
 # --------------------------------------------------------------------------- validation
@@ -232,13 +251,13 @@ def _dotted(path: Iterable[Any]) -> str:
     return out
 
 
-def _model_types(annotation: Any) -> list[type[BaseModel]]:
+def model_types(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models inside an annotation (through Optional, Union, Annotated)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     out: list[type[BaseModel]] = []
     for arg in typing.get_args(annotation):
-        out.extend(_model_types(arg))
+        out.extend(model_types(arg))
     return out
 
 
@@ -265,7 +284,7 @@ def clean_loc(loc: Sequence[Any], data: Any) -> tuple[tuple[Any, ...], type[Base
             holder = cls
             out.append(part)
             node = node.get(part) if isinstance(node, dict) else None
-            models = _model_types(cls.model_fields[part].annotation)
+            models = model_types(cls.model_fields[part].annotation)
             if len(models) > 1:
                 tag = node.get("kind", models[0].model_fields["kind"].default) if isinstance(node, dict) else None
                 cls = _variant_for(models, tag)
@@ -284,7 +303,7 @@ def _all_paths(cls: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple
     paths: list[tuple[str, ...]] = []
     for name, field in cls.model_fields.items():
         paths.append((*prefix, name))
-        for sub in _model_types(field.annotation):
+        for sub in model_types(field.annotation):
             paths.extend(p for p in _all_paths(sub, (*prefix, name)) if p not in paths)
     return paths
 
@@ -318,7 +337,7 @@ def _other_kinds_with(holder: type[BaseModel] | None, key: Any) -> list[str]:
 def _all_models(cls: type[BaseModel] = Recipe):
     yield cls
     for field in cls.model_fields.values():
-        for sub in _model_types(field.annotation):
+        for sub in model_types(field.annotation):
             yield from _all_models(sub)
 
 
@@ -326,7 +345,7 @@ def _variants_of(variant: type[BaseModel]) -> list[type[BaseModel]]:
     """All classes of the discriminated union that `variant` belongs to."""
     for cls in _all_models():
         for field in cls.model_fields.values():
-            models = _model_types(field.annotation)
+            models = model_types(field.annotation)
             if variant in models and len(models) > 1:
                 return models
     return [variant]
@@ -387,16 +406,20 @@ def _issue(err: dict[str, Any], data: dict[str, Any], sources: Sources) -> Issue
 
 
 def validate(data: dict[str, Any], sources: Sources, source_name: str) -> Recipe:
+    """Validate a merged recipe: import its plugins, check every key and type (all problems
+    together), then the checks that relate several keys (all of those together)."""
+    from moectl.recipe import parts
     from moectl.recipe.checks import check_recipe
 
+    parts.load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name)
+    parts.install()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         issues = [_issue(err, data, sources) for err in e.errors()]
         raise RecipeError(source_name, issues) from None
-    issues = [
-        Issue(i.path, i.message, _where(i.path, sources)) for i in check_recipe(recipe)
-    ]
+    issues = [Issue(i.path, i.message, _where(i.path, sources), i.related,
+                    _where(i.related, sources) if i.related else None) for i in check_recipe(recipe)]
     if issues:
         raise RecipeError(source_name, issues)
     return recipe

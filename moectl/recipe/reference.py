@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from moectl.recipe.load import _model_types
+from moectl.recipe.load import model_types
 from moectl.recipe.schema import Recipe
 
 
@@ -49,7 +49,7 @@ def _default(field) -> str:
 def _sections(cls: type[BaseModel], path: str, out: list[tuple[str, type[BaseModel]]]) -> None:
     out.append((path, cls))
     for name, field in cls.model_fields.items():
-        models = _model_types(field.annotation)
+        models = model_types(field.annotation)
         for sub in models:
             label = f"{path}.{name}" if path else name
             if len(models) > 1:

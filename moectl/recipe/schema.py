@@ -25,90 +25,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
-# --------------------------------------------------------------------------- routers
-
-
-class TopKRouter(Section):
-    """Token-choice top-k: each token picks its k highest-scoring experts."""
-
-    kind: Literal["topk"] = Field("topk", description="Router kind.")
-    score_func: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="How logits become scores: softmax over experts, or per-expert sigmoid."
-    )
-    renormalize: bool = Field(
-        True, description="Divide the k selected scores by their sum (Mixtral); false keeps raw scores (Switch)."
-    )
-    jitter_eps: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.0, description="In training, multiply the router input by U(1-eps, 1+eps). 0 disables."
-    )
-    bias_update_rate: NonNegFloat = Field(
-        0.0,
-        description="Aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this "
-        "rate after each optimizer step towards balanced load. 0 disables.",
-    )
-
-
-class ExpertChoiceRouter(Section):
-    """Expert choice: each expert picks its top-C tokens of the batch."""
-
-    kind: Literal["expert_choice"] = Field("expert_choice", description="Router kind.")
-    capacity_factor: PosFloat = Field(
-        1.0, description="C = capacity_factor * T * top_k / num_experts tokens per expert."
-    )
-
-
-class HashRouter(Section):
-    """Fixed routing from a random per-token-id table; nothing in it is learned."""
-
-    kind: Literal["hash"] = Field("hash", description="Router kind.")
-    seed: NonNegInt = Field(0, description="Seed of the fixed random [vocab, experts] table.")
-
-
-class TopPRouter(Section):
-    """Top-p: experts in descending probability until the cumulative probability exceeds p."""
-
-    kind: Literal["topp"] = Field("topp", description="Router kind.")
-    p: Annotated[float, Field(gt=0, le=1)] = Field(0.4, description="Cumulative probability threshold.")
-    max_k: PosInt | None = Field(
-        None, description="Most experts a token may use (default: num_experts)."
-    )
-
-
-class RecurrentRouter(Section):
-    """RMoE's layerwise recurrent router: a cell shared by all MoE layers carries routing state
-    across depth (per token); per-layer projector d -> hidden and router hidden -> experts."""
-
-    kind: Literal["recurrent"] = Field("recurrent", description="Router kind.")
-    hidden: PosInt = Field(128, description="Recurrent state size p (the paper's best: 128).")
-    cell: Literal["gru", "rnn", "lstm"] = Field("gru", description="The shared recurrent cell.")
-    pass_state: bool = Field(
-        True, description="Pass the state from layer to layer; false = every layer starts from zero ('NP')."
-    )
-    detach_state: bool = Field(
-        False, description="Same forward, but no gradient flows into the previous layers' state (ablation)."
-    )
-    logit_residual: NonNegFloat = Field(
-        0.0, description="Add this multiple of the previous MoE layer's router logits ('r-alpha')."
-    )
-    shared_projector: bool = Field(False, description="One projector d -> hidden for all layers ('S-proj').")
-    projector_bias: bool = Field(False, description="Give the projector a bias (the enwik8 variant).")
-    renormalize: bool = Field(True, description="Divide the top-k weights by their sum.")
-
-
-def _default_kind(v: Any) -> Any:
-    """A router section without `kind` is the default top-k router."""
-    if isinstance(v, dict) and "kind" not in v:
-        return {"kind": "topk", **v}
-    return v
-
-
-RouterConfig = Annotated[
-    Union[TopKRouter, ExpertChoiceRouter, HashRouter, TopPRouter, RecurrentRouter],
-    Field(discriminator="kind"),
-    BeforeValidator(_default_kind),
-]
-
-
 # --------------------------------------------------------------------------- model
 
 
@@ -132,30 +48,6 @@ MoELayers = Annotated[
     WithJsonSchema({"anyOf": [{"enum": ["all", "every_other"]},
                               {"type": "array", "items": {"type": "integer", "minimum": 0}}]}),
 ]
-
-
-class CompetitionConfig(Section):
-    """CompeteSMoE: on scheduled (layer, step) pairs in training, evaluate every expert and route to
-    the strongest responses; the router learns to predict them. Defaults follow the 2025 paper."""
-
-    rate: Fraction = Field(0.07, description="Probability that a MoE layer competes at a step (omega).")
-    warmup: Fraction = Field(0.05, description="Fraction of training steps, at the start, without competition.")
-    max_layers: PosInt = Field(3, description="Most layers competing in one step (A_max; fixed schedule).")
-    schedule: Literal["fixed", "bernoulli"] = Field(
-        "fixed", description="'fixed': drawn once from the seed, capped, saved in checkpoints (2025); "
-        "'bernoulli': a fresh draw per layer and training forward from the seed, no cap (2024)."
-    )
-    response: Literal["mean_softplus", "l2_norm"] = Field(
-        "mean_softplus", description="An expert's response to a token: mean softplus of its output (2025) "
-        "or its L2 norm (2024)."
-    )
-    gate: Literal["linear", "softmax"] = Field(
-        "linear", description="Winners' weights: responses divided by their sum (2025) or their softmax (2024)."
-    )
-    theta: NonNegFloat = Field(0.2, description="Weight of the winners-only term of the router loss.")
-    router_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router distillation loss.")
-    diversity_weight: NonNegFloat = Field(0.005, description="Weight of the winners' diversity loss.")
-    balance_weight: NonNegFloat = Field(0.01, description="Weight of the competition balance loss.")
 
 
 class MoEConfig(Section):
@@ -197,14 +89,8 @@ class MoEConfig(Section):
     )
     aux_loss_weight: NonNegFloat = Field(0.01, description="Weight of the load-balance loss.")
     z_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router z-loss.")
-    router: RouterConfig = Field(default_factory=TopKRouter, description="The router; `kind` selects it.")
-    block: Literal["standard", "cartesian"] = Field(
-        "standard", description="MoE layer kind: 'standard' (one routed FFN) or 'cartesian' (CartesianMoE: "
-        "two routed sub-layers in sequence; expert_hidden is the sub-expert width)."
-    )
-    competition: CompetitionConfig | None = Field(
-        None, description="CompeteSMoE competition settings; null = none."
-    )
+    # `router`, `block` and one optional section per routed-layer variant (`competition`) are added
+    # from the engine's registries by moectl.recipe.parts, so a user's own parts fit in too.
 
     def layer_indices(self, n_layers: int) -> list[int]:
         """The indices of the MoE layers in a model of `n_layers` layers."""
@@ -352,7 +238,7 @@ class TrainConfig(Section):
     grad_accum: PosInt = Field(1, description="Micro-batches per optimizer step.")
     lr: PosFloat = Field(3e-4, description="Peak learning rate.")
     min_lr_ratio: Fraction = Field(0.1, description="Final learning rate as a fraction of lr (cosine, wsd).")
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
+    lr_schedule: Literal["cosine", "wsd", "constant"] = Field(
         "cosine", description="After warmup: cosine decay, warmup-stable-decay, or constant."
     )
     warmup_steps: NonNegInt = Field(0, description="Linear warmup steps from 0 to lr.")
@@ -390,6 +276,10 @@ class Recipe(Section):
         description="A base recipe (path relative to this file, or a shipped recipe name) whose "
         "values this file overrides; resolved before validation.",
     )
+    plugins: list[str] = Field(
+        default_factory=list, description="Python modules to import before the recipe is validated: they may "
+        "register routers, block kinds and routed-layer variants (see docs/engine.md)."
+    )
     name: str = Field("run", description="Run name; the default run folder is runs/<name>.")
     description: str = Field("", description="Free text shown by `moectl recipes list`.")
     seed: NonNegInt = Field(0, description="Seed for initialisation, data order and routing noise.")
@@ -398,4 +288,8 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
 
 
-SECTION_TYPES: tuple[type[BaseModel], ...] = (Recipe,)
+
+
+from moectl.recipe import parts  # noqa: E402  (adds the engine's registered parts to MoEConfig)
+
+parts.install()

@@ -1,5 +1,5 @@
-"""What a run measures and where it goes: per-layer routing statistics, metrics.jsonl,
-TensorBoard, the progress bar and the final summary."""
+"""Where a run's measurements go: logs/metrics.jsonl and TensorBoard; the device's peak FLOP/s
+(the MFU denominator) and peak memory. The routing statistics themselves are `moectl.core.stats`."""
 
 from __future__ import annotations
 
@@ -11,79 +11,8 @@ from typing import Any
 
 import torch
 
-from moectl.core.moe import RoutingRecord
 from moectl.errors import MoectlError
 from moectl.fsutil import atomic_write_text
-
-
-def layer_summary(load_E: torch.Tensor, dropped: float, slots: float, entropy: float, tokens: int) -> dict[str, Any]:
-    """Balance measures of one routed layer from its slot counts."""
-    load = load_E.double()
-    mean = load.mean().item()
-    return {
-        "load": [int(x) for x in load.tolist()],
-        "imbalance": load.max().item() / mean if mean > 0 else math.nan,
-        "cv": load.std(unbiased=False).item() / mean if mean > 0 else math.nan,
-        "dead": int((load < 0.01 * mean).sum().item()),
-        "entropy": entropy,
-        "dropped_frac": dropped / slots if slots else 0.0,
-        "experts_per_token": load.sum().item() / tokens if tokens else 0.0,
-    }
-
-
-class RoutingAccumulator:
-    """Sums routing records over micro-batches (and, via `reduce`, over processes)."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.names: list[str] = []
-        self.load: list[torch.Tensor] = []
-        self.scalars: list[torch.Tensor] = []   # per layer: [dropped, slots, entropy*tokens, tokens]
-        self.losses: dict[str, torch.Tensor] = {}
-        self.count = 0
-        self.competitions = 0      # (layer, micro-batch) pairs that ran a competition
-        self.extra_flops = 0       # their forward FLOPs beyond top-k routing
-        self.tokens = 0
-
-    def add(self, records: list[RoutingRecord]) -> None:
-        if not self.names:
-            self.names = [r.name for r in records]
-            self.load = [torch.zeros_like(r.load_E) for r in records]
-            self.scalars = [torch.zeros(4, device=r.load_E.device) for r in records]
-        for i, r in enumerate(records):
-            self.competitions += int(r.competed)
-            self.extra_flops += r.extra_flops
-            self.load[i] += r.load_E
-            self.scalars[i] += torch.stack([r.dropped, r.slots, r.entropy * r.tokens,
-                                            torch.tensor(float(r.tokens), device=r.load_E.device)])
-            for k, v in r.losses.items():
-                self.losses[k] = self.losses.get(k, torch.zeros((), device=v.device)) + v / len(records)
-        self.count += 1
-        self.tokens += records[0].tokens if records else 0
-
-    def summary(self, reduce) -> dict[str, Any]:
-        """Per-layer measures and mean unweighted losses; `reduce` sums a tensor over processes."""
-        if not self.names:
-            return {}
-        loads = reduce(torch.stack(self.load))
-        scalars = reduce(torch.stack(self.scalars)).tolist()
-        layers = {}
-        for name, load, (dropped, slots, ent_tok, tokens) in zip(self.names, loads, scalars, strict=True):
-            layers[name] = layer_summary(load, dropped, slots, ent_tok / max(tokens, 1), int(tokens))
-        out: dict[str, Any] = {"layers": layers}
-        world = reduce(torch.ones((), device=loads.device)).item()
-        for k, v in self.losses.items():
-            out[k] = reduce(v).item() / (self.count * world)
-        out["imbalance_max"] = max(v["imbalance"] for v in layers.values())
-        extra = reduce(torch.tensor([float(self.extra_flops), float(self.competitions), float(self.tokens)],
-                                    dtype=torch.float64, device=loads.device)).tolist()
-        if extra[1]:
-            # Competition work (fwd + bwd) per training token, reported apart from model FLOPs and MFU.
-            out["competitions"] = extra[1] / world
-            out["extra_flops_per_token"] = 3 * extra[0] / max(extra[2], 1)
-        return out
 
 
 def _records_up_to(path: Path, step: int) -> list[str]:

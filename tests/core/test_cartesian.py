@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from moectl.core import MoETransformer
 from moectl.core.model import CartesianMLP
+from moectl.core.moe import RoutedFFN
 from moectl.core.routers import RouteContext
 from tests.core.helpers import tiny_args
 
@@ -14,7 +15,8 @@ from tests.core.helpers import tiny_args
 def _cartesian(shared_mix="gate"):
     torch.manual_seed(0)
     args = tiny_args(block="cartesian", shared_experts=1, shared_mix=shared_mix, backend="loop")
-    mlp = CartesianMLP(args, 0)
+    index = iter(range(2))
+    mlp = CartesianMLP(args, 0, lambda name: RoutedFFN(args, next(index), name))
     for m in mlp.modules():
         if hasattr(m, "init_weights"):
             m.init_weights(0.3, 0.3)

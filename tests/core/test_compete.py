@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from moectl.core import MoETransformer
-from moectl.core.compete import BernoulliCompetition, CompeteFFN, CompetitionSchedule, place_draws
-from moectl.core.config import CompetitionArgs
+from moectl.core.compete import (
+    BernoulliCompetition,
+    CompeteFFN,
+    CompetitionOptions,
+    CompetitionSchedule,
+    place_draws,
+)
 from moectl.core.routers import RouteContext
 from tests.core.helpers import tiny_args
 
@@ -17,8 +22,8 @@ E, K, D, H, T = 5, 2, 8, 12, 6
 
 def _layer(**comp):
     torch.manual_seed(0)
-    layer = CompeteFFN(competition=CompetitionArgs(**comp), d_model=D, num_experts=E, top_k=K, expert_hidden=H,
-                       backend="loop")
+    layer = CompeteFFN(tiny_args(competition=CompetitionOptions(**comp), d_model=D, num_experts=E, top_k=K,
+                                 expert_hidden=H, backend="loop"))
     for m in layer.modules():
         if hasattr(m, "init_weights"):
             m.init_weights(0.5, 0.5)
@@ -31,7 +36,7 @@ def _expert(layer, e, x):
     return (F.silu(x @ b.w1[e]) * (x @ b.w3[e])) @ b.w2[e]
 
 
-COMPETE = RouteContext(compete=frozenset({0}))
+COMPETE = RouteContext(plan=frozenset({0}))
 
 
 @pytest.mark.parametrize("response, gate", [("mean_softplus", "linear"), ("l2_norm", "softmax")])
@@ -39,7 +44,7 @@ def test_competition_matches_hand_computation(response, gate):
     layer = _layer(response=response, gate=gate, theta=0.2)
     x = torch.randn(T, D, requires_grad=True)
     y, _, rec = layer(x, COMPETE)
-    assert rec.competed
+    assert rec.counters == {"competitions": 1}
     ref, ref_losses = [], {"distill": 0.0, "div": 0.0}
     outs = torch.stack([_expert(layer, e, x) for e in range(E)], 1)                  # [T, E, D]
     s = F.softplus(outs).mean(-1) if response == "mean_softplus" else outs.norm(dim=-1)
@@ -97,7 +102,7 @@ def test_router_gets_no_task_gradient_in_competition():
     # An ordinary step trains the router through the task loss.
     layer.zero_grad()
     y, _, rec = layer(x, RouteContext())
-    assert not rec.competed and "load_balance" in rec.losses
+    assert not rec.counters and "load_balance" in rec.losses
     y.square().sum().backward()
     assert layer.router.weight.grad.abs().sum() > 0
 
@@ -114,13 +119,13 @@ def test_competition_balance_loss_trains_the_experts():
 def test_never_competes_in_eval_or_without_grad():
     layer = _layer()
     x = torch.randn(T, D)
-    assert layer(x, COMPETE)[2].competed
+    assert layer(x, COMPETE)[2].counters == {"competitions": 1}
     with torch.no_grad():
-        assert not layer(x, COMPETE)[2].competed
+        assert not layer(x, COMPETE)[2].counters
     layer.eval()
-    assert not layer(x, COMPETE)[2].competed
+    assert not layer(x, COMPETE)[2].counters
     layer.train()
-    assert not layer(x, RouteContext())[2].competed   # not scheduled
+    assert not layer(x, RouteContext())[2].counters   # not scheduled
 
 
 def test_schedule_cap_warmup_and_seed():
@@ -141,7 +146,7 @@ def test_schedule_cap_warmup_and_seed():
     state = s.state_dict()
     fresh = CompetitionSchedule(seed=9, total_steps=10, num_layers=1, rate=0.5, warmup=0, max_layers=1)
     fresh.load_state_dict(state)
-    assert fresh.layers_at(1500) == s.layers_at(1500) and fresh.layers_at(99999) == frozenset()
+    assert fresh.at(1500) == s.at(1500) and fresh.at(99999) == frozenset()
 
 
 def test_draws_move_to_the_nearest_earlier_step_with_room_else_later():
@@ -173,40 +178,41 @@ def test_bernoulli_draws_agree_across_processes_and_resume():
     """The 2024 schedule: fresh draws per forward from the run's seed, so two processes (two
     instances with one seed) draw the same layers; warm-up respected; state restores the stream."""
     a, b = (BernoulliCompetition(seed=3, total_steps=100, num_layers=8, rate=0.3, warmup=0.1) for _ in range(2))
-    draws_a = [a.layers_at(step) for step in range(100) for _ in range(2)]   # two micro-batches a step
-    assert draws_a == [b.layers_at(step) for step in range(100) for _ in range(2)]
+    draws_a = [a.at(step) for step in range(100) for _ in range(2)]   # two micro-batches a step
+    assert draws_a == [b.at(step) for step in range(100) for _ in range(2)]
     assert all(d == frozenset() for d in draws_a[:20])
     assert draws_a[20:40] != draws_a[40:60] and 0.2 < sum(map(len, draws_a[20:])) / (180 * 8) < 0.4
     saved = a.state_dict()
     fresh = BernoulliCompetition(seed=99, total_steps=100, num_layers=8, rate=0.3, warmup=0.1)
-    assert fresh.resume(saved)
-    assert [fresh.layers_at(50) for _ in range(5)] == [a.layers_at(50) for _ in range(5)]
-    assert not CompetitionSchedule(1, 100, 8, 0.3, 0.1, 3).resume(saved)   # another kind: not taken
+    assert fresh.resume(saved) is None
+    assert [fresh.at(50) for _ in range(5)] == [a.at(50) for _ in range(5)]
+    assert "not this run's" in CompetitionSchedule(1, 100, 8, 0.3, 0.1, 3).resume(saved)   # another kind: not taken
 
 
 def test_model_follows_schedule():
-    model = MoETransformer(tiny_args(competition=CompetitionArgs(rate=0.5, warmup=0.0)))
-    model.competition_schedule = CompetitionSchedule(0, 20, 2, 0.5, 0.0, 1)
+    model = MoETransformer(tiny_args(competition=CompetitionOptions(rate=0.5, warmup=0.0, max_layers=1)))
+    assert isinstance(model.make_plan(seed=0, total_steps=20), CompetitionSchedule)
+    assert torch.equal(model.plan.mask, CompetitionSchedule(0, 20, 2, 0.5, 0.0, 1).mask)
     x = torch.randint(0, 64, (2, 16))
     for step in range(20):
         out = model(x, x, step=step)
-        assert {i for i, r in enumerate(out.records) if r.competed} == model.competition_schedule.layers_at(step)
+        assert {i for i, r in enumerate(out.records) if r.counters} == model.plan.at(step)
     model.eval()
-    assert not any(r.competed for r in model(x, x, step=3).records)
+    assert not any(r.counters for r in model(x, x, step=3).records)
 
 
 def test_bernoulli_draw_once_per_forward_under_recomputation():
     """With activation checkpointing the layers run twice; the draw happens once, before, so the
     recomputed forward competes exactly where the first did and the stream advances once."""
-    model = MoETransformer(tiny_args(competition=CompetitionArgs(schedule="bernoulli", rate=0.5, warmup=0.0)))
+    model = MoETransformer(tiny_args(competition=CompetitionOptions(schedule="bernoulli", rate=0.5, warmup=0.0)))
     model.activation_checkpointing = True
-    model.competition_schedule = BernoulliCompetition(0, 10, 2, 0.5, 0.0)
+    model.plan = BernoulliCompetition(0, 10, 2, 0.5, 0.0)
     twin = BernoulliCompetition(0, 10, 2, 0.5, 0.0)
     x = torch.randint(0, 64, (2, 16))
     for step in range(6):
         out = model(x, x, step=step)
         out.total_loss.backward()
-        assert {i for i, r in enumerate(out.records) if r.competed} == twin.layers_at(step)
+        assert {i for i, r in enumerate(out.records) if r.counters} == twin.at(step)
 
 
 def test_extra_flops_reported_apart():

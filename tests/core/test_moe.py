@@ -6,6 +6,7 @@ import torch
 
 from moectl.core.moe import RoutedFFN, apply_capacity
 from moectl.core.routers import RouteContext
+from tests.core.helpers import tiny_args
 
 
 def test_capacity_keeps_first_choices_first():
@@ -28,9 +29,9 @@ def test_capacity_respects_existing_mask():
 
 def _layer(**kw):
     torch.manual_seed(0)
-    args = dict(d_model=16, num_experts=4, top_k=2, expert_hidden=16, backend="loop")
-    args.update(kw)
-    layer = RoutedFFN(**args)
+    moe = dict(num_experts=4, top_k=2, expert_hidden=16, backend="loop")
+    moe.update(kw)
+    layer = RoutedFFN(tiny_args(d_model=16, **moe))
     for m in layer.modules():
         if hasattr(m, "init_weights"):
             m.init_weights(0.3, 0.3)

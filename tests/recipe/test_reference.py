@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from moectl.recipe.load import model_types
 from moectl.recipe.reference import markdown_reference
-from moectl.recipe.schema import ModelConfig, MoEConfig, TopKRouter
+from moectl.recipe.schema import ModelConfig, MoEConfig
 from tests.conftest import REPO
 
 
@@ -16,7 +17,8 @@ def test_reference_is_current():
 
 def test_every_field_is_documented():
     text = markdown_reference()
-    for cls in (ModelConfig, MoEConfig, TopKRouter):
+    parts = [cls for name in ("router", "block") for cls in model_types(MoEConfig.model_fields[name].annotation)]
+    for cls in (ModelConfig, MoEConfig, *parts):
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
             assert f"`{name}`" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +11,10 @@ import time
 
 import pytest
 
-from moectl.checkpoint import CheckpointDir, load_checkpoint
-from moectl.factory import build_model
+from moectl.checkpoint import CheckpointDir
 from moectl.recipe.load import load_recipe
-from moectl.train.loop import train
+from moectl.runs import load_run
+from moectl.train.trainer import train
 from tests.conftest import REPO, train_recipe_text
 from tests.train.helpers import evals, losses
 
@@ -48,8 +49,7 @@ def test_sigkill_while_writing_checkpoint(corpus, write, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     latest = CheckpointDir(ckpts).latest()
     assert latest.name == "step-00000003"
-    state = load_checkpoint(latest, build_model(load_recipe(run)))
-    assert state["step"] == 3
+    assert load_run(latest).step == 3
     # The run resumes from there and tidies the half-written folder.
     proc = _start([path, "--run-dir", run])
     assert proc.wait(timeout=120) == 0, proc.communicate()
@@ -117,7 +117,7 @@ def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     assert sorted(c) == [4, 5]
     for step in c:
         assert abs(c[step] - b[step]) < 1e-6
-    load_checkpoint(ckpt, build_model(load_recipe(path, extra)))
+    assert load_run(ckpt).step == 5
 
 
 def test_bad_data_with_two_processes(corpus, write, tmp_path):
@@ -156,3 +156,75 @@ def test_sigint_with_two_processes(corpus, write, tmp_path, target):
                               f"{int(latest.name.split('-')[1]) + 3}", "--nproc", "2", "--run-dir", str(run), "-q"],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def _launched(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+LAUNCHERS = {
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(port), "-m", "moectl"],
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                                "2", "--main_process_port", str(port), "-m", "moectl"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_other_launchers_give_world_size_two(corpus, write, tmp_path, launcher):
+    """torchrun and `accelerate launch --multi_gpu` start two CPU processes that train as one run
+    (world size 2 in the checkpoint) and follow the single-process loss curve, like --nproc 2."""
+    from moectl.train.launch import free_port
+
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=3, eval_every="null", checkpoint_every=3))
+    train(load_recipe(path, ["train.batch_size=4"]), run_dir=tmp_path / "single", resume="never", show_progress=False)
+    proc = _launched([*LAUNCHERS[launcher](free_port()), "train", str(path), "train.batch_size=2",
+                      "--run-dir", str(tmp_path / "dp"), "-q"])
+    assert proc.returncode == 0, proc.stderr
+    latest = CheckpointDir(tmp_path / "dp" / "checkpoints").latest()
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (latest / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "dp")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+
+
+def test_plain_accelerate_launch_on_cpu_refuses_to_train_alone(corpus, write, tmp_path):
+    """Without --multi_gpu, accelerate starts one process on a CPU machine although asked for two:
+    moectl says so (its process exits with 2; accelerate then reports that exit status itself)
+    instead of silently training one process."""
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=2))
+    proc = _launched([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "moectl",
+                      "train", str(path), "--run-dir", str(tmp_path / "run"), "-q"])
+    assert proc.returncode != 0 and "returned non-zero exit status 2" in proc.stderr
+    assert "started only one" in proc.stderr and "--multi_gpu" in proc.stderr
+    assert "/moectl/" not in "".join(line for line in proc.stderr.splitlines() if line.strip().startswith("File "))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_three_processes_with_uneven_validation(corpus, write, tmp_path, parallel):
+    """Two validation batches over three processes: the third has none, yet every process runs the
+    same forwards and collectives (a sharded model would otherwise hang), and the run finishes."""
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=2, eval_every=1, checkpoint_every=2, eval_batches=2,
+                                             batch_size=2, parallel=parallel))
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), "--nproc", "3", "--run-dir",
+                           str(tmp_path / "run"), "-q"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = evals(tmp_path / "run")
+    assert sorted(records) == [1, 2] and all(0 < v < 10 for v in records.values())
+
+
+def test_a_process_whose_peers_never_come_says_so(corpus, write, tmp_path):
+    """WORLD_SIZE=2 with no second process: a clear failure after the rendezvous timeout, not a hang."""
+    from moectl.train.launch import free_port
+
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=2))
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "MOECTL_RENDEZVOUS_TIMEOUT": "3"}
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), "--run-dir", str(tmp_path / "run"),
+                           "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "process 0 of 2 could not join the others" in proc.stderr and "Traceback" not in proc.stderr

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from moectl.checkpoint import CheckpointDir, load_checkpoint
-from moectl.factory import build_model
+from moectl.checkpoint import CheckpointDir
 from moectl.recipe.load import load_recipe
-from moectl.train.loop import train
+from moectl.runs import load_run
+from moectl.train.trainer import train
 from tests.conftest import train_recipe_text
 from tests.train.helpers import evals, losses
 
@@ -43,10 +43,10 @@ def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     assert sum(eval_rec["layers"]["L0"]["load"]) == 2 * 4 * 32 * 2 and "load_balance" in eval_rec
     summary = json.loads((run / "logs" / "summary.json").read_text())
     assert summary["tokens"] == 6 * 4 * 32 and summary["final_val_loss"] == evals(run)[6]
-    # The checkpoint restores the final model exactly.
-    model = build_model(load_recipe(run))
-    load_checkpoint(ckpts.latest(), model)
-    assert torch.isfinite(next(model.parameters())).all()
+    # The run folder loads back as a model (at its latest checkpoint).
+    loaded = load_run(run)
+    assert loaded.step == 6 and loaded.checkpoint == ckpts.latest()
+    assert torch.isfinite(next(loaded.model.parameters())).all()
 
 
 def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
@@ -73,7 +73,7 @@ def test_keep_last(cli, recipe_path, tmp_path):
 def test_resume_is_exact(recipe_path, tmp_path):
     """2N steps straight equal N steps, resume, N steps: identical per-step losses and validation,
     with routing jitter and aux-loss-free biases (RNG and router state restored)."""
-    overrides = ["train.schedule=constant", "train.warmup_steps=2", "model.moe.router.jitter_eps=0.1",
+    overrides = ["train.lr_schedule=constant", "train.warmup_steps=2", "model.moe.router.jitter_eps=0.1",
                  "model.moe.router.bias_update_rate=0.01", "train.eval_every=4", "train.checkpoint_every=4"]
     path = recipe_path()
     straight = load_recipe(path, [*overrides, "train.max_steps=8"])
@@ -85,8 +85,8 @@ def test_resume_is_exact(recipe_path, tmp_path):
     assert list(a) == list(b) == list(range(1, 9))
     assert a == b                      # bitwise equal, not merely close
     assert evals(tmp_path / "a") == evals(tmp_path / "b")
-    sa = torch.load(tmp_path / "a/checkpoints/step-00000008/optimizer.pt", weights_only=False)
-    sb = torch.load(tmp_path / "b/checkpoints/step-00000008/optimizer.pt", weights_only=False)
+    sa = torch.load(tmp_path / "a/checkpoints/step-00000008/optimizer.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b/checkpoints/step-00000008/optimizer.pt", weights_only=True)
     for name, st in sa["state"].items():
         assert torch.equal(st["exp_avg"], sb["state"][name]["exp_avg"]), name
 
@@ -158,7 +158,7 @@ def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
     path = recipe_path(max_steps=4, checkpoint_every=2, grad_clip=0, eval_every="null")
     assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
     # Continue with an absurd learning rate: the loss blows up after step 4.
-    result = cli("train", path, "train.max_steps=40", "train.lr=1.0e+8", "train.schedule=constant",
+    result = cli("train", path, "train.max_steps=40", "train.lr=1.0e+8", "train.lr_schedule=constant",
                  "--run-dir", run, "-q")
     assert result.exit_code == 1, result.output
     assert "non-finite loss or gradient norm at step" in result.stderr and "Traceback" not in result.output
@@ -166,25 +166,24 @@ def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
     assert bad_step > 4
     latest = CheckpointDir(run / "checkpoints").latest()
     assert latest.name == f"step-{bad_step - bad_step % 2 if bad_step % 2 else bad_step - 2:08d}"
-    model = build_model(load_recipe(run))
-    state = load_checkpoint(latest, model)
-    assert state["step"] < bad_step
-    for p in model.parameters():   # the checkpoint's weights, as loaded
+    loaded = load_run(latest)
+    assert loaded.step < bad_step
+    for p in loaded.model.parameters():   # the checkpoint's weights, as loaded
         assert torch.isfinite(p).all()
 
 
 def test_nonfinite_skip(recipe_path, tmp_path, monkeypatch):
     """on_nonfinite: skip drops the bad step (no update) and the run goes on to the end."""
-    import moectl.train.loop as loop
+    import moectl.train.parallel as parallel
 
-    real, calls = loop.clip_gradients, []
+    real, calls = parallel.clip_gradients, []
 
     def clip(model, max_norm):   # the gradient norm of the 3rd step is NaN
         calls.append(1)
         norm = real(model, max_norm)
         return norm * float("nan") if len(calls) == 3 else norm
 
-    monkeypatch.setattr(loop, "clip_gradients", clip)
+    monkeypatch.setattr(parallel, "clip_gradients", clip)
     path = recipe_path(max_steps=5, on_nonfinite="skip", eval_every="null", checkpoint_every=5)
     result = train(load_recipe(path), run_dir=tmp_path / "run", resume="never", show_progress=False)
     assert result.skipped_steps == 1 and result.steps == 5
@@ -196,7 +195,7 @@ def test_nonfinite_skip(recipe_path, tmp_path, monkeypatch):
 def test_nonfinite_skip_gives_up(cli, recipe_path, tmp_path):
     """A run whose every step is non-finite stops after 20 skips in a row instead of spinning."""
     path = recipe_path(max_steps=30, grad_clip=0, on_nonfinite="skip", eval_every="null")
-    result = cli("train", path, "train.lr=1.0e+8", "train.schedule=constant", "--run-dir", tmp_path / "run", "-q")
+    result = cli("train", path, "train.lr=1.0e+8", "train.lr_schedule=constant", "--run-dir", tmp_path / "run", "-q")
     assert result.exit_code == 1 and "consecutive non-finite steps" in result.stderr
     skipped = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
                if json.loads(x)["type"] == "nonfinite"]
@@ -242,3 +241,33 @@ def test_tensorboard(recipe_path, tmp_path):
     path = recipe_path(max_steps=2, eval_every="null", tensorboard="true")
     train(load_recipe(path), run_dir=tmp_path / "a", resume="never", show_progress=False)
     assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
+
+
+class _Evil:
+    """Unpickling this would create a folder: what a crafted checkpoint file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("target", ["optimizer.pt", "rng/rank-0.pt", "plan.pt"])
+def test_crafted_checkpoint_files_never_run(cli, recipe_path, tmp_path, target):
+    """A pickle with code in it, in any .pt file of a checkpoint, is refused (exit 2) and never
+    executed: every .pt file is read with weights_only=True."""
+    path = recipe_path(max_steps=2, eval_every="null")
+    extra = ["model.moe.competition.rate=0.5", "model.moe.competition.warmup=0.0"]   # so there is a plan.pt
+    run = tmp_path / "run"
+    assert cli("train", path, *extra, "--run-dir", run, "-q").exit_code == 0
+    ckpt = CheckpointDir(run / "checkpoints").latest()
+    assert (ckpt / "plan.pt").is_file()
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _Evil(marker)}, ckpt / target)
+    result = cli("train", path, *extra, "train.max_steps=4", "--run-dir", run, "-q")
+    assert result.exit_code == 2, result.output
+    assert "cannot be read safely" in result.stderr and "Traceback" not in result.output
+    assert not marker.exists()

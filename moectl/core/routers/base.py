@@ -1,24 +1,31 @@
 """The router contract shared by every routing method.
 
-Shape legend used across the MoE code:
-  T tokens in the flattened batch, D model width, E experts, K routed slots per token,
-  F expert hidden width, N = T*K routed slots, V vocabulary.
+Shape suffixes used across moectl's code (the one legend; docs/engine.md points here):
+  B batch, S sequence, T tokens in the flattened batch (B*S), D model width, E experts,
+  K routed slots per token, F expert hidden width, N = T*K routed slots, V vocabulary,
+  P a recurrent router's state width.  `x_TD` is a [T, D] tensor, `logits_TE` a [T, E] one.
 
 A router maps normalised tokens x_TD to a `RouterOutput`: for each token K expert ids and their
 combine weights (with a validity mask when a token uses fewer than K experts), the fp32 routing
 probabilities over all experts, unweighted auxiliary losses, and the next recurrent routing state.
-The MoE block never looks at the router's kind; routers register by name and are built by
-`make_router`.
+The MoE block never looks at the router's kind. A router is registered with its options dataclass
+(`@register_router("name", options=...)`, see `moectl.core.registry`) and built by `make_router`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from moectl.core import registry
+from moectl.core.losses import load_balance_loss, z_loss
+
+if TYPE_CHECKING:
+    from moectl.core.config import ModelArgs
 
 
 @dataclass
@@ -26,12 +33,13 @@ class RouteContext:
     """Per-forward facts that some routers need. Built once by the model for all layers."""
 
     token_ids_T: Tensor | None = None   # input token ids (hash routing)
-    step: int | None = None             # optimizer step (schedules)
-    compete: frozenset[int] = frozenset()   # routed-layer indices that run a competition this forward
     shared: nn.Module | None = None     # a module shared by the routers of all layers
     # Sums per-expert slot counts over data-parallel ranks (set by the trainer), so balance losses
     # see the global batch and results do not depend on the number of processes.
     reduce_counts: Callable[[Tensor], Tensor] | None = None
+    # What the model's routing plan decided for this training forward (None outside training);
+    # its meaning belongs to the routed-layer variant that made the plan (see `RoutingPlan`).
+    plan: Any = None
 
 
 @dataclass
@@ -46,25 +54,55 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    """Base class: holds the shared sizes; subclasses implement `forward`."""
+    """Base class of routers: the sizes every router needs, its options, and class-level hooks.
+
+    Subclasses implement `forward(x_TD, ctx, state) -> RouterOutput` and may override:
+      `shared_module(args)`   a module the routers of all layers share (RMoE's cell)
+      `check(moe)`            cross-field checks on the recipe's `model.moe` section
+      `build_notes()`         lines `moectl build` prints about this router
+      `after_step(load_E)`    adapt after each optimizer step (aux-loss-free biases)
+    """
 
     component = "router"
-    fixed_k = False   # True when every token always gets exactly top_k experts
+    kind = ""            # the registered name (set by `register_router`)
+    fixed_k = False      # True when every token always gets exactly top_k experts
+    learned = True       # False when nothing in the router is trained (hash)
 
-    def __init__(self, *, d_model: int, num_experts: int, top_k: int, index: int = 0,
-                 vocab_size: int | None = None):
+    def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
-        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
-        self.index, self.vocab_size = index, vocab_size  # index: ordinal among the routed layers
+        moe = args.moe
+        self.options = moe.router
+        self.d_model, self.num_experts, self.top_k = args.d_model, moe.num_experts, moe.top_k
+        self.vocab_size = args.vocab_size
+        self.index = index   # ordinal among the model's routed layers (forward order)
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         raise NotImplementedError
 
     @classmethod
-    def shared_module(cls, **options: Any) -> nn.Module | None:
+    def shared_module(cls, args: ModelArgs) -> nn.Module | None:
         """A module that the routers of all layers share (built once by the model and passed in
-        `RouteContext.shared`), or None. Receives d_model, num_experts and the router's options."""
+        `RouteContext.shared`), or None."""
         return None
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        """Problems of a recipe's `model.moe` section that involve this router, as
+        (key path under model.moe, message) pairs."""
+        return []
+
+    def build_notes(self) -> list[str]:
+        if self.fixed_k:
+            return []
+        return [f"{self.kind} gives tokens a varying number of experts: active parameters and FLOPs assume "
+                f"the nominal top_k = {self.top_k}; logs report the measured mean (experts_per_token)."]
+
+    def add_gate(self, in_features: int | None = None) -> None:
+        """The learned gate `weight` [E, in_features] (default in_features: d_model)."""
+        self.weight = nn.Parameter(torch.empty(self.num_experts, in_features or self.d_model))
+
+    def gate_logits(self, x_TD: Tensor) -> Tensor:
+        return fp32_linear(x_TD, self.weight)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for p in self.parameters(recurse=False):
@@ -79,33 +117,34 @@ class Router(nn.Module):
         """Called after each optimizer step with the expert loads of that step (slot counts)."""
 
 
-def fp32_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
-    """Router logits in fp32, also under autocast (which would otherwise run them in bf16)."""
-    with torch.autocast(x_TD.device.type, enabled=False):
-        return torch.nn.functional.linear(x_TD.float(), weight_ED.float())
+def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias) in fp32, also under autocast (which would otherwise run it in bf16)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
-_REGISTRY: dict[str, type[Router]] = {}
+def routing_losses(probs_TE: Tensor, expert_ids_TK: Tensor, logits_TE: Tensor, ctx: RouteContext,
+                   valid_TK: Tensor | None = None) -> dict[str, Tensor]:
+    """The standard unweighted router losses: Switch load balance and z-loss."""
+    return {"load_balance": load_balance_loss(probs_TE, expert_ids_TK, valid_TK, reduce=ctx.reduce_counts),
+            "z_loss": z_loss(logits_TE)}
 
 
-def register_router(name: str):
-    def deco(cls: type[Router]) -> type[Router]:
-        if name in _REGISTRY:
-            raise ValueError(f"router {name!r} registered twice")
-        cls.kind = name
-        _REGISTRY[name] = cls
-        return cls
-    return deco
+registry.routers.base = Router
+
+
+def register_router(name: str, *, options: type):
+    """Class decorator: make a Router subclass selectable as `model.moe.router.kind: name`."""
+    return registry.routers.register(name, options=options)
 
 
 def router_registry() -> dict[str, type[Router]]:
-    from moectl.core import routers  # noqa: F401  (importing the package registers every router)
+    """Every registered router class by name (importing moectl.core registers the built-ins)."""
+    import moectl.core  # noqa: F401
 
-    return dict(_REGISTRY)
+    return {e.name: e.cls for e in registry.routers}
 
 
-def make_router(kind: str, **kwargs: Any) -> Router:
-    registry = router_registry()
-    if kind not in registry:
-        raise ValueError(f"unknown router kind {kind!r}; known: {', '.join(sorted(registry))}")
-    return registry[kind](**kwargs)
+def make_router(args: ModelArgs, index: int = 0) -> Router:
+    """The router `args.moe.router` (an options instance) selects, for routed layer `index`."""
+    return registry.routers.of(args.moe.router).cls(args, index)

@@ -7,34 +7,50 @@ routing cannot be reproduced token by token at generation time (as its paper not
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moectl.core.losses import z_loss
-from moectl.core.routers.base import (
-    RouteContext,
-    Router,
-    RouterOutput,
-    fp32_logits,
-    register_router,
-)
+from moectl.core.registry import option
+from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
 
 
-@register_router("expert_choice")
+@dataclass
+class ExpertChoiceOptions:
+    """Expert choice: each expert picks its top-C tokens of the batch."""
+
+    capacity_factor: float = option(1.0, "C = capacity_factor * T * top_k / num_experts tokens per expert.", gt=0)
+
+
+@register_router("expert_choice", options=ExpertChoiceOptions)
 class ExpertChoiceRouter(Router):
-    def __init__(self, *, capacity_factor: float = 1.0, **common: Any):
-        super().__init__(**common)
-        self.capacity_factor = capacity_factor
-        self.weight = nn.Parameter(torch.empty(self.num_experts, self.d_model))
+    """Each expert takes its C most probable tokens; balanced by construction."""
+
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
+        self.add_gate()
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        if moe.capacity_factor is not None:
+            return [("capacity_factor", "expert_choice sets its own capacity (model.moe.router.capacity_factor); "
+                                        "leave model.moe.capacity_factor null")]
+        return []
+
+    def build_notes(self) -> list[str]:
+        return [*super().build_notes(),
+                "expert_choice is not causal: a token's routing depends on later tokens of the batch, so its "
+                "training and validation losses are optimistic for a language model."]
 
     def capacity(self, num_tokens: int) -> int:
-        c = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        c = math.ceil(self.options.capacity_factor * num_tokens * self.top_k / self.num_experts)
         return max(1, min(num_tokens, c))
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
-        logits = fp32_logits(x_TD, self.weight)
+        logits = self.gate_logits(x_TD)
         probs = logits.softmax(-1)
         T, E = probs.shape
         chosen_CE = probs.topk(self.capacity(T), dim=0).indices           # tokens each expert takes

@@ -5,30 +5,41 @@ the model and derived from (seed, routed-layer index), so every layer routes dif
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from moectl.core.registry import option
 from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
 from moectl.core.routers.topk import select_topk
 
 
-@register_router("hash")
-class HashRouter(Router):
-    fixed_k = True
+@dataclass
+class HashOptions:
+    """Fixed routing from a random per-token-id table; nothing in it is learned."""
 
-    def __init__(self, *, seed: int = 0, **common: Any):
-        super().__init__(**common)
+    seed: int = option(0, "Seed of the fixed random [vocab, experts] table.", ge=0)
+
+
+@register_router("hash", options=HashOptions)
+class HashRouter(Router):
+    """Top-k of softmax(table[token id]), renormalised."""
+
+    fixed_k = True
+    learned = False
+
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
         if self.vocab_size is None:
             raise ValueError("hash routing needs vocab_size")
-        self.seed = seed
         self.register_buffer("table", torch.empty(self.vocab_size, self.num_experts))
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.table.is_meta:
             return
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.index)
+        g = torch.Generator().manual_seed(self.options.seed * 100_003 + self.index)
         self.table.copy_(torch.randn(self.vocab_size, self.num_experts, generator=g))
 
     def flops_per_token(self) -> int:

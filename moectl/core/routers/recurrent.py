@@ -16,19 +16,43 @@ model owns once and hands to every router through the route context.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moectl.core.losses import load_balance_loss, z_loss
-from moectl.core.routers.base import RouteContext, Router, RouterOutput, register_router
+from moectl.core.registry import option
+from moectl.core.routers.base import (
+    RouteContext,
+    Router,
+    RouterOutput,
+    register_router,
+    routing_losses,
+)
 from moectl.core.routers.topk import select_topk
 
 CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}
 # Forward FLOPs of one cell step per token, in units of hidden^2: gates x (input + hidden matmuls) x 2.
 CELL_FLOPS = {"gru": 3 * 2 * 2, "rnn": 1 * 2 * 2, "lstm": 4 * 2 * 2}
+
+
+@dataclass
+class RecurrentOptions:
+    """RMoE's layerwise recurrent router: a cell shared by all MoE layers carries routing state
+    across depth (per token); per-layer projector d -> hidden and router hidden -> experts."""
+
+    hidden: int = option(128, "Recurrent state size p (the paper's best: 128).", gt=0)
+    cell: Literal["gru", "rnn", "lstm"] = option("gru", "The shared recurrent cell.")
+    pass_state: bool = option(
+        True, "Pass the state from layer to layer; false = every layer starts from zero ('NP').")
+    detach_state: bool = option(
+        False, "Same forward, but no gradient flows into the previous layers' state (ablation).")
+    logit_residual: float = option(
+        0.0, "Add this multiple of the previous MoE layer's router logits ('r-alpha').", ge=0)
+    shared_projector: bool = option(False, "One projector d -> hidden for all layers ('S-proj').")
+    projector_bias: bool = option(False, "Give the projector a bias (the enwik8 variant).")
+    renormalize: bool = option(True, "Divide the top-k weights by their sum.")
 
 
 @dataclass
@@ -45,11 +69,11 @@ class RecurrentCore(nn.Module):
 
     component = "router"
 
-    def __init__(self, d_model: int, hidden: int, cell: str, shared_projector: bool, projector_bias: bool):
+    def __init__(self, d_model: int, options: RecurrentOptions):
         super().__init__()
-        self.cell_kind = cell
-        self.cell = CELLS[cell](hidden, hidden)
-        self.projector = nn.Linear(d_model, hidden, bias=projector_bias) if shared_projector else None
+        self.cell = CELLS[options.cell](options.hidden, options.hidden)
+        self.projector = (nn.Linear(d_model, options.hidden, bias=options.projector_bias)
+                          if options.shared_projector else None)
 
     def init_weights(self, std: float, out_std: float) -> None:
         # Every tensor of the cell, biases included, from N(0, std) (the paper's Megatron-style init).
@@ -57,24 +81,28 @@ class RecurrentCore(nn.Module):
             nn.init.normal_(p, std=std)
 
 
-@register_router("recurrent")
+@register_router("recurrent", options=RecurrentOptions)
 class RecurrentRouter(Router):
+    """Logits from a recurrent state carried through the MoE layers; top-k of their softmax."""
+
     fixed_k = True
 
-    def __init__(self, *, hidden: int = 128, cell: str = "gru", pass_state: bool = True,
-                 detach_state: bool = False, logit_residual: float = 0.0, shared_projector: bool = False,
-                 projector_bias: bool = False, renormalize: bool = True, **common: Any):
-        super().__init__(**common)
-        self.hidden, self.cell_kind = hidden, cell
-        self.pass_state, self.detach_state = pass_state, detach_state
-        self.logit_residual, self.renormalize = logit_residual, renormalize
-        self.projector = None if shared_projector else nn.Linear(self.d_model, hidden, bias=projector_bias)
-        self.weight = nn.Parameter(torch.empty(self.num_experts, hidden))
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
+        o = self.options
+        self.hidden = o.hidden
+        self.projector = None if o.shared_projector else nn.Linear(self.d_model, o.hidden, bias=o.projector_bias)
+        self.add_gate(o.hidden)
 
     @classmethod
-    def shared_module(cls, *, d_model: int, hidden: int = 128, cell: str = "gru", shared_projector: bool = False,
-                      projector_bias: bool = False, **_: Any) -> RecurrentCore:
-        return RecurrentCore(d_model, hidden, cell, shared_projector, projector_bias)
+    def shared_module(cls, args) -> RecurrentCore:
+        return RecurrentCore(args.d_model, args.moe.router)
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        if moe.router.detach_state and not moe.router.pass_state:
+            return [("router.detach_state", "has no effect with pass_state: false (there is no state to detach)")]
+        return []
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.weight, std=std)
@@ -84,32 +112,33 @@ class RecurrentRouter(Router):
 
     def flops_per_token(self) -> int:
         p = self.hidden
-        return 2 * self.d_model * p + CELL_FLOPS[self.cell_kind] * p * p + 2 * p * self.num_experts
+        return 2 * self.d_model * p + CELL_FLOPS[self.options.cell] * p * p + 2 * p * self.num_experts
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: RecurrentState | None = None) -> RouterOutput:
         core = ctx.shared
         if not isinstance(core, RecurrentCore):
             raise ValueError("the recurrent router needs the model's RecurrentCore in ctx.shared")
+        o = self.options
         T = x_TD.shape[0]
         with torch.autocast(x_TD.device.type, enabled=False):   # router math in fp32
             proj = self.projector if self.projector is not None else core.projector
             x_TP = F.linear(x_TD.float(), proj.weight.float(), None if proj.bias is None else proj.bias.float())
-            if state is None or not self.pass_state:
+            if state is None or not o.pass_state:
                 h_prev = x_TP.new_zeros(T, self.hidden)
-                c_prev = x_TP.new_zeros(T, self.hidden) if self.cell_kind == "lstm" else None
+                c_prev = x_TP.new_zeros(T, self.hidden) if o.cell == "lstm" else None
             else:
                 h_prev, c_prev = state.h_TP, state.c_TP
-            if self.detach_state:
+            if o.detach_state:
                 h_prev = h_prev.detach()
                 c_prev = c_prev.detach() if c_prev is not None else None
-            if self.cell_kind == "lstm":
+            if o.cell == "lstm":
                 h, c = core.cell(x_TP, (h_prev, c_prev))
             else:
                 h, c = core.cell(x_TP, h_prev), None
             logits = F.linear(h, self.weight.float())
-            if self.logit_residual and state is not None:
-                logits = logits + self.logit_residual * state.logits_TE
+            if o.logit_residual and state is not None:
+                logits = logits + o.logit_residual * state.logits_TE
         probs = logits.softmax(-1)
-        ids, weights = select_topk(probs, self.top_k, self.renormalize)
-        losses = {"load_balance": load_balance_loss(probs, ids, reduce=ctx.reduce_counts), "z_loss": z_loss(logits)}
-        return RouterOutput(ids, weights, probs, logits, aux_losses=losses, state=RecurrentState(h, c, logits))
+        ids, weights = select_topk(probs, self.top_k, o.renormalize)
+        return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
+                            state=RecurrentState(h, c, logits))

@@ -3,18 +3,19 @@ aux-loss-free bias balancing (DeepSeek-V3)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moectl.core.losses import load_balance_loss, z_loss
+from moectl.core.registry import option
 from moectl.core.routers.base import (
     RouteContext,
     Router,
     RouterOutput,
-    fp32_logits,
     register_router,
+    routing_losses,
 )
 
 
@@ -37,35 +38,49 @@ def scores_from_logits(logits_TE: Tensor, score_func: str) -> tuple[Tensor, Tens
     return scores, scores / scores.sum(-1, keepdim=True)
 
 
-@register_router("topk")
+@dataclass
+class TopKOptions:
+    """Token-choice top-k: each token picks its k highest-scoring experts."""
+
+    score_func: Literal["softmax", "sigmoid"] = option(
+        "softmax", "How logits become scores: softmax over experts, or per-expert sigmoid.")
+    renormalize: bool = option(
+        True, "Divide the k selected scores by their sum (Mixtral); false keeps raw scores (Switch).")
+    jitter_eps: float = option(
+        0.0, "In training, multiply the router input by U(1-eps, 1+eps). 0 disables.", ge=0, lt=1)
+    bias_update_rate: float = option(
+        0.0, "Aux-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this rate after "
+        "each optimizer step towards balanced load. 0 disables.", ge=0)
+
+
+@register_router("topk", options=TopKOptions)
 class TopKRouter(Router):
+    """Scores softmax(W x) or sigmoid(W x); each token takes its k best experts."""
+
     fixed_k = True
 
-    def __init__(self, *, score_func: str = "softmax", renormalize: bool = True,
-                 jitter_eps: float = 0.0, bias_update_rate: float = 0.0, **common: Any):
-        super().__init__(**common)
-        self.score_func, self.renormalize = score_func, renormalize
-        self.jitter_eps, self.bias_update_rate = jitter_eps, bias_update_rate
-        self.weight = nn.Parameter(torch.empty(self.num_experts, self.d_model))
-        # Selection-only bias of aux-loss-free balancing; a buffer, saved in checkpoints.
-        self.register_buffer("expert_bias", torch.zeros(self.num_experts), persistent=bias_update_rate > 0)
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
+        self.add_gate()
+        # Selection-only bias of aux-loss-free balancing: a buffer, saved in checkpoints.
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts) if self.options.bias_update_rate > 0 else None)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         x = x_TD.float()
-        if self.training and self.jitter_eps > 0:
-            x = x * torch.empty_like(x).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        return fp32_logits(x, self.weight)
+        eps = self.options.jitter_eps
+        if self.training and eps > 0:
+            x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
+        return self.gate_logits(x)
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         logits = self.logits(x_TD)
-        scores, probs = scores_from_logits(logits, self.score_func)
-        bias = self.expert_bias if self.bias_update_rate > 0 else None
-        ids, weights = select_topk(scores, self.top_k, self.renormalize, bias)
-        losses = {"load_balance": load_balance_loss(probs, ids, reduce=ctx.reduce_counts), "z_loss": z_loss(logits)}
-        return RouterOutput(ids, weights, probs, logits, aux_losses=losses, state=state)
+        scores, probs = scores_from_logits(logits, self.options.score_func)
+        ids, weights = select_topk(scores, self.top_k, self.options.renormalize, self.expert_bias)
+        return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
+                            state=state)
 
     @torch.no_grad()
     def after_step(self, load_E: Tensor) -> None:
-        if self.bias_update_rate > 0:
+        if self.expert_bias is not None:
             load = load_E.to(self.expert_bias)
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            self.expert_bias += self.options.bias_update_rate * torch.sign(load.mean() - load)

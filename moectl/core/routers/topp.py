@@ -3,19 +3,19 @@ probability first exceeds p; at least one, at most max_k. Weights are the raw pr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from moectl.core.losses import load_balance_loss, z_loss
+from moectl.core.registry import option
 from moectl.core.routers.base import (
     RouteContext,
     Router,
     RouterOutput,
-    fp32_logits,
     register_router,
+    routing_losses,
 )
 
 
@@ -28,17 +28,33 @@ def topp_select(probs_TE: Tensor, p: float, max_k: int) -> tuple[Tensor, Tensor,
     return order, sorted_p * valid, valid
 
 
-@register_router("topp")
+@dataclass
+class TopPOptions:
+    """Top-p: experts in descending probability until the cumulative probability exceeds p."""
+
+    p: float = option(0.4, "Cumulative probability threshold.", gt=0, le=1)
+    max_k: int | None = option(None, "Most experts a token may use (default: num_experts).", gt=0)
+
+
+@register_router("topp", options=TopPOptions)
 class TopPRouter(Router):
-    def __init__(self, *, p: float = 0.4, max_k: int | None = None, **common: Any):
-        super().__init__(**common)
-        self.p = p
-        self.max_k = max_k or self.num_experts
-        self.weight = nn.Parameter(torch.empty(self.num_experts, self.d_model))
+    """A varying number of experts per token, by cumulative probability."""
+
+    def __init__(self, args, index: int = 0):
+        super().__init__(args, index)
+        self.max_k = self.options.max_k or self.num_experts
+        self.add_gate()
+
+    @classmethod
+    def check(cls, moe: Any) -> list[tuple[str, str]]:
+        max_k = moe.router.max_k
+        if max_k is not None and max_k > moe.num_experts:
+            return [("router.max_k", f"max_k ({max_k}) cannot exceed num_experts ({moe.num_experts})")]
+        return []
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
-        logits = fp32_logits(x_TD, self.weight)
+        logits = self.gate_logits(x_TD)
         probs = logits.softmax(-1)
-        ids, weights, valid = topp_select(probs, self.p, self.max_k)
-        losses = {"load_balance": load_balance_loss(probs, ids, valid, reduce=ctx.reduce_counts), "z_loss": z_loss(logits)}
-        return RouterOutput(ids, weights, probs, logits, valid_TK=valid, aux_losses=losses, state=state)
+        ids, weights, valid = topp_select(probs, self.options.p, self.max_k)
+        return RouterOutput(ids, weights, probs, logits, valid_TK=valid,
+                            aux_losses=routing_losses(probs, ids, logits, ctx, valid), state=state)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moectl.core.routers import RouteContext, make_router, router_registry
+from tests.core.helpers import router_args
 
 KINDS = sorted(router_registry())
 T, D, E, K, V = 40, 16, 8, 2, 50
@@ -17,9 +18,10 @@ SHARED: dict[str, torch.nn.Module | None] = {}
 def _router(kind: str):
     """The router and, built the way the model builds it, the module all its layers share."""
     torch.manual_seed(0)
-    router = make_router(kind, d_model=D, num_experts=E, top_k=K, index=1, vocab_size=V)
+    args = router_args(kind, d_model=D, num_experts=E, top_k=K, vocab_size=V)
+    router = make_router(args, index=1)
     router.init_weights(0.5, 0.5)
-    shared = type(router).shared_module(d_model=D, num_experts=E)
+    shared = type(router).shared_module(args)
     if shared is not None:
         shared.init_weights(0.5, 0.5)
     SHARED[kind] = shared
@@ -39,13 +41,11 @@ def test_registry_has_baselines():
 
 def test_registry_matches_recipe_schema():
     """Every registered router can be chosen in a recipe, and every recipe kind has a router."""
-    import typing
+    from moectl.recipe.load import model_types
+    from moectl.recipe.schema import MoEConfig
 
-    from moectl.recipe.schema import RouterConfig
-
-    union = typing.get_args(RouterConfig)[0]
-    schema_kinds = {cls.model_fields["kind"].default for cls in typing.get_args(union)}
-    assert schema_kinds == set(KINDS)
+    sections = model_types(MoEConfig.model_fields["router"].annotation)
+    assert {cls.model_fields["kind"].default for cls in sections} == set(KINDS)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -101,6 +101,6 @@ def test_router_deterministic_in_eval(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_router_builds_on_meta(kind):
     with torch.device("meta"):
-        router = make_router(kind, d_model=D, num_experts=E, top_k=K, vocab_size=V)
+        router = make_router(router_args(kind, d_model=D, num_experts=E, top_k=K, vocab_size=V))
         router.init_weights(0.02, 0.02)
     assert all(p.is_meta for p in router.parameters())

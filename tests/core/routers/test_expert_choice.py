@@ -5,11 +5,12 @@ import math
 import torch
 
 from moectl.core.routers import RouteContext, make_router
+from tests.core.helpers import router_args
 
 
 def test_each_expert_takes_capacity_tokens():
     torch.manual_seed(0)
-    r = make_router("expert_choice", d_model=8, num_experts=4, top_k=2, capacity_factor=1.0)
+    r = make_router(router_args("expert_choice", d_model=8, num_experts=4, top_k=2, capacity_factor=1.0))
     r.init_weights(1.0, 1.0)
     x = torch.randn(20, 8)
     out = r(x, RouteContext())
@@ -27,5 +28,5 @@ def test_each_expert_takes_capacity_tokens():
 
 
 def test_capacity_never_exceeds_tokens():
-    r = make_router("expert_choice", d_model=8, num_experts=2, top_k=2, capacity_factor=4.0)
+    r = make_router(router_args("expert_choice", d_model=8, num_experts=2, top_k=2, capacity_factor=4.0))
     assert r.capacity(3) == 3

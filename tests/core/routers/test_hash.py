@@ -3,10 +3,11 @@ from __future__ import annotations
 import torch
 
 from moectl.core.routers import RouteContext, make_router
+from tests.core.helpers import router_args
 
 
 def _router(index=0, seed=0):
-    r = make_router("hash", d_model=8, num_experts=8, top_k=2, vocab_size=30, index=index, seed=seed)
+    r = make_router(router_args("hash", d_model=8, num_experts=8, top_k=2, vocab_size=30, seed=seed), index)
     r.init_weights(0.02, 0.02)
     return r
 

@@ -9,7 +9,7 @@ import torch
 from moectl.core import MoETransformer
 from moectl.core.routers import RouteContext, make_router
 from moectl.core.routers.recurrent import RecurrentCore
-from tests.core.helpers import tiny_args
+from tests.core.helpers import router_args, tiny_args
 
 D, E, K, P, L, T = 12, 6, 2, 8, 3, 5
 
@@ -17,8 +17,9 @@ D, E, K, P, L, T = 12, 6, 2, 8, 3, 5
 def _chain(**opts):
     """L recurrent routers sharing one core, as a model builds them."""
     torch.manual_seed(0)
-    routers = [make_router("recurrent", d_model=D, num_experts=E, top_k=K, index=i, hidden=P, **opts) for i in range(L)]
-    core = type(routers[0]).shared_module(d_model=D, num_experts=E, hidden=P, **opts)
+    args = router_args("recurrent", d_model=D, num_experts=E, top_k=K, hidden=P, **opts)
+    routers = [make_router(args, index=i) for i in range(L)]
+    core = type(routers[0]).shared_module(args)
     for m in (*routers, core):
         m.init_weights(0.4, 0.4)
     return routers, core
@@ -179,5 +180,5 @@ def test_activation_checkpointing_same_routing():
 
 
 def test_flops_count_the_cell():
-    r = make_router("recurrent", d_model=D, num_experts=E, top_k=K, hidden=P)
+    r = make_router(router_args("recurrent", d_model=D, num_experts=E, top_k=K, hidden=P))
     assert r.flops_per_token() == 2 * D * P + 12 * P * P + 2 * P * E

@@ -1,0 +1,93 @@
+"""Routing statistics over `RoutingRecord`s: what training logs, validation and `moectl eval`
+report about how tokens were routed (per-layer loads, balance, entropy, dropping)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moectl.core.moe import RoutingRecord
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]   # sums a tensor over data-parallel processes
+
+
+def layer_summary(load_E: torch.Tensor, dropped: float, slots: float, entropy: float, tokens: int) -> dict[str, Any]:
+    """Balance measures of one routed layer from its slot counts."""
+    load = load_E.double()
+    mean = load.mean().item()
+    return {
+        "load": [int(x) for x in load.tolist()],
+        "imbalance": load.max().item() / mean if mean > 0 else math.nan,
+        "cv": load.std(unbiased=False).item() / mean if mean > 0 else math.nan,
+        "dead": int((load < 0.01 * mean).sum().item()),
+        "entropy": entropy,
+        "dropped_frac": dropped / slots if slots else 0.0,
+        "experts_per_token": load.sum().item() / tokens if tokens else 0.0,
+    }
+
+
+class RoutingAccumulator:
+    """Sums routing records over forwards (micro-batches, batches) and, through `reduce`, over
+    processes. `summary` gives per-layer measures, mean unweighted losses, the layer kinds' counters
+    and the extra FLOPs per token some layers spend beyond top-k routing."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.names: list[str] = []
+        self.load: list[torch.Tensor] = []
+        self.scalars: list[torch.Tensor] = []   # per layer: [dropped, slots, entropy*tokens, tokens]
+        self.losses: dict[str, torch.Tensor] = {}
+        self.counters: dict[str, float] = {}
+        self.count = 0
+        self.extra_flops = 0
+        self.tokens = 0
+
+    def add(self, records: list[RoutingRecord], weight: int = 1) -> None:
+        """Add one forward's records. `weight=0` adds nothing but makes the accumulator hold the
+        same layers and keys as the other processes' (a process that ran a padding forward)."""
+        if not self.names:
+            self.names = [r.name for r in records]
+            self.load = [torch.zeros_like(r.load_E) for r in records]
+            self.scalars = [torch.zeros(4, device=r.load_E.device) for r in records]
+        for i, r in enumerate(records):
+            for k, v in r.counters.items():
+                self.counters[k] = self.counters.get(k, 0) + weight * v
+            self.extra_flops += weight * r.extra_flops
+            self.load[i] += weight * r.load_E
+            self.scalars[i] += weight * torch.stack([r.dropped, r.slots, r.entropy * r.tokens,
+                                                     torch.tensor(float(r.tokens), device=r.load_E.device)])
+            for k, v in r.losses.items():
+                self.losses[k] = self.losses.get(k, torch.zeros((), device=v.device)) + weight * v / len(records)
+        self.count += weight
+        self.tokens += weight * records[0].tokens if records else 0
+
+    def summary(self, reduce: Reduce) -> dict[str, Any]:
+        """Per-layer measures and mean unweighted losses; `reduce` sums a tensor over processes.
+        A collective when `reduce` is: every process calls it, with the same layers and counters."""
+        if not self.names:
+            return {}
+        loads = reduce(torch.stack(self.load))
+        scalars = reduce(torch.stack(self.scalars)).tolist()
+        layers = {}
+        for name, load, (dropped, slots, ent_tok, tokens) in zip(self.names, loads, scalars, strict=True):
+            layers[name] = layer_summary(load, dropped, slots, ent_tok / max(tokens, 1), int(tokens))
+        out: dict[str, Any] = {"layers": layers}
+        world = reduce(torch.ones((), device=loads.device)).item()
+        count = reduce(torch.tensor(float(self.count), device=loads.device)).item()
+        for k, v in self.losses.items():
+            out[k] = reduce(v).item() / max(count, 1)
+        out["imbalance_max"] = max(v["imbalance"] for v in layers.values())
+        names = sorted(self.counters)
+        totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(self.counters[k] for k in names)],
+                                     dtype=torch.float64, device=loads.device)).tolist()
+        for k, v in zip(names, totals[2:], strict=True):
+            out[k] = v / world     # events per process (every process sees the same plan)
+        if totals[0]:
+            # Extra work (forward + backward) per training token, reported apart from model FLOPs and MFU.
+            out["extra_flops_per_token"] = 3 * totals[0] / max(totals[1], 1)
+        return out

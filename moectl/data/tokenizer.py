@@ -1,0 +1,89 @@
+"""Tokenizers: loading a tokenizer.json, training a byte-level BPE, and a run's own tokenizer.
+
+`Tokenizer` wraps a Hugging Face `tokenizers` tokenizer with what moectl needs of it: encode,
+decode, the end-of-text id and the vocabulary size. `load_run_tokenizer` reads the tokenizer a run
+was trained with (`<run>/tokenizer.json`) without touching the data or its cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moectl.data.sources import DataError
+
+EOT = "<|endoftext|>"
+EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
+
+
+def load_tokenizer(path: str | Path, what: str = "data.tokenizer.path"):
+    """(tokenizers.Tokenizer, path of its tokenizer.json) from a file or a folder holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"{what}: no tokenizer at {path}",
+                        hint="give a tokenizer.json or a folder that contains one")
+    try:
+        return Tokenizer.from_file(str(p)), p
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise DataError(f"{what}: {p} is not a valid tokenizer.json ({e})") from None
+
+
+def eot_id_of(tok, wanted: str | None) -> int:
+    names = (wanted,) if wanted else EOT_CANDIDATES
+    for name in names:
+        tid = tok.token_to_id(name)
+        if tid is not None:
+            return tid
+    raise DataError(f"the tokenizer has no end-of-text token (looked for {', '.join(names)})",
+                    hint="set data.tokenizer.eot_token to a token of its vocabulary")
+
+
+def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def limited() -> Iterator[str]:
+        seen = 0
+        for text in docs:
+            yield text
+            seen += len(text)
+            if seen >= train_bytes:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(limited(), trainer)
+    return tok
+
+
+@dataclass
+class Tokenizer:
+    """A loaded tokenizer with its end-of-text id."""
+
+    inner: Any          # tokenizers.Tokenizer
+    eot_id: int
+    path: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=False)
+
+
+def load_run_tokenizer(run_dir: Path, eot_token: str | None = None) -> Tokenizer:
+    """The tokenizer a run was trained with (`<run>/tokenizer.json`); no data is read."""
+    inner, path = load_tokenizer(Path(run_dir) / "tokenizer.json", what=str(run_dir))
+    return Tokenizer(inner, eot_id_of(inner, eot_token), path)

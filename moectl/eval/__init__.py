@@ -1,0 +1,1 @@
+"""Evaluating trained models: validation loss and routing over held-out tokens."""

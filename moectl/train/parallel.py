@@ -1,0 +1,174 @@
+"""The one distributed path: processes from the launcher's environment, DDP or FSDP2.
+
+Any launcher that sets the usual variables works the same way: `moectl train --nproc N`, torchrun,
+`accelerate launch --multi_gpu` (accelerate's torchrun-based launcher, which also runs CPU
+processes), on one machine or several. Each process reads RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, joins a process group (gloo on CPU, NCCL on GPUs) and trains its
+share of the global batch; `parallel: ddp` replicates the model (PyTorch's
+DistributedDataParallel), `parallel: fsdp` shards it (PyTorch's `fully_shard`). Precision is
+not this module's business: the trainer applies autocast once, around the forward.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moectl.errors import MoectlError, RuntimeFailure
+
+
+@dataclass
+class Processes:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    store: dist.Store | None = None   # the rendezvous store (for an orderly teardown)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_number(name: str, default, kind=int):
+    value = os.environ.get(name, "")
+    try:
+        return kind(value) if value else default
+    except ValueError:
+        raise MoectlError(f"{name}={value!r} in the environment is not a number") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
+
+
+def start() -> Processes:
+    """Join the launcher's process group (if it started several processes) and pick the device."""
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
+        # accelerate's plain launcher sets MASTER_ADDR only when asked for several processes, but on
+        # a machine without several GPUs it starts just this one: refuse instead of training alone.
+        raise MoectlError(
+            "accelerate launch was asked for several processes but started only one (it does that without "
+            "several GPUs)",
+            hint="add --multi_gpu (accelerate's torchrun launcher; it runs CPU processes too): accelerate launch "
+            "--multi_gpu --num_processes N -m moectl train ...; or use moectl train --nproc N, or torchrun. "
+            "For one process, unset MASTER_ADDR.")
+    world, rank, local = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return Processes(rank, world, local, device)
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT", 29500)
+    timeout = datetime.timedelta(seconds=_env_number("MOECTL_RENDEZVOUS_TIMEOUT", 600.0, float))
+    try:
+        store = _store(addr, port, rank, world, timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                device_id=device if cuda else None)
+    except (RuntimeError, ValueError, OSError) as e:   # torch's DistNetworkError / DistStoreError among them
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeFailure(
+            f"process {rank} of {world} could not join the others at {addr}:{port} within "
+            f"{timeout.total_seconds():.0f} s ({first})",
+            hint="start every process (the launcher does: moectl train --nproc N, torchrun, accelerate launch "
+            "--multi_gpu); WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT must agree") from None
+    return Processes(rank, world, local, device, store)
+
+
+def _store(addr: str, port: int, rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store at MASTER_ADDR:MASTER_PORT: hosted by rank 0, or by torchrun's agent."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, world, is_master=rank == 0 and not agent, timeout=timeout,
+                          multi_tenant=not agent)
+    return dist.PrefixStore(f"moectl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def wrap(model: nn.Module, parallel: str, procs: Processes) -> nn.Module:
+    """Place the model on its device and make it data-parallel across the processes."""
+    model.to(procs.device)
+    if procs.world == 1:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(procs.device.type, (procs.world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda"
+                                               else None)
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """A context for one micro-batch's backward: gradients are synchronised only when `sync`."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (0 = only measure it); works on plain and sharded parameters."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    if not active():
+        return t
+    t = t.clone()   # out of place: the input may be needed as it was
+    dist.all_reduce(t, op=op)
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (autograd-free inputs only)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.MAX)
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def close(procs: Processes, wait: bool) -> None:
+    """Leave the process group before exit. The first process hosts the rendezvous store (unless
+    torchrun's agent does), so it leaves last: if it exited while a peer was still tearing down,
+    that peer would abort. `wait=False` after a failure on this process alone: leave at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if not wait or procs.store is None:
+        dist.destroy_process_group()
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    if procs.rank != 0:
+        procs.store.add("closed", 1)
+        return
+    deadline = time.monotonic() + 60
+    while procs.store.add("closed", 0) < procs.world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -1,0 +1,407 @@
+"""`moectl train`: the training loop, for CPU, one GPU, DDP and FSDP alike.
+
+    train(recipe) -> TrainResult        Trainer(recipe, processes).run()
+
+Setting up (`Trainer.__init__`): the run folder and the checkpoint to resume from, the data (the
+first process builds the cache), the model on its device wrapped for data parallelism, AdamW, the
+model's routing plan, and, when resuming, the checkpoint's weights, optimizer, random generators
+and plan. A step (`train_step`): every micro-batch runs forward (under autocast, applied here
+once) and backward, with gradients synchronised on the last one; the processes agree on whether
+the loss and gradient norm are finite; gradients are clipped; the learning rate of the step is
+set and AdamW steps; routers adapt to the step's global expert loads. After a step
+(`after_step`): logging, validation and checkpoints at their intervals. A signal (Ctrl-C,
+SIGTERM) is honoured at the end of the step in progress: a checkpoint is saved and the run exits
+with code 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moectl import __version__
+from moectl.checkpoint import CheckpointDir, restore_training_state, save_checkpoint
+from moectl.core.moe import RouterContractError
+from moectl.core.stats import RoutingAccumulator
+from moectl.data.loader import PackedSequences, TrainOrder, eval_indices, eval_rounds
+from moectl.data.prepare import PreparedData, prepare_data
+from moectl.data.sources import DataError
+from moectl.errors import Issue, MoectlError, RecipeError, RuntimeFailure
+from moectl.eval.validation import evaluate
+from moectl.factory import build_model
+from moectl.fsutil import atomic_write_text
+from moectl.recipe.load import dump_recipe
+from moectl.recipe.schema import Recipe
+from moectl.runs import check_same_run, resume_point
+from moectl.train import parallel
+from moectl.train.metrics import MetricsLog, measure_peak_flops, peak_memory_bytes
+from moectl.train.optim import apply_hyperparameters, make_optimizer, set_lr
+from moectl.train.progress import Progress
+
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class Interrupted(MoectlError):
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    final_val_loss: float
+    val_unigram_entropy: float
+    skipped_steps: int
+
+
+@dataclass
+class TrainState:
+    """Where the run is; what a checkpoint's trainer.json records (with the data position, which
+    follows from the step)."""
+
+    step: int = 0                 # optimizer steps done
+    tokens: int = 0               # training tokens seen
+    skipped: int = 0              # steps skipped for a non-finite loss (on_nonfinite: skip)
+    consecutive_skips: int = 0
+    val_loss: float = math.nan    # the latest validation loss
+    last_saved: int = 0           # the step of the latest checkpoint
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, agreed across processes."""
+
+    loss: float
+    aux: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class LogWindow:
+    """What accumulates between two training log records."""
+
+    loss: float = 0.0
+    aux: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    routing: RoutingAccumulator = field(default_factory=RoutingAccumulator)
+
+    def add(self, result: StepResult, tokens: int) -> None:
+        self.loss += result.loss
+        self.aux += result.aux
+        self.steps += 1
+        self.tokens += tokens
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks for a clean stop at the end of the step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def total_steps(recipe: Recipe, tokens_per_step: int) -> int:
+    t = recipe.train
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.max_tokens is not None:
+        return max(1, math.ceil(t.max_tokens / tokens_per_step))
+    raise RecipeError("recipe", [Issue("train.max_steps", "training needs a budget: set train.max_steps "
+                                                          "or train.max_tokens")])
+
+
+def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "auto",
+          show_progress: bool = True, console=None) -> TrainResult:
+    """Train a recipe's model in the run folder (default runs/<name>) and return the summary.
+
+    `resume` is "auto" (continue from the run's latest checkpoint, if any), "never" (refuse a run
+    folder that has checkpoints) or a checkpoint / run folder to start from. Launched by several
+    processes (`--nproc`, torchrun, accelerate), each calls this and trains its share of the
+    global batch; the process group is left in order on the way out, also on failure."""
+    procs = parallel.start()
+    try:
+        result = Trainer(recipe, procs, run_dir=run_dir, resume=resume, show_progress=show_progress,
+                         console=console).run()
+    except RouterContractError as e:   # a user's router broke the contract: say so, every process alike
+        parallel.close(procs, wait=True)
+        raise MoectlError(str(e), hint="fix the router's forward (see docs/engine.md, the router contract)") from None
+    except MoectlError:
+        parallel.close(procs, wait=True)   # raised on every process alike (interrupts, agreed failures)
+        raise
+    except BaseException:
+        parallel.close(procs, wait=False)
+        raise
+    parallel.close(procs, wait=True)
+    return result
+
+
+class Trainer:
+    """One training run: `Trainer(recipe, processes, ...)` sets everything up, `run()` trains."""
+
+    def __init__(self, recipe: Recipe, procs: parallel.Processes, *, run_dir: str | Path | None = None,
+                 resume: str = "auto", show_progress: bool = True, console=None):
+        self.recipe, self.cfg, self.procs = recipe, recipe.train, procs
+        self.console, self.show_progress = console, show_progress and procs.main
+        self.log = (console.print if console is not None else print) if procs.main else (lambda *a, **k: None)
+        self.run_dir = Path(run_dir or self.cfg.run_dir or Path("runs") / recipe.name)
+        self.ckpts = CheckpointDir(self.run_dir / "checkpoints")
+        self.resume_from = self._resume_point(resume)
+        self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * procs.world * recipe.model.seq_len
+        self.total_steps = total_steps(recipe, self.tokens_per_step)
+        self.data = self._prepare_data(show_progress)
+        self.train_seqs, self.val_seqs = self._sequences()
+        self.order = TrainOrder(len(self.train_seqs), recipe.seed, self.cfg.batch_size, self.cfg.grad_accum,
+                                procs.world, procs.rank)
+        self.val_batches = eval_indices(len(self.val_seqs), self.cfg.batch_size, self.cfg.eval_batches,
+                                        procs.world, procs.rank)
+        self.val_rounds = eval_rounds(len(self.val_seqs), self.cfg.batch_size, self.cfg.eval_batches, procs.world)
+        self.bf16 = resolve_precision(self.cfg.precision, procs.device) == "bf16"
+        self.core = build_model(recipe)
+        self.core.activation_checkpointing = self.cfg.activation_checkpointing
+        self.flops_per_token = 3 * self.core.flops_per_token()
+        self.model = parallel.wrap(self.core, self.cfg.parallel, procs)
+        self.core.count_reducer = parallel.all_reduce_sum if procs.world > 1 else None
+        self.optimizer = make_optimizer(self.core, self.cfg)
+        torch.manual_seed(recipe.seed * 7919 + 17 * procs.rank + 1)   # training-time noise (jitter), per process
+        self.plan = self.core.make_plan(recipe.seed, self.total_steps)
+        self.state = TrainState()
+        if self.resume_from is not None:
+            self._resume()
+        self._write_run_folder()
+
+    # ----------------------------------------------------------------- setting up
+
+    def _resume_point(self, resume: str) -> Path | None:
+        resume_from = resume_point(self.run_dir, resume)
+        if resume_from is not None:
+            check_same_run(self.run_dir, self.recipe)
+            source_run = resume_from.parent.parent   # <run>/checkpoints/step-N
+            if source_run.resolve() != self.run_dir.resolve():
+                check_same_run(source_run, self.recipe, sections=("model",))   # new data or seed is fine
+        return resume_from
+
+    def _prepare_data(self, show_progress: bool) -> PreparedData:
+        """The first process builds the cache, the others then find it. A failure on the first is
+        re-raised on every process (printed once) instead of leaving the others at a barrier."""
+        failure: MoectlError | None = None
+        data = None
+        if self.procs.main:
+            try:
+                data = prepare_data(self.recipe, show_progress=show_progress, log=self.log)
+            except MoectlError as e:
+                failure = e
+        flag = torch.tensor(float(failure is not None), device=self.procs.device)
+        if parallel.all_reduce_max(flag).item():
+            raise failure or MoectlError("data preparation failed on the first process")
+        return data if data is not None else prepare_data(self.recipe, show_progress=False, log=self.log)
+
+    def _sequences(self) -> tuple[PackedSequences, PackedSequences]:
+        seq_len = self.recipe.model.seq_len
+        seqs = {split: PackedSequences(self.data.tokens(split), seq_len) for split in ("train", "val")}
+        for split, s in seqs.items():
+            if len(s) == 0:
+                tokens = self.data.index["splits"][split]["tokens"]
+                raise DataError(f"the {split} split has {tokens} tokens, fewer than one sequence of "
+                                f"model.seq_len + 1 = {seq_len + 1}",
+                                hint="add data, lower model.seq_len" + (", or raise data.val_fraction"
+                                                                        if split == "val" else ""))
+        return seqs["train"], seqs["val"]
+
+    def _resume(self) -> None:
+        saved = restore_training_state(self.resume_from, self.model, self.optimizer, rank=self.procs.rank,
+                                       core=self.core)
+        apply_hyperparameters(self.optimizer, self.cfg)   # the recipe's settings win over the checkpoint's
+        if self.plan is not None and "plan" in saved:
+            why_not = self.plan.resume(saved["plan"])
+            if why_not:
+                self.log(f"{why_not}: using the plan drawn from this run's seed")
+        self.state = TrainState(step=saved["step"], tokens=saved["tokens"], skipped=saved.get("skipped_steps", 0),
+                                last_saved=saved["step"])
+        self.log(f"resuming {self.run_dir} from {self.resume_from.name} (step {self.state.step})")
+
+    def _write_run_folder(self) -> None:
+        if self.procs.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpts.root.mkdir(exist_ok=True)
+            self.ckpts.clean_temporaries()
+            atomic_write_text(self.run_dir / "config.yaml", dump_recipe(self.recipe))
+            shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+            atomic_write_text(self.run_dir / "data.json",
+                              json.dumps({**self.data.index, "cache": str(self.data.dir)}, indent=2))
+        parallel.barrier()
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        self.metrics = MetricsLog(self.run_dir, self.procs.main, self.cfg.tensorboard, resume_step=self.state.step)
+        self.peak_flops = measure_peak_flops(self.procs.device, torch.bfloat16 if self.bf16 else torch.float32)
+        if self.state.step >= self.total_steps:
+            self.log(f"{self.run_dir} has already run {self.state.step} of {self.total_steps} steps; nothing to do")
+        self.window = LogWindow()
+        self.progress = Progress(self.show_progress, self.total_steps, self.state.step, self.console)
+        t_start, first_step = time.perf_counter(), self.state.step
+        try:
+            with StopFlag() as stop, self.progress:
+                for step in range(self.state.step, self.total_steps):
+                    result = self.train_step(step)
+                    self.after_step(result)
+                    if self._stop_agreed(stop) and self.state.step < self.total_steps:
+                        self._save_and_stop()
+        finally:
+            self.metrics.close()
+        return self._summary(time.perf_counter() - t_start, self.total_steps - first_step)
+
+    def autocast(self):
+        """bf16 autocast around the forward when the run's precision is bf16, once, for every path."""
+        return torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step (`step` counts from 0). Returns the loss and norm all processes agree on."""
+        cfg, device = self.cfg, self.procs.device
+        loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        step_routing = RoutingAccumulator()
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_seqs.batch(self.order.indices(step, micro))
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with parallel.gradient_sync(self.model, micro == cfg.grad_accum - 1):
+                with self.autocast():
+                    out = self.model(x, y, step=step)
+                (out.total_loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach()
+            aux_sum += out.aux_loss.detach()
+            step_routing.add(out.records)
+            self.window.routing.add(out.records)
+        grad_norm = parallel.clip_gradients(self.model, cfg.grad_clip)
+        agreed = parallel.all_reduce_sum(torch.stack([loss_sum, aux_sum, grad_norm.float().to(device)]))
+        n, world = cfg.grad_accum * self.procs.world, self.procs.world
+        result = StepResult(agreed[0].item() / n, agreed[1].item() / n, agreed[2].item() / world,
+                            set_lr(self.optimizer, step, self.total_steps, cfg))
+        self.state.tokens += self.tokens_per_step
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            self.state.consecutive_skips = 0
+            self.optimizer.step()
+            if step_routing.names:
+                self.core.after_step(list(parallel.all_reduce_sum(torch.stack(step_routing.load))))
+        else:
+            self._nonfinite(step, result)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = step + 1
+        return result
+
+    def _nonfinite(self, step: int, result: StepResult) -> None:
+        """A non-finite loss or gradient norm: stop (latest stays the last good checkpoint) or skip."""
+        self.metrics.write({"type": "nonfinite", "step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm})
+        if self.cfg.on_nonfinite == "stop":
+            latest = self.ckpts.latest() if self.ckpts.latest_file.exists() else None
+            raise RuntimeFailure(
+                f"non-finite loss or gradient norm at step {step + 1} (loss {result.loss}, gradient norm "
+                f"{result.grad_norm}); stopped. latest checkpoint: {latest.name if latest else 'none'}",
+                hint="lower train.lr, keep train.grad_clip on, or set train.on_nonfinite=skip")
+        self.state.skipped += 1
+        self.state.consecutive_skips += 1
+        if self.state.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeFailure(f"{self.state.consecutive_skips} consecutive non-finite steps; stopped",
+                                 hint="lower train.lr")
+
+    def after_step(self, result: StepResult) -> None:
+        """Logging, validation and checkpoints, each at its interval (and all at the last step)."""
+        done, cfg = self.state.step, self.cfg
+        last = done == self.total_steps
+        self.window.add(result, self.tokens_per_step)
+        if done % cfg.log_every == 0 or last:
+            self._log_window(done, result)
+        else:
+            self.progress.update(done, {"loss": result.loss, "lr": result.lr})
+        if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+            self.validate(done)
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or last:
+            self.save()
+
+    def _log_window(self, done: int, result: StepResult) -> None:
+        w = self.window
+        tps = w.tokens / max(time.perf_counter() - w.t0, 1e-9)
+        record = {"type": "train", "step": done, "tokens": self.state.tokens, "loss": w.loss / w.steps,
+                  "aux_loss": w.aux / w.steps, "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tps,
+                  "mfu": tps * self.flops_per_token / (self.procs.world * self.peak_flops),
+                  "epoch": self.order.epoch_of(done), **w.routing.summary(parallel.all_reduce_sum)}
+        self.metrics.write(record)
+        self.progress.update(done, record)
+        self.window = LogWindow()
+
+    def validate(self, done: int) -> None:
+        loss, routing = evaluate(self.model, self.val_seqs, self.val_batches, self.procs.device, self.autocast,
+                                 reduce=parallel.all_reduce_sum, rounds=self.val_rounds)
+        self.state.val_loss = loss
+        self.metrics.write({"type": "eval", "step": done, "tokens": self.state.tokens, "val_loss": loss,
+                            "val_ppl": math.exp(min(loss, 50)), **routing})
+        self.progress.note(f"step {done}: validation loss {loss:.4f}")
+
+    def save(self) -> Path:
+        """A checkpoint of the current step (collective: every process calls it)."""
+        s = self.state
+        trainer = {"step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped,
+                   "data": {"order": "step", "epoch": self.order.epoch_of(s.step)}}
+        path = save_checkpoint(self.ckpts, s.step, self.model, self.optimizer, trainer,
+                               {"moectl": __version__, "recipe": self.recipe.name}, rank=self.procs.rank,
+                               world_size=self.procs.world, barrier=parallel.barrier, keep_last=self.cfg.keep_last,
+                               plan_state=self.plan.state_dict() if self.plan is not None else None)
+        s.last_saved = s.step
+        return path
+
+    def _stop_agreed(self, stop: StopFlag) -> bool:
+        """Whether any process was asked to stop (all agree, so all stop at the same step)."""
+        flag = torch.tensor(float(stop.requested), device=self.procs.device)
+        return parallel.all_reduce_max(flag).item() > 0
+
+    def _save_and_stop(self) -> None:
+        if self.state.last_saved != self.state.step:
+            self.save()
+        raise Interrupted(f"interrupted at step {self.state.step}; checkpoint saved to "
+                          f"{self.ckpts.step_dir(self.state.step)}", hint="continue with --resume auto")
+
+    def _summary(self, seconds: float, steps_run: int) -> TrainResult:
+        result = TrainResult(
+            run_dir=str(self.run_dir), steps=self.total_steps, tokens=self.state.tokens, seconds=seconds,
+            tokens_per_s=steps_run * self.tokens_per_step / max(seconds, 1e-9),
+            peak_memory_bytes=peak_memory_bytes(self.procs.device), final_val_loss=self.state.val_loss,
+            val_unigram_entropy=self.data.index["val_unigram_entropy"], skipped_steps=self.state.skipped)
+        if self.procs.main:
+            atomic_write_text(self.run_dir / "logs" / "summary.json", json.dumps(asdict(result), indent=2))
+        return result
