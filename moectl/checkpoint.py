@@ -73,7 +73,11 @@ class CheckpointDir:
         """The newest complete checkpoint, following `latest`."""
         if not self.latest_file.is_file():
             return None
-        name = self.latest_file.read_text().strip()
+        try:
+            name = self.latest_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MoectlError(f"{self.latest_file} cannot be read ({type(e).__name__})",
+                              hint="point `latest` at a complete step-* folder, or resume from one with --resume PATH") from None
         path = self.root / name
         if not STEP_DIR.match(name) or not (path / META_FILE).is_file():
             raise MoectlError(f"{self.latest_file} names {name!r}, which is not a complete checkpoint",
@@ -154,10 +158,13 @@ def _load_pt(path: Path) -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MoectlError(f"{path} cannot be read safely: {first}",
-                          hint="the file is damaged or was not written by moectl; resume from another checkpoint") from None
+    except pickle.UnpicklingError:
+        raise MoectlError(f"{path} cannot be read safely: it holds something other than tensors, numbers and "
+                          "strings (or is damaged), and moectl never runs code from a file",
+                          hint="resume from another checkpoint of the run; do not load this file") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise MoectlError(f"{path} cannot be read safely: it is damaged ({type(e).__name__})",
+                          hint="resume from another checkpoint of the run") from None
 
 
 # --------------------------------------------------------------------------- save
@@ -165,9 +172,10 @@ def _load_pt(path: Path) -> Any:
 
 def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: dict[str, Any],
                     meta: dict[str, Any], *, rank: int, world_size: int, barrier, keep_last: int,
-                    plan_state: dict[str, Any] | None = None) -> Path:
+                    plan_state: dict[str, Any] | None = None, aliases: dict[str, str] | None = None) -> Path:
     """Collective: every process calls it. Rank 0 writes model, optimizer and trainer state; every
-    rank writes its RNG state; rank 0 then publishes the folder and moves `latest`."""
+    rank writes its RNG state; rank 0 then publishes the folder and moves `latest`. `aliases`
+    (tied weights, see `tied_aliases` of the unwrapped model) are stored once, under their first name."""
     import torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (
@@ -178,6 +186,8 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
+    for alias in aliases or {}:      # a sharded model gathers tied weights as separate copies
+        model_state.pop(alias, None)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
     final = ckpts.step_dir(step)
     tmp = ckpts.root / f".{final.name}.tmp-shared"
@@ -245,22 +255,28 @@ def tied_aliases(model) -> dict[str, str]:
 
 def read_weights(path: Path, device: Any = "cpu") -> dict[str, Any]:
     """The tensors of a checkpoint's model.safetensors, with a clear error for a missing or damaged file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(path) / MODEL_FILE
     if not file.is_file():
         raise MoectlError(f"{path} holds no {MODEL_FILE}", hint="give a complete checkpoint (a step-* folder)")
     try:
-        return load_file(str(file), device=str(device))
-    except Exception as e:   # safetensors reports damage with its own exception types
+        state = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
         raise MoectlError(f"{file} is damaged or not a safetensors file ({e})",
                           hint="use another checkpoint of the run (checkpoints/step-*)") from None
+    if str(device) == "cpu":
+        return state
+    return {k: v.to(device) for k, v in state.items()}
 
 
-def check_weights(model, state: dict[str, Any], path: Path) -> None:
+def check_weights(model, state: dict[str, Any], path: Path, aliases: dict[str, str] | None = None) -> None:
     """Refuse weights that do not fit the model, naming the tensors that are missing, unexpected
-    or of another shape. Tied aliases may be absent."""
-    aliases = tied_aliases(model)
+    or of another shape. Tied aliases may be absent; present, they are dropped from `state`."""
+    aliases = tied_aliases(model) if aliases is None else aliases
+    for alias in aliases:
+        state.pop(alias, None)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -294,10 +310,12 @@ def load_weights(path: Path, model, *, device: Any = "cpu", assign: bool = False
 # --------------------------------------------------------------------------- training state
 
 
-def restore_training_state(path: Path, model, optimizer, *, rank: int, core) -> dict[str, Any]:
+def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
+                           aliases: dict[str, str] | None = None) -> dict[str, Any]:
     """Resume training from a checkpoint: weights into the (possibly wrapped) model, the optimizer
     state, this process's random generators. Returns trainer.json, plus the routing plan's state
-    under "plan" when the checkpoint has one. `core` is the unwrapped model."""
+    under "plan" when the checkpoint has one. `core` is the unwrapped model, `aliases` its tied
+    weights (taken before sharding, which may hide them)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -306,11 +324,12 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core) -> 
 
     if not is_checkpoint(path):
         raise MoectlError(f"{path} is not a complete checkpoint (no {META_FILE} / {MODEL_FILE})")
+    aliases = tied_aliases(core) if aliases is None else aliases
     state = read_weights(path)
-    check_weights(core, state, path)
-    for alias, name in tied_aliases(core).items():
+    check_weights(core, state, path, aliases)
+    for alias, name in aliases.items():
         state[alias] = state[name]
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     optim_state = _load_pt(path / OPTIMIZER_FILE)
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))

@@ -12,6 +12,10 @@ class MoectlError(Exception):
     """
 
     exit_code = 2
+    # Raised by every process of a run alike (decided together, or from what all of them read):
+    # then the processes leave together and only the first prints it. Otherwise the process that
+    # raised it leaves at once and prints it, and the launcher stops the others.
+    agreed = False
 
     def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
         super().__init__(message)

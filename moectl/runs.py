@@ -100,7 +100,9 @@ def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
     recipe = load_recipe(config)
     device = torch.device(device or "cpu")
     model = build_model(recipe, device="meta")
-    load_weights(checkpoint, model, device=device, assign=True, dtypes=_dtypes(model, dtype))
+    dtypes = _dtypes(model, dtype)
+    load_weights(checkpoint, model, device=device, assign=True, dtypes=dtypes)
+    _materialise_leftovers(model, recipe, device, dtypes)
     model.eval()
     tokenizer = None
     tok_dir = run_dir or checkpoint
@@ -110,6 +112,24 @@ def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
         tok_cfg = recipe.data.tokenizer
         tokenizer = load_run_tokenizer(tok_dir, getattr(tok_cfg, "eot_token", None))
     return Run(recipe, model, tokenizer, step_of(checkpoint), checkpoint, run_dir)
+
+
+def _materialise_leftovers(model, recipe: Recipe, device, dtypes: dict[str, Any] | None) -> None:
+    """Tensors a checkpoint does not hold (non-persistent buffers, which a part may compute when it
+    is built) are still on the meta device: build the model for real once, with the random
+    generators forked, and take them from there. Built-in parts have none, so this is rare."""
+    from moectl.factory import build_model
+
+    left = [name for name, t in model.named_buffers() if t.is_meta]
+    if not left:
+        return
+    real = dict(build_model(recipe).named_buffers())   # build_model forks the random generators
+    for name in left:
+        owner, _, attr = name.rpartition(".")
+        value = real[name].to(device)
+        if dtypes and name in dtypes:
+            value = value.to(dtypes[name])
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
 
 
 def _dtypes(model, dtype) -> dict[str, Any] | None:
@@ -125,6 +145,14 @@ def _dtypes(model, dtype) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- resuming a run
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def resume_point(run_dir: Path, resume: str) -> Path | None:
@@ -151,8 +179,12 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
 
 
 def check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("model", "data", "seed")) -> None:
-    """Resuming with a different model or data would silently train something else: refuse."""
+    """Resuming with a different model or data would silently train something else: refuse.
+    Compared as resolved data, with keys that are null on either side left out (a section that is
+    off, written or not) and bare kind names written out."""
     import yaml
+
+    from moectl.recipe.load import expand_bare_kinds, resolved
 
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
@@ -162,9 +194,11 @@ def check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MoectlError(f"{old_path} cannot be read ({type(e).__name__})",
                           hint="restore the run's config.yaml, or start a new run with --run-dir") from None
-    new = json.loads(json.dumps(recipe.model_dump(mode="json")))
     old = old if isinstance(old, dict) else {}
-    issues = [Issue(section, f"differs from {old_path}") for section in sections if old.get(section) != new.get(section)]
+    expand_bare_kinds(old, {})
+    new = json.loads(json.dumps(resolved(recipe)))
+    issues = [Issue(section, f"differs from {old_path}") for section in sections
+              if _without_nulls(old.get(section)) != _without_nulls(new.get(section))]
     if issues:
         raise RecipeError(str(run_dir), issues, hint="resume with the recipe the run was started with, "
                           "or start a new run with --run-dir")

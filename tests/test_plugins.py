@@ -19,6 +19,8 @@ from tests.train.helpers import losses
 ROUTERS = '''
 from dataclasses import dataclass
 
+import torch
+
 from moectl.core import Router, RouterOutput, option, register_router
 from moectl.core.routers import routing_losses, select_topk
 
@@ -37,9 +39,11 @@ class ScaledTopK(Router):
     def __init__(self, args, index=0):
         super().__init__(args, index)
         self.add_gate()
+        # computed when built, not saved: loading a run must still have it
+        self.register_buffer("inv_temperature", torch.tensor(1 / self.options.temperature), persistent=False)
 
     def forward(self, x_TD, ctx, state=None):
-        logits = self.gate_logits(x_TD) / self.options.temperature
+        logits = self.gate_logits(x_TD) * self.inv_temperature
         probs = logits.softmax(-1)
         ids, weights = select_topk(probs, self.top_k, renormalize=True)
         return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
@@ -93,6 +97,9 @@ BROKEN = {
         '''),
     "bad_output": ROUTERS.replace('"scaled_topk"', '"bad_output"').replace(
         "return RouterOutput(ids, weights, probs,", "return RouterOutput(ids[:, :1], weights, probs,"),
+    "one_rank": "import os\n" + ROUTERS.replace('"scaled_topk"', '"one_rank"').replace(
+        "return RouterOutput(ids, weights, probs,", "return RouterOutput(ids + 100 * (os.environ.get('RANK') == '1'), "
+        "weights, probs,"),
 }
 
 
@@ -139,9 +146,16 @@ def test_plugin_router_and_block_train_resume_and_build(plugin_dir, corpus, writ
     resumed = moectl(plugin_dir, "train", path, "--run-dir", tmp_path / "b", "-q")
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "a") == losses(tmp_path / "b") and sorted(losses(tmp_path / "b")) == [1, 2, 3, 4]
-    # The run folder remembers its plugins: building from it imports them again.
+    # The run folder remembers its plugins: building from it, or loading it, imports them again.
     again = moectl(plugin_dir, "build", tmp_path / "a", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["moe"]["router"] == "scaled_topk"
+    code = ("import torch; from moectl.runs import load_run; run = load_run({!r}); "
+            "r = run.model.layers[0].mlp.moe.router; x = torch.randint(0, 512, (1, 8)); "
+            "print(type(r).__name__, float(r.inv_temperature), run.model(x).logits.shape)").format(str(tmp_path / "a"))
+    env = {**os.environ, "PYTHONPATH": f"{plugin_dir}{os.pathsep}{REPO}"}
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split()[:2] == ["ScaledTopK", "0.5"]
 
 
 def test_plugin_options_are_validated_like_built_in_ones(plugin_dir, corpus, write):
@@ -208,3 +222,14 @@ def test_router_that_breaks_the_contract_is_named(plugin_dir, corpus, write, tmp
     assert result.returncode == 2, result.stderr
     assert "router 'bad_output' (mylab.bad_output.ScaledTopK) breaks the router contract" in result.stderr
     assert "weights_TK must have the shape of expert_ids_TK" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_router_failing_on_one_process_stops_the_run_with_its_message(plugin_dir, corpus, write, tmp_path):
+    """The contract breaks on the second process only: that process says so, the first stops too
+    (no hang), and the launcher exits with the failing process's code."""
+    path = _recipe(corpus, write, plugins="[mylab.one_rank]", router="kind: one_rank", block="standard",
+                   max_steps=2, batch_size=2)
+    result = moectl(plugin_dir, "train", path, "--nproc", "2", "--run-dir", tmp_path / "run", "-q")
+    assert result.returncode == 2, result.stderr
+    assert "[process 1] error: router 'one_rank'" in result.stderr and "expert ids must lie in 0..3" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -158,3 +158,24 @@ def test_clear_errors(run, tmp_path, damage, message):
 def test_find_checkpoint_without_loading(run):
     assert find_checkpoint(run) == (run / "checkpoints" / "step-00000006", run)
     assert find_checkpoint(run / "checkpoints" / "step-00000003") == (run / "checkpoints" / "step-00000003", run)
+
+
+def test_same_run_check_ignores_what_is_off_or_spelled_short(tmp_path, tiny_recipe):
+    """A run's config.yaml leaves out routed-layer variants that are off (so installing a plugin
+    that registers one does not change a run), and resuming compares recipes with sections that
+    are off, written as null or not at all, and bare kind names, as the same."""
+    import yaml
+
+    from moectl.recipe.load import dump_recipe
+    from moectl.runs import check_same_run
+
+    recipe = load_recipe(tiny_recipe)
+    assert "competition" not in dump_recipe(recipe)
+    data = yaml.safe_load(dump_recipe(recipe))
+    data["model"]["moe"].update(competition=None, block="standard")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    check_same_run(tmp_path, recipe)
+    data["model"]["moe"]["top_k"] = 1
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(MoectlError, match="model: differs"):
+        check_same_run(tmp_path, recipe)

@@ -30,11 +30,15 @@ def stdout_console():
 
 
 def fail(err) -> None:
-    """Print a user-facing error to stderr (from the first process only) and exit with its code."""
+    """Print a user-facing error to stderr and exit with its code. In a run of several processes
+    an error they all raised is printed by the first only; one raised by a single process is
+    printed by that process, with its rank."""
     from rich.markup import escape
 
-    if os.environ.get("RANK", "0") == "0":
-        stderr_console().print(f"[red]{escape(err.render())}[/]")
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or not getattr(err, "agreed", False):
+        prefix = "" if rank == "0" else f"[process {rank}] "
+        stderr_console().print(f"[red]{escape(prefix + err.render())}[/]")
     raise typer.Exit(err.exit_code)
 
 

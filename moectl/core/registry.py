@@ -106,6 +106,14 @@ class Registry:
         if other is not None and other.name != name:
             raise RegistryError(f"{where}: its options class is already used by {self.what} {other.name!r}")
 
+    def remove(self, name: str) -> None:
+        """Forget a part (one whose options cannot serve as a recipe section, say)."""
+        global _version
+        entry = self._entries.pop(name, None)
+        if entry is not None:
+            self._by_options.pop(entry.options, None)
+            _version += 1
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -358,6 +358,9 @@ def _describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
+# Keys that moectl renamed: an old recipe (or run folder) gets the new name in its error.
+RENAMED = {"train.schedule": "train.lr_schedule"}
+
 _TYPE_WORDS = {
     "int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
     "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
@@ -372,7 +375,9 @@ def _issue(err: dict[str, Any], data: dict[str, Any], sources: Sources) -> Issue
         msg = "unknown key"
         guess = _suggest(path, holder)
         owners = _other_kinds_with(holder, path[-1])
-        if owners:
+        if _dotted(path) in RENAMED:
+            msg = f"this key was renamed to {RENAMED[_dotted(path)]}"
+        elif owners:
             msg = (f"not an option of {path[-2]} kind {holder.model_fields['kind'].default!r}; "
                    f"it belongs to kind {', '.join(map(repr, owners))}")
         elif guess:
@@ -446,7 +451,20 @@ def load_recipe(ref: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return validate(data, sources, str(path))
 
 
+def resolved(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe as plain data. Routed-layer variants that are off are left out,
+    so a run folder does not depend on which plugins happen to be installed."""
+    from moectl.recipe.parts import variant_fields
+
+    data = recipe.model_dump(mode="json", exclude={"extends"})
+    moe = (data.get("model") or {}).get("moe")
+    if isinstance(moe, dict):
+        for name in variant_fields():
+            if moe.get(name) is None:
+                moe.pop(name, None)
+    return data
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (what a run folder stores as config.yaml)."""
-    data = recipe.model_dump(mode="json", exclude={"extends"})
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(resolved(recipe), sort_keys=False, default_flow_style=None, width=100)

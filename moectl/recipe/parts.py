@@ -58,6 +58,9 @@ def section_for(registry_name: str, entry, with_kind: bool = True) -> type:
     if cached is not None and cached.__moectl_options__ is entry.options:
         return cached
     hints = typing.get_type_hints(entry.options, include_extras=True)
+    reserved = [f.name for f in dataclasses.fields(entry.options) if f.name.startswith("model_") or hasattr(Section, f.name)]
+    if reserved:
+        raise ValueError(f"option name {reserved[0]!r} is reserved (pydantic uses it); rename the option")
     fields: dict[str, Any] = {}
     if with_kind:
         fields["kind"] = (Literal[entry.name], Field(entry.name, description="Which kind this section configures."))
@@ -105,8 +108,8 @@ def install(force: bool = False) -> None:
     if registry.version() == _installed_version and not force:
         return
     fields = MoEConfig.__pydantic_fields__
-    routers = [section_for("router", e) for e in registry.routers]
-    blocks = [section_for("block", e) for e in registry.blocks]
+    routers = _sections_of(registry.routers, "router", default="topk")
+    blocks = _sections_of(registry.blocks, "block", default="standard")
     fields["router"] = FieldInfo.from_annotated_attribute(
         _kind_union(routers, "topk", bare_name=False),
         Field(default_factory=lambda: _section("router", "topk")(), description="The router; `kind` selects it."))
@@ -122,11 +125,28 @@ def install(force: bool = False) -> None:
             raise MoectlError(f"routed-layer variant {e.name!r} ({e.module}) clashes with the model.moe key of "
                               "the same name", hint="register it under another name")
         fields[e.name] = FieldInfo.from_annotated_attribute(
-            section_for("variant", e, with_kind=False) | None, Field(None, description=e.summary))
+            _sections_of(registry.variants, "variant", only=e)[0] | None, Field(None, description=e.summary))
         _variant_fields.add(e.name)
     for model in (MoEConfig, ModelConfig, Recipe):
         model.model_rebuild(force=True)
     _installed_version = registry.version()
+
+
+def _sections_of(reg, registry_name: str, default: str | None = None, only=None) -> list[type]:
+    """The sections of a registry's parts, the default kind first (an error names a part whose
+    options cannot be a section, and that part is forgotten so the rest keep working)."""
+    entries = [only] if only is not None else sorted(reg, key=lambda e: e.name != default)
+    sections = []
+    for e in entries:
+        try:
+            sections.append(section_for(registry_name, e, with_kind=registry_name != "variant"))
+        except Exception as err:   # a plugin's options that pydantic cannot validate
+            reg.remove(e.name)
+            raise MoectlError(f"{reg.what} {e.name!r} ({e.module}): its options ({e.options.__qualname__}) cannot "
+                              f"be a recipe section: {type(err).__name__}: {str(err).splitlines()[0]}",
+                              hint="give every option a plain type (bool, int, float, str, Literal[...], lists of "
+                              "them, or None) and a default") from None
+    return sections
 
 
 def _section(registry_name: str, kind: str) -> type:

@@ -5,7 +5,7 @@ MASTER_PORT), which accelerate reads; on CPU they talk through gloo. The workers
 session of their own, and the launcher forwards SIGINT, SIGTERM and SIGHUP to them exactly once
 per signal, whether the signal came from a terminal's Ctrl-C (the launcher's process group) or
 was sent to the launcher alone. The launcher exits with 130 when the workers stopped cleanly after
-a signal, else with the first failure's code.
+a signal, else with the exit code of the first worker that failed.
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         codes: list[int | None] = [None] * nproc
-        deadline = None
+        deadline, first_failure = None, None
         while any(c is None for c in codes):
             codes = [p.poll() for p in procs]
-            if deadline is None and any(c not in (None, 0, 130) for c in codes):
+            failed = [c for c in codes if c not in (None, 0, 130)]
+            if first_failure is None and failed:
+                first_failure = next((c for c in failed if c > 0), failed[0])
+            if deadline is None and failed:
                 deadline = time.monotonic() + 30   # one failed: the others get time to stop on their own
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
@@ -65,8 +68,8 @@ def launch(nproc: int, argv: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failures = [c for c in codes if c not in (0, 130)]
-    if failures:
-        positive = [c for c in failures if c > 0]   # a worker's own exit code beats a kill by signal
-        return positive[0] if positive else 1
+    if first_failure is not None:
+        # The first process to fail names the cause; the others mostly fail because it left. A
+        # worker's own exit code beats a kill by signal.
+        return first_failure if first_failure > 0 else 1
     return 130 if 130 in codes else 0

@@ -150,6 +150,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return _all_reduce(t, dist.ReduceOp.MAX)
 
 
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another process went away (it failed, and says why)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

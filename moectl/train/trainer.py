@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from moectl import __version__
-from moectl.checkpoint import CheckpointDir, restore_training_state, save_checkpoint
+from moectl.checkpoint import CheckpointDir, restore_training_state, save_checkpoint, tied_aliases
 from moectl.core.moe import RouterContractError
 from moectl.core.stats import RoutingAccumulator
 from moectl.data.loader import PackedSequences, TrainOrder, eval_indices, eval_rounds
@@ -51,6 +51,12 @@ MAX_CONSECUTIVE_SKIPS = 20
 
 class Interrupted(MoectlError):
     exit_code = 130
+    agreed = True   # every process saw the same stop flag
+
+
+def _agreed(error: MoectlError) -> MoectlError:
+    error.agreed = True
+    return error
 
 
 @dataclass
@@ -159,11 +165,17 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     try:
         result = Trainer(recipe, procs, run_dir=run_dir, resume=resume, show_progress=show_progress,
                          console=console).run()
-    except RouterContractError as e:   # a user's router broke the contract: say so, every process alike
-        parallel.close(procs, wait=True)
+    except RouterContractError as e:   # a user's router broke the contract (maybe on one process only)
+        parallel.close(procs, wait=False)
         raise MoectlError(str(e), hint="fix the router's forward (see docs/engine.md, the router contract)") from None
-    except MoectlError:
-        parallel.close(procs, wait=True)   # raised on every process alike (interrupts, agreed failures)
+    except MoectlError as e:
+        parallel.close(procs, wait=e.agreed)   # together when every process raised it, else at once
+        raise
+    except RuntimeError as e:
+        parallel.close(procs, wait=False)
+        if procs.world > 1 and parallel.lost_peer(e):
+            raise RuntimeFailure(f"process {procs.rank}: another process of the run stopped, so this one stops too",
+                                 hint="the first process that failed says why, above") from None
         raise
     except BaseException:
         parallel.close(procs, wait=False)
@@ -182,9 +194,12 @@ class Trainer:
         self.log = (console.print if console is not None else print) if procs.main else (lambda *a, **k: None)
         self.run_dir = Path(run_dir or self.cfg.run_dir or Path("runs") / recipe.name)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints")
-        self.resume_from = self._resume_point(resume)
         self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * procs.world * recipe.model.seq_len
-        self.total_steps = total_steps(recipe, self.tokens_per_step)
+        try:   # decided from the recipe and the run folder, which every process reads alike
+            self.resume_from = self._resume_point(resume)
+            self.total_steps = total_steps(recipe, self.tokens_per_step)
+        except MoectlError as e:
+            raise _agreed(e) from None
         self.data = self._prepare_data(show_progress)
         self.train_seqs, self.val_seqs = self._sequences()
         self.order = TrainOrder(len(self.train_seqs), recipe.seed, self.cfg.batch_size, self.cfg.grad_accum,
@@ -196,6 +211,7 @@ class Trainer:
         self.core = build_model(recipe)
         self.core.activation_checkpointing = self.cfg.activation_checkpointing
         self.flops_per_token = 3 * self.core.flops_per_token()
+        self.aliases = tied_aliases(self.core)   # before sharding, which hides them
         self.model = parallel.wrap(self.core, self.cfg.parallel, procs)
         self.core.count_reducer = parallel.all_reduce_sum if procs.world > 1 else None
         self.optimizer = make_optimizer(self.core, self.cfg)
@@ -229,7 +245,7 @@ class Trainer:
                 failure = e
         flag = torch.tensor(float(failure is not None), device=self.procs.device)
         if parallel.all_reduce_max(flag).item():
-            raise failure or MoectlError("data preparation failed on the first process")
+            raise _agreed(failure or MoectlError("data preparation failed on the first process"))
         return data if data is not None else prepare_data(self.recipe, show_progress=False, log=self.log)
 
     def _sequences(self) -> tuple[PackedSequences, PackedSequences]:
@@ -246,7 +262,7 @@ class Trainer:
 
     def _resume(self) -> None:
         saved = restore_training_state(self.resume_from, self.model, self.optimizer, rank=self.procs.rank,
-                                       core=self.core)
+                                       core=self.core, aliases=self.aliases)
         apply_hyperparameters(self.optimizer, self.cfg)   # the recipe's settings win over the checkpoint's
         if self.plan is not None and "plan" in saved:
             why_not = self.plan.resume(saved["plan"])
@@ -330,15 +346,15 @@ class Trainer:
         self.metrics.write({"type": "nonfinite", "step": step + 1, "loss": result.loss, "grad_norm": result.grad_norm})
         if self.cfg.on_nonfinite == "stop":
             latest = self.ckpts.latest() if self.ckpts.latest_file.exists() else None
-            raise RuntimeFailure(
+            raise _agreed(RuntimeFailure(
                 f"non-finite loss or gradient norm at step {step + 1} (loss {result.loss}, gradient norm "
                 f"{result.grad_norm}); stopped. latest checkpoint: {latest.name if latest else 'none'}",
-                hint="lower train.lr, keep train.grad_clip on, or set train.on_nonfinite=skip")
+                hint="lower train.lr, keep train.grad_clip on, or set train.on_nonfinite=skip"))
         self.state.skipped += 1
         self.state.consecutive_skips += 1
         if self.state.consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeFailure(f"{self.state.consecutive_skips} consecutive non-finite steps; stopped",
-                                 hint="lower train.lr")
+            raise _agreed(RuntimeFailure(f"{self.state.consecutive_skips} consecutive non-finite steps; stopped",
+                                         hint="lower train.lr"))
 
     def after_step(self, result: StepResult) -> None:
         """Logging, validation and checkpoints, each at its interval (and all at the last step)."""
@@ -381,7 +397,8 @@ class Trainer:
         path = save_checkpoint(self.ckpts, s.step, self.model, self.optimizer, trainer,
                                {"moectl": __version__, "recipe": self.recipe.name}, rank=self.procs.rank,
                                world_size=self.procs.world, barrier=parallel.barrier, keep_last=self.cfg.keep_last,
-                               plan_state=self.plan.state_dict() if self.plan is not None else None)
+                               plan_state=self.plan.state_dict() if self.plan is not None else None,
+                               aliases=self.aliases)
         s.last_saved = s.step
         return path
 

@@ -61,6 +61,14 @@ CASES = {
                                         "      bias_update_rate: 0.001\n", [],
                                         ["model.moe.router.bias_update_rate", "does not combine with competition"]),
     "extends_missing": ("extends: nowhere.yaml\n" + TINY_RECIPE, [], ["extends", "base recipe not found"]),
+    "router_option_typo_without_kind": (TINY_RECIPE, ["model.moe.router.jiter_eps=0.1"],
+                                        ["model.moe.router.jiter_eps (override", "did you mean model.moe.router.jitter_eps?"]),
+    "renamed_key": (TINY_RECIPE + "train:\n  schedule: cosine\n", [],
+                    ["train.schedule (", "this key was renamed to train.lr_schedule"]),
+    "conflict_names_the_override": (TINY_RECIPE.replace("layers: all", "layers: all\n    first_dense: 1"),
+                                    ["model.moe.layers=[1]"],
+                                    ["model.moe.first_dense (", "tiny.yaml:15): first_dense (1)", "model.moe.layers is set at override "
+                                     "'model.moe.layers=[1]'"]),
     "expert_choice_with_capacity": (TINY_RECIPE + "    capacity_factor: 1.0\n    router:\n      kind: expert_choice\n",
                                     [], ["model.moe.capacity_factor", "expert_choice sets its own capacity"]),
 }

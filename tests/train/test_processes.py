@@ -93,8 +93,9 @@ COMPETE = ["model.moe.competition.rate=0.5", "model.moe.competition.warmup=0.0"]
 COMPETE_2024 = [*COMPETE, "model.moe.competition.schedule=bernoulli", "model.moe.router.kind=recurrent"]
 
 
-@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp", []), ("ddp", COMPETE), ("fsdp", COMPETE_2024)],
-                         ids=["ddp", "fsdp", "ddp-competesmoe", "fsdp-competesmoe2024-rmoe"])
+@pytest.mark.parametrize("parallel, extra", [("ddp", []), ("fsdp", []), ("ddp", COMPETE), ("fsdp", COMPETE_2024),
+                                             ("fsdp", ["model.tie_embeddings=true"])],
+                         ids=["ddp", "fsdp", "ddp-competesmoe", "fsdp-competesmoe2024-rmoe", "fsdp-tied"])
 def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     """--nproc 2 (gloo on CPU) with the same global batch follows the single-process loss curve,
     with replicated (DDP) or sharded (FSDP) parameters, and with CompeteSMoE's schedules (the same on
@@ -118,6 +119,10 @@ def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
     for step in c:
         assert abs(c[step] - b[step]) < 1e-6
     assert load_run(ckpt).step == 5
+    if "model.tie_embeddings=true" in extra:   # a tied weight is stored once, also when it was sharded
+        from safetensors.torch import load_file
+
+        assert "head.weight" not in load_file(ckpt / "model.safetensors")
 
 
 def test_bad_data_with_two_processes(corpus, write, tmp_path):
