@@ -6,17 +6,20 @@ seeds each, on the built-in corpus, through `moectl train` exactly as a user run
 
 Every run uses the same validation set (data.split_seed: 0 in the tiny recipes) and the same number
 of training tokens; only the model seed and data order change with the seed. Prints a Markdown
-table of final validation loss (mean, sample standard deviation, per-seed values).
+table of final validation loss (mean, sample standard deviation, per-seed values), built by
+moectl.eval.compare (what `moectl compare` prints; docs/compare.md) for each method and its baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from moectl.errors import MoectlError
+from moectl.eval.compare import compare_paths, fmt_stat, fmt_value
 
 COMPARISONS = [  # (method, recipe, baseline recipe)
     ("CartesianMoE", "papers/cartesianmoe/cartesian-base-tiny", "papers/cartesianmoe/smoe-share-base-tiny"),
@@ -38,46 +41,33 @@ def train(recipe: str, seed: int, out: Path, overrides: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def summary(recipe: str, seed: int, out: Path) -> dict:
-    return json.loads((run_dir(out, recipe, seed) / "logs" / "summary.json").read_text())
-
-
 def active_params(recipe: str) -> float:
     proc = subprocess.run([sys.executable, "-m", "moectl", "build", recipe, "--json"], capture_output=True,
                           text=True, check=True)
     return json.loads(proc.stdout)["params"]["active"]
 
 
-def last_routing(recipe: str, seed: int, out: Path) -> tuple[float, float]:
-    """(mean routing entropy over layers, worst layer's load imbalance) of the last logged window."""
-    path = run_dir(out, recipe, seed) / "logs" / "metrics.jsonl"
-    last = [json.loads(x) for x in path.read_text().splitlines() if '"type": "train"' in x][-1]
-    layers = last["layers"].values()
-    return statistics.mean(v["entropy"] for v in layers), last["imbalance_max"]
-
-
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
-
-
 def report(seeds: list[int], out: Path) -> str:
     """Final validation loss per recipe (mean ± sample sd over seeds, and each seed), the paired
-    difference to the baseline (same seed: same data order), and the routing at the end."""
+    difference to the baseline (same seed: same data order), and the routing at the end, as
+    `moectl compare` computes them (the runs grouped by recipe, the baseline recipe first)."""
     lines = ["| method | recipe | active params | val loss (mean ± sd) | per seed | Δ vs SMoE (paired) "
              "| routing entropy | max imbalance |",
              "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for method, recipe, base in COMPARISONS:
-        base_vals = [summary(base, s, out)["final_val_loss"] for s in seeds]
-        for label, r in ((method, recipe), ("top-K SMoE", base)):
-            vals = [summary(r, s, out)["final_val_loss"] for s in seeds]
-            delta = mean_sd([v - b for v, b in zip(vals, base_vals, strict=True)]) if r != base else "–"
-            routing = [last_routing(r, s, out) for s in seeds]
-            lines.append(f"| {label} | `{r}` | {active_params(r) / 1e6:.3f}M | {mean_sd(vals)} "
-                         f"| {', '.join(f'{v:.4f}' for v in vals)} | {delta} "
-                         f"| {statistics.mean(e for e, _ in routing):.3f} "
-                         f"| {statistics.mean(i for _, i in routing):.2f} |")
-    return "\n".join(lines)
+        result = compare_paths([run_dir(out, r, s) for r in (base, recipe) for s in seeds], group_by="recipe")
+        if len(result.groups) != 2:
+            raise MoectlError(f"{recipe} and {base} trained the same recipe", hint="check COMPARISONS")
+        base_group, method_group = result.groups
+        notes += result.notes
+        for label, r, g in ((method, recipe, method_group), ("top-K SMoE", base, base_group)):
+            delta = "–" if g.paired is None else fmt_stat(g.paired["val_loss"], 4, signed=True)
+            lines.append(f"| {label} | `{r}` | {active_params(r) / 1e6:.3f}M | {fmt_stat(g.stats['val_loss'], 4)} "
+                         f"| {', '.join(fmt_value(v, 4) for v in g.column('val_loss'))} | {delta} "
+                         f"| {fmt_value(g.stats['routing_entropy']['mean'], 3)} "
+                         f"| {fmt_value(g.stats['max_imbalance']['mean'], 2)} |")
+    return "\n".join(lines + [""] * bool(notes) + [f"- note: {n}" for n in dict.fromkeys(notes)])
 
 
 def main() -> None:
@@ -95,7 +85,10 @@ def main() -> None:
             for _, recipe, base in COMPARISONS:
                 train(base, seed, args.out, overrides)
                 train(recipe, seed, args.out, overrides)
-    print(report(args.seeds, args.out))
+    try:
+        print(report(args.seeds, args.out))
+    except MoectlError as e:
+        sys.exit(e.render())
 
 
 if __name__ == "__main__":

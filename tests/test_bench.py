@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -14,3 +16,40 @@ def test_expert_backends_bench_runs():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "rel.diff" in proc.stdout
+
+
+@pytest.mark.slow
+def test_experiments_report_is_built_by_compare(tmp_path):
+    """--report-only on finished runs (their files written here, not trained): the table's mean,
+    sd and paired difference are those of `moectl compare`."""
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import experiments
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from moectl.recipe.load import dump_recipe, load_recipe
+
+    losses = {}
+    for i, (_, recipe, base) in enumerate(experiments.COMPARISONS):
+        for j, r in enumerate((base, recipe)):
+            for seed in (0, 1):
+                run = experiments.run_dir(tmp_path, r, seed)
+                (run / "logs").mkdir(parents=True)
+                (run / "config.yaml").write_text(dump_recipe(load_recipe(r, [f"seed={seed}"])))
+                losses[r, seed] = 3.0 + 0.1 * i + 0.05 * j + 0.01 * seed * (1 + j)
+                (run / "logs" / "summary.json").write_text(json.dumps(
+                    {"steps": 400, "tokens": 819200, "final_val_loss": losses[r, seed]}))
+                record = {"type": "train", "step": 400, "loss": 3.0, "imbalance_max": 1.5 + j,
+                          "layers": {"L0": {"entropy": 2.0}, "L1": {"entropy": 2.2}}}
+                (run / "logs" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    proc = subprocess.run([sys.executable, "bench/experiments.py", "--report-only", "--seeds", "0", "1",
+                           "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 6 and rows[0][0] == "| CartesianMoE" and rows[1][0] == "| top-K SMoE"
+    assert rows[0][3] == "3.0600 ± 0.0141"    # 3.05 and 3.07
+    assert rows[0][4] == "3.0500, 3.0700"
+    assert rows[0][5] == "+0.0550 ± 0.0071"   # +0.05 and +0.06, paired by seed
+    assert rows[1][5] == "–" and rows[0][6:] == ["2.100", "2.50 |"]

@@ -8,7 +8,10 @@ import typer
 
 from moectl import __version__
 from moectl.cli import build as build_cmd
+from moectl.cli import compare as compare_cmd
 from moectl.cli import data as data_cmd
+from moectl.cli import eval as eval_cmd
+from moectl.cli import generate as generate_cmd
 from moectl.cli import recipes as recipes_cmd
 from moectl.cli import train as train_cmd
 
@@ -39,6 +42,9 @@ def _root(
 
 app.command("build")(build_cmd.build)
 app.command("train")(train_cmd.train)
+app.command("compare")(compare_cmd.compare)
+app.command("eval")(eval_cmd.eval_run)
+app.command("generate")(generate_cmd.generate)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(recipes_cmd.app, name="recipes")
 

@@ -58,3 +58,35 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def pick_device(name: str):
+    """The torch device a `--device` option names: auto (a GPU when there is one), cpu, cuda, cuda:N."""
+    import torch
+
+    from moectl.errors import MoectlError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MoectlError(f"--device {name}: no CUDA device is available", hint="use --device cpu (or auto)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MoectlError(f"--device {name}: not a device", hint="use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise MoectlError(f"--device {name}: moectl runs on cpu or cuda", hint="use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def single_process(command: str) -> None:
+    """Refuse to run `command` as one of several launched processes (torchrun, accelerate), where
+    every process would do the same work and write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        from moectl.errors import MoectlError
+
+        err = MoectlError(f"moectl {command} runs in one process, not as one of {world} launched processes",
+                          hint=f"run it directly: moectl {command} ...")
+        err.agreed = True   # every process refuses alike; the first says so
+        raise err

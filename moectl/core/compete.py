@@ -136,6 +136,12 @@ class CompeteFFN(RoutedFFN):
         a training forward with gradients (never in evaluation)."""
         return self.training and torch.is_grad_enabled() and ctx.plan is not None and self.index in ctx.plan
 
+    @torch.no_grad()
+    def competition_choice(self, x_TD: Tensor) -> Tensor:
+        """The experts a competition would pick for these tokens (every expert is evaluated)."""
+        s_TE = responses(self.experts.forward_all(x_TD), self.competition.response)
+        return s_TE.topk(self.top_k, dim=-1).indices
+
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         if not self.competes(ctx):
             return super().forward(x_TD, ctx, state)

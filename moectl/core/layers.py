@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moectl.core.cache import KVCache
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -54,14 +56,24 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.wo.weight, std=out_std)
 
-    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        """`rope` holds the tables of this forward's positions. With a `cache`, the new tokens sit
+        after the `cache.length` cached ones: their keys and values are appended (as `layer`) and
+        each new query attends to every cached key and, causally, to the new ones."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope[0][:S], rope[1][:S]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        mask = None
+        if past and S > 1:   # query i (position past + i) sees keys 0 .. past + i
+            mask = torch.arange(past + S, device=q.device) <= torch.arange(past, past + S, device=q.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 

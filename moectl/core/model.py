@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moectl.core import registry
+from moectl.core.cache import KVCache
 from moectl.core.config import ModelArgs
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
@@ -153,8 +154,9 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(args.d_model, args.n_heads, args.kv_heads)
         self.mlp = mlp
 
-    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any) -> MLPResult:
-        h = x_BSD + self.attn(self.attn_norm(x_BSD), rope)
+    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any,
+                cache: KVCache | None = None) -> MLPResult:
+        h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, cache, self.layer_idx)
         return self.mlp(h, ctx, state)
 
 
@@ -229,6 +231,10 @@ class MoETransformer(nn.Module):
             elif module is not self and hasattr(module, "init_weights"):
                 module.init_weights(std, out_std)
 
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for decoding, of `max_len` positions (default: the trained seq_len)."""
+        return KVCache(self.args.n_layers, max_len or self.args.seq_len)
+
     def routed_layers(self) -> list[RoutedFFN]:
         """Every routed FFN in forward order (the order of `ModelOutput.records`)."""
         return [m for m in self.modules() if isinstance(m, RoutedFFN)]
@@ -246,24 +252,38 @@ class MoETransformer(nn.Module):
         total = sum(b.attn.flops_per_token(s) + b.mlp.flops_per_token() for b in self.layers)
         return total + 2 * self.args.d_model * self.args.vocab_size
 
-    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, *, step: int | None = None) -> ModelOutput:
+    def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, *, step: int | None = None,
+                observer: Callable[[Any], None] | None = None, observe_competition: bool = False,
+                drop_top1: bool = False, cache: KVCache | None = None, decoding: bool = False) -> ModelOutput:
+        """`observer`, `observe_competition` and `drop_top1` are evaluation probes (see
+        `RouteContext`): they watch the routing, or perturb it, without changing the weights.
+        With a `cache` (`new_cache`) the tokens continue the cached ones: they take the positions
+        after them, attend to them, and are added to the cache. A forward with a cache routes as in
+        decoding (`RouteContext.decoding`: no capacity limit); `decoding=True` asks for that
+        routing without a cache (the reference a cached decode matches)."""
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
-        rope = rope_tables(S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
+        past = 0 if cache is None else cache.length
+        cos, sin = rope_tables(past + S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
+        rope = (cos[past:], sin[past:])
         plan = None
         if self.plan is not None and step is not None and self.training and torch.is_grad_enabled():
             plan = self.plan.at(step)
         ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), shared=self.router_shared,
-                           reduce_counts=self.count_reducer, plan=plan)
+                           reduce_counts=self.count_reducer, plan=plan, observer=observer,
+                           observe_competition=observe_competition, drop_top1=drop_top1,
+                           decoding=decoding or cache is not None)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x, state, recs = checkpoint(layer, x, rope, ctx, state, use_reentrant=False)
+                x, state, recs = checkpoint(layer, x, rope, ctx, state, cache, use_reentrant=False)
             else:
-                x, state, recs = layer(x, rope, ctx, state)
+                x, state, recs = layer(x, rope, ctx, state, cache)
             records.extend(recs)
+        if cache is not None:
+            cache.advance(S)
         logits = self.head(self.norm(x))
         loss = None
         if targets_BS is not None:

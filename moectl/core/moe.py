@@ -41,8 +41,28 @@ class RoutingRecord:
     dropped: Tensor          # slots dropped by the capacity limit
     entropy: Tensor          # mean routing entropy over tokens (nats)
     tokens: int
+    topk_mass: Tensor | None = None   # mean routing probability of the slots a token used
     counters: dict[str, float] = field(default_factory=dict)
     extra_flops: int = 0
+
+
+@dataclass
+class RouteObservation:
+    """One routed layer's decisions in one forward, for an evaluation probe (`RouteContext.observer`).
+    Tensors are detached; `valid_TK` is the validity after the capacity limit (None: every slot)."""
+
+    layer: RoutedFFN
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    valid_TK: Tensor | None
+    probs_TE: Tensor
+    logits_TE: Tensor | None
+    token_ids_T: Tensor | None
+    competition_ids_TK: Tensor | None = None   # the competition's winners (with observe_competition)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
 
 
 class RoutingPlan(Protocol):
@@ -99,6 +119,21 @@ def check_router_output(out: Any, router: nn.Module, T: int) -> None:
         problems.append(f"expert ids must lie in 0..{E - 1}")
     if problems:
         raise RouterContractError(f"{who} breaks the router contract: " + "; ".join(problems))
+
+
+def check_dropped_top1(out: RouterOutput, router: nn.Module) -> None:
+    """Under the drop-top-1 perturbation: no token may use its most probable expert, and a router
+    that gives every token top_k experts still does."""
+    who = f"router {getattr(router, 'kind', '?')!r}"
+    top1 = out.probs_TE.argmax(-1, keepdim=True)
+    used = out.expert_ids_TK == top1
+    if out.valid_TK is not None:
+        used &= out.valid_TK
+    if bool(used.any()):
+        raise RouterContractError(f"{who} chose a token's most probable expert under drop_top1")
+    if getattr(router, "fixed_k", False) and (out.expert_ids_TK.shape[1] != router.top_k or (
+            out.valid_TK is not None and not bool(out.valid_TK.all()))):
+        raise RouterContractError(f"{who} changed the number of experts per token under drop_top1")
 
 
 def _describe(t: Any) -> str:
@@ -177,13 +212,15 @@ class RoutedFFN(nn.Module):
         if not self._contract_checked:
             check_router_output(out, self.router, x_TD.shape[0])
             self._contract_checked = True
+        if ctx.drop_top1:
+            check_dropped_top1(out, self.router)
         return out
 
     def route(self, x_TD: Tensor, ctx: RouteContext, state: Any) -> tuple[RouterOutput, Tensor | None]:
         """Router decision plus the capacity limit. Returns (output, validity mask after dropping)."""
         out = self.run_router(x_TD, ctx, state)
         valid = out.valid_TK
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and not ctx.decoding:
             T, K = out.expert_ids_TK.shape
             cap = math.ceil(self.capacity_factor * T * self.top_k / self.num_experts)
             valid = apply_capacity(out.expert_ids_TK, valid, self.num_experts, cap)
@@ -212,12 +249,29 @@ class RoutedFFN(nn.Module):
             kept = kept_TK.sum() if kept_TK is not None else asked
             p = probs_TE.detach()
             entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+            used = kept_TK if kept_TK is not None else asked_TK
+            mass = p.gather(1, slots_TK)
+            mass = (mass if used is None else mass * used).sum(-1).mean()
         return RoutingRecord(self.name, {k: v.detach() for k, v in losses.items()}, loss,
                              load_E.detach().float(), asked.float(), (asked - kept).float(), entropy, T,
-                             dict(counters or {}), extra_flops)
+                             mass, dict(counters or {}), extra_flops)
+
+    def observe(self, ctx: RouteContext, x_TD: Tensor, out: RouterOutput, valid: Tensor | None) -> None:
+        """Hand this forward's decisions to the evaluation probe, if one is listening."""
+        if ctx.observer is None:
+            return
+        logits = out.logits_TE.detach() if out.logits_TE is not None else None
+        ctx.observer(RouteObservation(self, out.expert_ids_TK.detach(), out.weights_TK.detach(), valid,
+                                      out.probs_TE.detach(), logits, ctx.token_ids_T,
+                                      self.competition_choice(x_TD) if ctx.observe_competition else None))
+
+    def competition_choice(self, x_TD: Tensor) -> Tensor | None:
+        """What a competing variant's competition would choose for these tokens (None: no competition)."""
+        return None
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         out, valid = self.route(x_TD, ctx, state)
+        self.observe(ctx, x_TD, out, valid)
         weights = out.weights_TK if valid is None else out.weights_TK * valid
         y_TD, load_E = run_experts(self.experts, x_TD, out.expert_ids_TK, weights, valid)
         record = self.record(out.aux_losses, out.probs_TE, out.expert_ids_TK, out.valid_TK, valid, load_E)

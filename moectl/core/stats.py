@@ -14,16 +14,21 @@ from moectl.core.moe import RoutingRecord
 Reduce = Callable[[torch.Tensor], torch.Tensor]   # sums a tensor over data-parallel processes
 
 
-def layer_summary(load_E: torch.Tensor, dropped: float, slots: float, entropy: float, tokens: int) -> dict[str, Any]:
-    """Balance measures of one routed layer from its slot counts."""
+def layer_summary(load_E: torch.Tensor, dropped: float, slots: float, entropy: float, tokens: int,
+                  topk_mass: float = math.nan) -> dict[str, Any]:
+    """Balance measures of one routed layer from its slot counts (docs/eval.md defines them)."""
     load = load_E.double()
     mean = load.mean().item()
+    share = load / load.sum() if mean > 0 else load
+    load_entropy = -(share * share.clamp_min(1e-30).log()).sum().item()
     return {
         "load": [int(x) for x in load.tolist()],
         "imbalance": load.max().item() / mean if mean > 0 else math.nan,
         "cv": load.std(unbiased=False).item() / mean if mean > 0 else math.nan,
         "dead": int((load < 0.01 * mean).sum().item()),
+        "diversity": math.exp(load_entropy) / len(load) if mean > 0 else math.nan,
         "entropy": entropy,
+        "topk_mass": topk_mass,
         "dropped_frac": dropped / slots if slots else 0.0,
         "experts_per_token": load.sum().item() / tokens if tokens else 0.0,
     }
@@ -40,7 +45,7 @@ class RoutingAccumulator:
     def reset(self) -> None:
         self.names: list[str] = []
         self.load: list[torch.Tensor] = []
-        self.scalars: list[torch.Tensor] = []   # per layer: [dropped, slots, entropy*tokens, tokens]
+        self.scalars: list[torch.Tensor] = []   # per layer: [dropped, slots, entropy*tokens, tokens, mass*tokens]
         self.losses: dict[str, torch.Tensor] = {}
         self.counters: dict[str, float] = {}
         self.count = 0
@@ -53,14 +58,16 @@ class RoutingAccumulator:
         if not self.names:
             self.names = [r.name for r in records]
             self.load = [torch.zeros_like(r.load_E) for r in records]
-            self.scalars = [torch.zeros(4, device=r.load_E.device) for r in records]
+            self.scalars = [torch.zeros(5, device=r.load_E.device) for r in records]
         for i, r in enumerate(records):
             for k, v in r.counters.items():
                 self.counters[k] = self.counters.get(k, 0) + weight * v
             self.extra_flops += weight * r.extra_flops
             self.load[i] += weight * r.load_E
+            mass = r.topk_mass if r.topk_mass is not None else torch.full((), math.nan, device=r.load_E.device)
             self.scalars[i] += weight * torch.stack([r.dropped, r.slots, r.entropy * r.tokens,
-                                                     torch.tensor(float(r.tokens), device=r.load_E.device)])
+                                                     torch.tensor(float(r.tokens), device=r.load_E.device),
+                                                     mass.float() * r.tokens])
             for k, v in r.losses.items():
                 self.losses[k] = self.losses.get(k, torch.zeros((), device=v.device)) + weight * v / len(records)
         self.count += weight
@@ -74,14 +81,17 @@ class RoutingAccumulator:
         loads = reduce(torch.stack(self.load))
         scalars = reduce(torch.stack(self.scalars)).tolist()
         layers = {}
-        for name, load, (dropped, slots, ent_tok, tokens) in zip(self.names, loads, scalars, strict=True):
-            layers[name] = layer_summary(load, dropped, slots, ent_tok / max(tokens, 1), int(tokens))
+        for name, load, (dropped, slots, ent_tok, tokens, mass_tok) in zip(self.names, loads, scalars, strict=True):
+            layers[name] = layer_summary(load, dropped, slots, ent_tok / max(tokens, 1), int(tokens),
+                                         mass_tok / max(tokens, 1))
         out: dict[str, Any] = {"layers": layers}
         world = reduce(torch.ones((), device=loads.device)).item()
         count = reduce(torch.tensor(float(self.count), device=loads.device)).item()
         for k, v in self.losses.items():
             out[k] = reduce(v).item() / max(count, 1)
         out["imbalance_max"] = max(v["imbalance"] for v in layers.values())
+        out["diversity_min"] = min(v["diversity"] for v in layers.values())
+        out["dead_max"] = max(v["dead"] for v in layers.values())
         names = sorted(self.counters)
         totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(self.counters[k] for k in names)],
                                      dtype=torch.float64, device=loads.device)).tolist()

@@ -93,9 +93,10 @@ def _progress(enabled: bool):
                     transient=False)
 
 
-def _check_training_text(source, counts: dict[str, dict[str, int]]) -> None:
-    """Refuse a corpus that leaves nothing to train on, saying why. `counts` per split: documents,
-    and tokens including one end-of-text per document."""
+def _check_training_text(source, counts: dict[str, dict[str, int]], for_training: bool = True) -> None:
+    """Refuse a corpus that leaves nothing to train on (with `for_training`; else only one with no
+    text at all), saying why. `counts` per split: documents, and tokens including one end-of-text
+    per document."""
     train, val = counts["train"], counts["val"]
     total = train["documents"] + val["documents"]
     if total == 0:
@@ -104,6 +105,8 @@ def _check_training_text(source, counts: dict[str, dict[str, int]]) -> None:
     if train["tokens"] + val["tokens"] <= total:
         raise DataError(f"the corpus is empty: {source.describe()} gave {total} document(s), all without text",
                         hint="point data.source at files that contain text")
+    if not for_training:
+        return
     if train["documents"] == 0:
         raise DataError(f"{source.describe()} gave {total} document(s), all held out for validation: "
                         "the training split is empty",
@@ -124,6 +127,7 @@ class _Job:
     split_key: dict[str, Any]
     fingerprint: str
     root: Path
+    for_training: bool = True
 
     @property
     def cfg(self) -> DataConfig:
@@ -137,13 +141,14 @@ class _Job:
         return split_documents(iter(self.source), self.split_seed, self.cfg.val_fraction, self.cfg.max_documents)
 
 
-def prepare_data(recipe: Recipe, show_progress: bool = True, log=print) -> PreparedData:
-    """Make sure the recipe's token shards exist; build them if not. Returns where they are."""
+def prepare_data(recipe: Recipe, show_progress: bool = True, log=print, for_training: bool = True) -> PreparedData:
+    """Make sure the recipe's token shards exist; build them if not. Returns where they are.
+    `for_training=False` (evaluation) accepts a corpus whose training split is empty."""
     cfg = recipe.data
     source = open_source(cfg.source)
     split_seed = recipe.seed if cfg.split_seed is None else cfg.split_seed
     split_key = {"seed": split_seed, "val_fraction": cfg.val_fraction, "max_documents": cfg.max_documents}
-    job = _Job(recipe, source, split_seed, split_key, source.fingerprint(), cache_root(cfg))
+    job = _Job(recipe, source, split_seed, split_key, source.fingerprint(), cache_root(cfg), for_training)
     tok, tok_path, eot_id = _tokenizer(job, log)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     if vocab > job.vocab_limit:
@@ -227,7 +232,7 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
                 batch = []
         if batch:
             flush(batch)
-    _check_training_text(job.source, counts)
+    _check_training_text(job.source, counts, job.for_training)
     p = val_freq[val_freq > 0] / max(val_freq.sum(), 1)
     index = {
         "format": FORMAT_VERSION, "source": job.source.describe(), "dtype": np.dtype(dtype).name,

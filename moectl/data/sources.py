@@ -113,6 +113,11 @@ def _expand(patterns: list[str]) -> list[Path]:
     return files
 
 
+def files_in(folder: Path) -> list[Path]:
+    """Every file of a supported type under `folder` (recursively), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and _kind_of(p) is not None)
+
+
 def _kind_of(p: Path) -> str | None:
     name = p.name.lower().removesuffix(".gz")
     for suffix in _SUFFIXES:

@@ -82,6 +82,22 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=False)
 
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes of text each token id stands for; 0 for special tokens (end-of-text).
+        Exact for byte-level BPE (each character of a token is one byte); otherwise the length of
+        the token decoded alone, which can differ by a space at word starts."""
+        inner = self.inner
+        special = {t.content for t in inner.get_added_tokens_decoder().values() if t.special}
+        byte_level = type(inner.decoder).__name__ == "ByteLevel"
+        out = []
+        for i in range(self.vocab_size):
+            piece = inner.id_to_token(i)
+            if piece is None or piece in special:
+                out.append(0)
+            else:
+                out.append(len(piece) if byte_level else len(inner.decode([i]).encode("utf-8")))
+        return out
+
 
 def load_run_tokenizer(run_dir: Path, eot_token: str | None = None) -> Tokenizer:
     """The tokenizer a run was trained with (`<run>/tokenizer.json`); no data is read."""

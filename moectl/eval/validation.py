@@ -21,12 +21,16 @@ def _no_reduce(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[int]], device: torch.device,
              autocast: Callable[[], AbstractContextManager] = nullcontext,
-             reduce: Reduce = _no_reduce, rounds: int | None = None) -> tuple[float, dict[str, Any]]:
+             reduce: Reduce = _no_reduce, rounds: int | None = None, *,
+             probes: dict[str, Any] | None = None,
+             on_batch: Callable[[], None] | None = None) -> tuple[float, dict[str, Any]]:
     """(mean next-token loss, routing summary) over `batches` of sequence indices. With `reduce`
     summing over processes, each process passes its own batches and all get the global result;
     `rounds` is then the most batches any process has: every process runs that many forwards (the
     extra ones count for nothing), so a sharded model's collectives stay in step whatever the
-    split. The model is evaluated in eval mode (routed as at inference) and left as it was."""
+    split. The model is evaluated in eval mode (routed as at inference) and left as it was.
+    `probes` are the model's evaluation keywords (observer, observe_competition, drop_top1);
+    `on_batch` is called after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
@@ -36,10 +40,12 @@ def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[i
         for idx, weight in padded:
             x, y = seqs.batch(idx)
             with autocast():
-                out = model(x.to(device), y.to(device))
+                out = model(x.to(device), y.to(device), **(probes or {}))
             total += weight * torch.stack([out.loss.double() * y.numel(),
                                            torch.tensor(float(y.numel()), device=device)])
             routing.add(out.records, weight)
+            if on_batch is not None:
+                on_batch()
     finally:
         model.train(was_training)
     total = reduce(total)

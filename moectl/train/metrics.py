@@ -64,7 +64,10 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
             for name, layer in record.get("layers", {}).items():
-                self.tb.add_scalar(f"{prefix}/imbalance/{name}", layer["imbalance"], record["step"])
+                for key in ("imbalance", "diversity", "entropy", "topk_mass", "dead"):
+                    value = layer.get(key)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.tb.add_scalar(f"{prefix}/{key}/{name}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -240,7 +241,27 @@ def test_tensorboard(recipe_path, tmp_path):
     pytest.importorskip("tensorboard")
     path = recipe_path(max_steps=2, eval_every="null", tensorboard="true")
     train(load_recipe(path), run_dir=tmp_path / "a", resume="never", show_progress=False)
-    assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    for tag in ("train/loss", "train/imbalance/L0", "train/diversity/L1", "train/entropy/L0", "train/topk_mass/L0",
+                "train/dead/L0", "train/diversity_min"):
+        assert tag in tags, tag
+
+
+def test_cheap_routing_measures_are_logged(recipe_path, tmp_path):
+    train(load_recipe(recipe_path(max_steps=2, eval_every=2)), run_dir=tmp_path / "a", resume="never",
+          show_progress=False)
+    records = [json.loads(x) for x in (tmp_path / "a" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    for rec in records:
+        for layer in rec["layers"].values():
+            assert 0 < layer["diversity"] <= 1 and 0 < layer["topk_mass"] <= 1
+            share = [x / sum(layer["load"]) for x in layer["load"]]
+            expected = math.exp(-sum(p * math.log(p) for p in share if p > 0)) / len(share)
+            assert layer["diversity"] == pytest.approx(expected)
+        assert rec["diversity_min"] == min(v["diversity"] for v in rec["layers"].values())
 
 
 class _Evil:

@@ -40,6 +40,16 @@ class RouteContext:
     # What the model's routing plan decided for this training forward (None outside training);
     # its meaning belongs to the routed-layer variant that made the plan (see `RoutingPlan`).
     plan: Any = None
+    # Evaluation probes (see `moectl.eval`). `observer` receives every routed layer's decisions
+    # (a `RouteObservation`); with `observe_competition` a competing variant also works out what
+    # its competition would have chosen. `drop_top1` is the routing-robustness perturbation: every
+    # router removes each token's most probable expert and chooses its K experts from the rest.
+    observer: Callable[[Any], None] | None = None
+    observe_competition: bool = False
+    drop_top1: bool = False
+    # Token-by-token decoding with a KV cache: batch-dependent routing steps (the capacity limit)
+    # are skipped, so a token is routed the same however many tokens share its forward.
+    decoding: bool = False
 
 
 @dataclass
@@ -67,6 +77,11 @@ class Router(nn.Module):
     kind = ""            # the registered name (set by `register_router`)
     fixed_k = False      # True when every token always gets exactly top_k experts
     learned = True       # False when nothing in the router is trained (hash)
+    # Why the routing-robustness perturbation (`RouteContext.drop_top1`) is not defined for this
+    # router, or None when its forward honours the flag (use `top1_excluded`).
+    drop_top1_refusal: str | None = ("it does not declare support for the drop-top-1 perturbation (a router "
+                                     "that honours RouteContext.drop_top1 sets drop_top1_refusal = None)")
+    causal = True        # False when a token's routing depends on other tokens of the batch
 
     def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
@@ -96,6 +111,14 @@ class Router(nn.Module):
             return []
         return [f"{self.kind} gives tokens a varying number of experts: active parameters and FLOPs assume "
                 f"the nominal top_k = {self.top_k}; logs report the measured mean (experts_per_token)."]
+
+    def top1_excluded(self, probs_TE: Tensor, ctx: RouteContext) -> Tensor | None:
+        """Under the drop-top-1 perturbation, a bool mask [T, E] of each token's most probable
+        expert (which the router must not choose); otherwise None."""
+        if not ctx.drop_top1:
+            return None
+        mask = torch.zeros_like(probs_TE, dtype=torch.bool)
+        return mask.scatter_(-1, probs_TE.argmax(-1, keepdim=True), True)
 
     def add_gate(self, in_features: int | None = None) -> None:
         """The learned gate `weight` [E, in_features] (default in_features: d_model)."""

@@ -29,6 +29,7 @@ class HashRouter(Router):
 
     fixed_k = True
     learned = False
+    drop_top1_refusal = None
 
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
@@ -49,5 +50,5 @@ class HashRouter(Router):
         if ctx.token_ids_T is None:
             raise ValueError("hash routing needs the token ids in the route context")
         probs = self.table[ctx.token_ids_T].float().softmax(-1)
-        ids, weights = select_topk(probs, self.top_k, renormalize=True)
+        ids, weights = select_topk(probs, self.top_k, renormalize=True, exclude_TE=self.top1_excluded(probs, ctx))
         return RouterOutput(ids, weights, probs, None, state=state)

@@ -86,6 +86,7 @@ class RecurrentRouter(Router):
     """Logits from a recurrent state carried through the MoE layers; top-k of their softmax."""
 
     fixed_k = True
+    drop_top1_refusal = None
 
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
@@ -139,6 +140,6 @@ class RecurrentRouter(Router):
             if o.logit_residual and state is not None:
                 logits = logits + o.logit_residual * state.logits_TE
         probs = logits.softmax(-1)
-        ids, weights = select_topk(probs, self.top_k, o.renormalize)
+        ids, weights = select_topk(probs, self.top_k, o.renormalize, exclude_TE=self.top1_excluded(probs, ctx))
         return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
                             state=RecurrentState(h, c, logits))

@@ -19,9 +19,13 @@ from moectl.core.routers.base import (
 )
 
 
-def select_topk(scores_TE: Tensor, top_k: int, renormalize: bool, bias_E: Tensor | None = None):
-    """Top-k experts per token by (scores + bias); weights come from the unbiased scores."""
+def select_topk(scores_TE: Tensor, top_k: int, renormalize: bool, bias_E: Tensor | None = None,
+                exclude_TE: Tensor | None = None):
+    """Top-k experts per token by (scores + bias), never one `exclude_TE` marks; weights come
+    from the unbiased scores."""
     choose = scores_TE if bias_E is None else scores_TE + bias_E
+    if exclude_TE is not None:
+        choose = choose.masked_fill(exclude_TE, float("-inf"))
     expert_ids_TK = choose.topk(top_k, dim=-1).indices
     weights_TK = scores_TE.gather(-1, expert_ids_TK)
     if renormalize:
@@ -58,6 +62,7 @@ class TopKRouter(Router):
     """Scores softmax(W x) or sigmoid(W x); each token takes its k best experts."""
 
     fixed_k = True
+    drop_top1_refusal = None
 
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
@@ -75,7 +80,8 @@ class TopKRouter(Router):
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         logits = self.logits(x_TD)
         scores, probs = scores_from_logits(logits, self.options.score_func)
-        ids, weights = select_topk(scores, self.top_k, self.options.renormalize, self.expert_bias)
+        ids, weights = select_topk(scores, self.top_k, self.options.renormalize, self.expert_bias,
+                                   self.top1_excluded(probs, ctx))
         return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
                             state=state)
 

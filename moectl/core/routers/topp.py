@@ -19,7 +19,14 @@ from moectl.core.routers.base import (
 )
 
 
-def topp_select(probs_TE: Tensor, p: float, max_k: int) -> tuple[Tensor, Tensor, Tensor]:
+def topp_select(probs_TE: Tensor, p: float, max_k: int,
+                exclude_TE: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Experts by descending probability until the running sum first exceeds p (at least one, at
+    most max_k). Experts `exclude_TE` marks (one per token) are left out; the threshold then
+    applies to the remaining experts' original probabilities."""
+    if exclude_TE is not None:
+        max_k = min(max_k, probs_TE.shape[-1] - 1)
+        probs_TE = probs_TE.masked_fill(exclude_TE, -1.0)   # sorts last, beyond max_k
     sorted_p, order = probs_TE.sort(dim=-1, descending=True)
     sorted_p, order = sorted_p[:, :max_k], order[:, :max_k]
     before = F.pad(sorted_p.cumsum(-1)[:, :-1], (1, 0))   # probability mass ranked above each expert
@@ -40,6 +47,8 @@ class TopPOptions:
 class TopPRouter(Router):
     """A varying number of experts per token, by cumulative probability."""
 
+    drop_top1_refusal = None
+
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
         self.max_k = self.options.max_k or self.num_experts
@@ -55,6 +64,6 @@ class TopPRouter(Router):
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         logits = self.gate_logits(x_TD)
         probs = logits.softmax(-1)
-        ids, weights, valid = topp_select(probs, self.options.p, self.max_k)
+        ids, weights, valid = topp_select(probs, self.options.p, self.max_k, self.top1_excluded(probs, ctx))
         return RouterOutput(ids, weights, probs, logits, valid_TK=valid,
                             aux_losses=routing_losses(probs, ids, logits, ctx, valid), state=state)

@@ -1,0 +1,151 @@
+"""`moectl eval`: judge a trained run on held-out text and show how it routes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from moectl.cli.common import (
+    OVERRIDES_HELP,
+    handle_errors,
+    pick_device,
+    single_process,
+    stderr_console,
+    stdout_console,
+)
+
+RUN_HELP = "A run folder written by `moectl train`, one of its checkpoints/step-* folders, or checkpoints/latest."
+
+
+@handle_errors
+def eval_run(
+    run: str = typer.Argument(..., help=RUN_HELP, metavar="RUN_OR_CHECKPOINT"),
+    overrides: list[str] = typer.Argument(None, help="Trailing data.key=value overrides of the evaluation data "
+                                          "(e.g. data.max_documents=200). " + OVERRIDES_HELP,
+                                          show_default=False, metavar="KEY=VALUE..."),
+    data: str = typer.Option(None, "--data", help="Evaluate on other text: a recipe (file, run folder or shipped "
+                             "name; its validation split), a file, glob or folder of .txt/.jsonl/.json/.parquet "
+                             "files, 'stdlib', or hf:NAME[:SPLIT] (all of it). Default: the run's validation split. "
+                             "Always tokenised with the run's tokenizer."),
+    split: str = typer.Option(None, "--split", help="Which split of the data: val, train or all "
+                              "(default: val for the run or a recipe, all for a source)."),
+    step: int = typer.Option(None, "--step", min=0, help="Evaluate this step's checkpoint (default: the latest)."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Sequences per forward (default: the "
+                                   "recipe's train.batch_size)."),
+    batches: int = typer.Option(None, "--batches", min=1, help="Evaluate at most this many batches "
+                                "(default: every sequence of the split)."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 autocast where the device supports it, else "
+                              "fp32), float32 or bfloat16. Router math stays fp32."),
+    robustness: bool = typer.Option(True, "--robustness/--no-robustness", help="Also evaluate with every "
+                                    "router's top-1 expert dropped (CartesianMoE's robustness protocol; a second "
+                                    "pass)."),
+    tasks: str = typer.Option(None, "--tasks", help="Comma-separated lm-evaluation-harness tasks "
+                              "(e.g. hellaswag,arc_easy); needs pip install 'moectl[eval]'."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many documents per task."),
+    task_path: Path = typer.Option(None, "--task-path", help="A folder of local lm-eval task definitions (YAML)."),
+    out: Path = typer.Option(None, "--out", help="Where results.json and the plots go (default: <run>/eval)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs pip install "
+                               "'moectl[plot]')."),
+    as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout instead of the tables."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+) -> None:
+    """Loss, perplexity and bits per byte of a trained run, its routing analysis, routing robustness and
+    (optionally) downstream tasks; writes <run>/eval/results.json and PNG plots. See docs/eval.md.
+
+    Exit codes: 0 done, 2 bad input (not a run, no checkpoint, unknown task, too little data, ...)."""
+    from moectl.eval import runner
+    from moectl.runs import load_run
+
+    single_process("eval")
+    dev = pick_device(device)
+    autocast, dtype_name = runner.autocast_for(dev, dtype)
+    loaded = load_run(run, step=step, device=dev)
+    target = out if out is not None else (loaded.run_dir or loaded.checkpoint) / "eval"
+    _check_writable(target)
+    err = stderr_console()
+    log = (lambda msg: None) if quiet or as_json else (lambda msg: err.print(f"[dim]{msg}[/]"))
+    task_list = _task_names(tasks)
+    task_results = None
+    if task_list:
+        from moectl.eval.harness import run_tasks
+
+        task_results = run_tasks(loaded, task_list, limit=limit, include_path=task_path,
+                                 log=None if quiet or as_json else log)
+    data_ = runner.eval_data(loaded, data, split, overrides or [], show_progress=not (quiet or as_json), log=log)
+    with _progress(not (quiet or as_json)) as progress:
+        body = runner.evaluate_run(loaded, data_, batch_size=batch_size or loaded.recipe.train.batch_size,
+                                   max_batches=batches, device=dev, autocast=autocast, robustness=robustness,
+                                   progress=progress)
+    body["tasks"] = task_results
+    results = runner.results_record(loaded, data_, dev, dtype_name, body)
+    written = runner.write_results(results, target, loaded.run_dir, plots=plots, log=log)
+    if as_json:
+        print(json.dumps(results, indent=2, allow_nan=True))
+    elif not quiet:
+        from moectl.eval.report import print_results
+
+        print_results(results, stdout_console(), written)
+    sys.stdout.flush()
+
+
+def _task_names(tasks: str | None) -> list[str]:
+    if tasks is None:
+        return []
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        from moectl.errors import MoectlError
+
+        raise MoectlError("--tasks is empty", hint="give comma-separated task names, e.g. --tasks hellaswag,arc_easy")
+    return names
+
+
+def _check_writable(target: Path) -> None:
+    """Fail before any work when results could not be written."""
+    import os
+
+    from moectl.errors import MoectlError
+
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise MoectlError(f"cannot write the results to {target} ({probe} is not a writable folder)",
+                          hint="choose another place with --out")
+
+
+class _progress:
+    """A rich progress bar per pass; `progress(label, total)` returns the per-batch callback."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=stderr_console(), transient=True)
+            self.bar.start()
+        return self
+
+    def __call__(self, label: str, total: int):
+        if self.bar is None:
+            return None
+        task = self.bar.add_task(label, total=total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
