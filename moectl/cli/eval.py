@@ -35,7 +35,7 @@ def eval_run(
                               "(default: val for the run or a recipe, all for a source)."),
     step: int = typer.Option(None, "--step", min=0, help="Evaluate this step's checkpoint (default: the latest)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Sequences per forward (default: the "
-                                   "recipe's train.batch_size)."),
+                                   "recipe's train.batch_size; 8 requests for --tasks)."),
     batches: int = typer.Option(None, "--batches", min=1, help="Evaluate at most this many batches "
                                 "(default: every sequence of the split)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N."),
@@ -46,7 +46,7 @@ def eval_run(
                                     "pass)."),
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated lm-evaluation-harness tasks "
                               "(e.g. hellaswag,arc_easy); needs pip install 'moectl[eval]'."),
-    limit: int = typer.Option(None, "--limit", min=1, help="At most this many documents per task."),
+    limit: int = typer.Option(None, "--limit", min=1, help="At most this many documents per task (with --tasks)."),
     task_path: Path = typer.Option(None, "--task-path", help="A folder of local lm-eval task definitions (YAML)."),
     out: Path = typer.Option(None, "--out", help="Where results.json and the plots go (default: <run>/eval)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs pip install "
@@ -69,14 +69,14 @@ def eval_run(
     _check_writable(target)
     err = stderr_console()
     log = (lambda msg: None) if quiet or as_json else (lambda msg: err.print(f"[dim]{msg}[/]"))
-    task_list = _task_names(tasks)
+    task_list = _task_names(tasks, limit, task_path)
+    data_ = runner.eval_data(loaded, data, split, overrides or [], show_progress=not (quiet or as_json), log=log)
     task_results = None
     if task_list:
         from moectl.eval.harness import run_tasks
 
         task_results = run_tasks(loaded, task_list, limit=limit, include_path=task_path,
-                                 log=None if quiet or as_json else log)
-    data_ = runner.eval_data(loaded, data, split, overrides or [], show_progress=not (quiet or as_json), log=log)
+                                 batch_size=batch_size or 8, log=None if quiet or as_json else log)
     with _progress(not (quiet or as_json)) as progress:
         body = runner.evaluate_run(loaded, data_, batch_size=batch_size or loaded.recipe.train.batch_size,
                                    max_batches=batches, device=dev, autocast=autocast, robustness=robustness,
@@ -93,13 +93,16 @@ def eval_run(
     sys.stdout.flush()
 
 
-def _task_names(tasks: str | None) -> list[str]:
+def _task_names(tasks: str | None, limit: int | None, task_path: Path | None) -> list[str]:
+    from moectl.errors import MoectlError
+
     if tasks is None:
+        if limit is not None or task_path is not None:
+            raise MoectlError(f"{'--limit' if limit is not None else '--task-path'} applies to downstream tasks, "
+                              "and no --tasks were given", hint="add --tasks NAME[,NAME...]")
         return []
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
-        from moectl.errors import MoectlError
-
         raise MoectlError("--tasks is empty", hint="give comma-separated task names, e.g. --tasks hellaswag,arc_easy")
     return names
 

@@ -232,11 +232,11 @@ def choose_source(runs: list[RunData]) -> tuple[str, list[str]]:
     if runs and len(have) == len(runs):
         notes = [f"{r.path}: evaluated at step {r.results.get('step')} of {r.summary.get('steps')}"
                  for r in runs if r.results.get("step") not in (None, r.summary.get("steps"))]
-        data = {json.dumps([(r.results.get("data") or {}).get(k) for k in ("description", "split")], default=str)
-                for r in runs}
+        data = {json.dumps([*((r.results.get("data") or {}).get(k) for k in ("description", "split", "tokens")),
+                            r.results.get("bytes")], default=str) for r in runs}
         if len(data) > 1:
-            notes.append("the runs were evaluated on different data (see data in each eval/results.json): "
-                         "their losses are not comparable")
+            notes.append("the runs were evaluated on different data, or on different amounts of it (--batches; "
+                         "see data and bytes in each eval/results.json): their scores may not be comparable")
         return "eval", notes
     if have:
         return "training", [f"eval/results.json left unused: only {len(have)} of {len(runs)} runs have one "

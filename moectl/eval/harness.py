@@ -442,7 +442,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _data_error(e: OSError) -> MoectlError:
-    if isinstance(e, FileNotFoundError):
+    hub_missing = any(c.__name__ == "DatasetNotFoundError" for c in type(e).__mro__)   # a Hub dataset
+    if isinstance(e, FileNotFoundError) and not hub_missing:
         return MoectlError(f"a task's data could not be found: {e}",
                            hint="check the data_files of a local task definition (paths are relative to the "
                                 "folder you run from)")

@@ -89,6 +89,7 @@ class _Layer:
         self.mi_count = 0
         # kept on the model's device: [E * V] is large for big vocabularies
         device = obs.probs_TE.device
+        self.top1 = torch.zeros(self.E, dtype=torch.int64)   # tokens whose most probable expert is e
         self.token_counts = torch.zeros(self.E * vocab, dtype=torch.int64, device=device) if vocab else None
         self.token_seen = torch.zeros(vocab or 0, dtype=torch.int64, device=device)
         self.vocab = vocab
@@ -106,7 +107,10 @@ class _Layer:
         ent = entropy_of(p)
         s["entropy"] += float(ent.sum())
         top = math.log(self.E)
-        self.hist += torch.histc(ent.double().cpu().clamp(0, top), bins=HIST_BINS, min=0.0, max=top)
+        if self.E > 1:
+            self.hist += torch.histc(ent.double().cpu().clamp(0, top), bins=HIST_BINS, min=0.0, max=top)
+        else:   # one expert: every entropy is 0
+            self.hist[0] += T
         s["topk_mass"] += float((p * sel).sum())
         ranked = p.topk(min(max(self.K, 2), self.E), dim=-1).values
         if self.E > 1:
@@ -133,7 +137,9 @@ class _Layer:
             flat = (torch.arange(self.E, device=tok.device) * self.vocab + tok)[sel]
             self.token_counts += torch.bincount(flat, minlength=self.E * self.vocab)
             self.token_seen += torch.bincount(obs.token_ids_T.reshape(-1), minlength=self.vocab)
-        return p.argmax(-1)
+        top1 = p.argmax(-1)
+        self.top1 += torch.bincount(top1, minlength=self.E).cpu()
+        return top1
 
     def result(self, tokenizer: Any) -> dict[str, Any]:
         s, E = self.sums, self.E
@@ -201,7 +207,8 @@ def _pooled_std(s: dict[str, float]) -> float:
 def _median(parts: list[Tensor]) -> float | None:
     if not parts:
         return None
-    return float(torch.cat(parts).float().median())
+    v = torch.cat(parts).double().sort().values
+    return float((v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2)   # the mean of the two middle values
 
 
 def _bias(router: Any) -> list[float] | None:
@@ -260,14 +267,9 @@ class RoutingAnalysis:
         return {"layers": names, "binned": binned, "top1": top1, "binned_tokens": min(
             (v.mi_count for v in self.layers.values()), default=0)}
 
-    def _self_joint(self, name: str) -> Tensor | None:
+    def _self_joint(self, name: str) -> Tensor:
         """The top-1 joint table of a layer with itself: its top-1 counts on the diagonal."""
-        for (a, b), joint in self.joint.items():
-            if a == name:
-                return torch.diag(joint.sum(1))
-            if b == name:
-                return torch.diag(joint.sum(0))
-        return None
+        return torch.diag(self.layers[name].top1)
 
     def result(self, tokenizer: Any = None) -> dict[str, Any]:
         """The report: per-layer measures, their means over layers, and the cross-layer MI."""

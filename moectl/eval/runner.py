@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 RESULTS_FORMAT = "moectl.eval"
 RESULTS_VERSION = 1
 SPLITS = ("val", "train", "all")
+PLOT_NAMES = {"expert_load.png", "router_entropy.png", "mutual_information.png", "curves.png"}
 
 
 @dataclass
@@ -79,6 +80,11 @@ def _data_config(run: Run, spec: str | None, overrides: list[str]):
 
     if spec is not None and not spec.strip():
         raise DataError("--data is empty", hint="give a recipe, a file, a glob or a folder")
+    stray = [o for o in overrides if "=" not in o]
+    if stray:
+        raise MoectlError(f"unexpected argument {stray[0]!r}: trailing arguments are data.key=value overrides",
+                          hint="a glob given to --data must be quoted (--data 'notes/*.txt'), or the shell "
+                               "expands it into several arguments")
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise MoectlError(f"{bad[0]}: only data.* settings can change at evaluation (the model is the run's)",
@@ -89,7 +95,11 @@ def _data_config(run: Run, spec: str | None, overrides: list[str]):
             base = find_recipe(spec)
         except MoectlError as e:
             raise DataError(f"--data {spec}: no such recipe, file or folder", hint=e.hint) from None
-        return load_recipe(base, overrides).data, "val"
+        other = load_recipe(base, overrides)
+        data = other.data
+        if data.split_seed is None:   # that recipe's validation split, whatever the run's seed
+            data = data.model_copy(update={"split_seed": other.seed})
+        return data, "val"
     data = load_recipe(base, overrides).data
     if spec is None:
         return data, "val"
@@ -158,6 +168,8 @@ def robustness_refusal(model) -> str | None:
         return "a dense model has no router to perturb"
     for layer in layers:
         router = layer.router
+        if router.num_experts < 2:
+            return f"router {router.kind!r} has a single expert: there is no other expert to route to"
         if router.drop_top1_refusal is not None:
             return f"router {router.kind!r}: {router.drop_top1_refusal}"
         if router.fixed_k and router.top_k >= router.num_experts:
@@ -167,7 +179,7 @@ def robustness_refusal(model) -> str | None:
 
 
 def _scores(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf,
+    return {"loss": loss, "perplexity": math.inf if loss >= 700 else math.exp(loss),
             "bits_per_byte": loss * tokens / (math.log(2) * nbytes) if nbytes else math.nan}
 
 
@@ -197,8 +209,14 @@ def evaluate_run(run: Run, data: EvalData, *, batch_size: int, max_batches: int 
         reason = robustness_refusal(run.model)
         out["robustness"] = {"defined": reason is None, "reason": reason}
         if reason is None:
-            loss_p, _ = evaluate(run.model, data.seqs, batches, device, autocast, probes={"drop_top1": True},
-                                 on_batch=progress("perturbed (top-1 expert dropped)", len(batches)))
+            from moectl.core.moe import RouterContractError
+
+            try:
+                loss_p, _ = evaluate(run.model, data.seqs, batches, device, autocast, probes={"drop_top1": True},
+                                     on_batch=progress("perturbed (top-1 expert dropped)", len(batches)))
+            except RouterContractError as e:
+                raise MoectlError(str(e), hint="a router that honours RouteContext.drop_top1 must leave out the "
+                                  "mask Router.top1_excluded gives (docs/eval.md); --no-robustness skips the pass") from None
             out["robustness"].update(_scores(loss_p, tokens, nbytes))
     return out
 
@@ -237,6 +255,9 @@ def write_results(results: dict[str, Any], target: Path, run_dir: Path | None, *
     written = [path]
     if plots:
         written += _plots(results, target, run_dir, log)
+    else:
+        for stale in PLOT_NAMES:
+            (target / stale).unlink(missing_ok=True)
     return written
 
 
@@ -255,6 +276,8 @@ def _plots(results: dict[str, Any], target: Path, run_dir: Path | None, log) -> 
             jobs.append(("mutual_information.png", lambda p: plots.mutual_information_heatmap(results, p)))
     if run_dir is not None and (run_dir / "logs" / "metrics.jsonl").is_file():
         jobs.append(("curves.png", lambda p: plots.training_curves([(results["recipe"], run_dir)], p)))
+    for stale in PLOT_NAMES - {name for name, _ in jobs}:   # an earlier report's, not redrawn
+        (target / stale).unlink(missing_ok=True)
     written = []
     for name, job in jobs:
         try:

@@ -175,3 +175,39 @@ def test_refuses_to_run_as_one_of_several_processes(trained_run, tmp_path, cli_m
     r = cli_module("eval", trained_run, "--out", tmp_path / "out", "-q")
     assert r.exit_code == 2 and "one process" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_another_recipe_is_split_by_its_own_seed(trained_run, tmp_path):
+    from moectl.eval.runner import _data_config
+
+    other = tmp_path / "other.yaml"
+    cfg = (trained_run / "config.yaml").read_text()
+    other.write_text(cfg.replace("seed: 0\n", "seed: 7\n", 1))
+    data, split = _data_config(load_run(trained_run), str(other), [])
+    assert split == "val" and data.split_seed == 7
+    data, _ = _data_config(load_run(trained_run), str(other), ["data.split_seed=3"])
+    assert data.split_seed == 3
+
+
+def test_stale_plots_go_and_stray_arguments_are_explained(trained_run, tmp_path, cli_module):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    assert cli_module("eval", trained_run, "--out", out, "--batches", "1", "-q", "--no-robustness").exit_code == 0
+    assert (out / "expert_load.png").is_file() and (out / "mutual_information.png").is_file()
+    assert cli_module("eval", trained_run, "--out", out, "--batches", "1", "-q", "--no-plots").exit_code == 0
+    assert not list(out.glob("*.png"))
+    r = cli_module("eval", trained_run, "notes/b.txt", "-q", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "quoted" in r.stderr
+    r = cli_module("eval", trained_run, "--limit", "3", "-q", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--tasks" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_router_breaking_the_perturbation_is_an_error_not_a_traceback(trained_run, tmp_path, cli_module,
+                                                                         monkeypatch):
+    from moectl.core.routers.topk import TopKRouter
+
+    monkeypatch.setattr(TopKRouter, "top1_excluded", lambda self, probs, ctx: None)
+    r = cli_module("eval", trained_run, "--out", tmp_path / "o", "--batches", "1", "-q")
+    assert r.exit_code == 2 and "most probable expert" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

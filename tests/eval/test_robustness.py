@@ -104,3 +104,8 @@ def test_a_router_that_ignores_the_perturbation_is_caught():
                 model(torch.zeros(1, 8, dtype=torch.long), drop_top1=True)
     finally:
         type(router).top1_excluded = original
+
+
+def test_a_single_expert_is_refused():
+    model = MoETransformer(tiny_args("topp", num_experts=1, top_k=1)).eval()
+    assert "single expert" in robustness_refusal(model)

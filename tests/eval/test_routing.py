@@ -168,3 +168,14 @@ def test_layers_are_aligned_per_forward():
     f2 = [obs(layer("L0", 0, E), torch.ones(10)), obs(layer("L1", 1, E), torch.ones(10))]
     mi = analyse(f1, f2)["mutual_information"]["top1"]
     assert mi[0][1] == pytest.approx(math.log(2))           # L1 copies L0 within each forward
+
+
+def test_one_layer_one_expert_and_even_medians():
+    one = analyse([obs(layer("L0", 0, 1), torch.zeros(6), torch.ones(6, 1))])
+    L = one["layers"]["L0"]
+    assert L["entropy_hist"]["counts"][0] == 6 and L["entropy"] == 0
+    assert one["mutual_information"]["top1"] == [[0.0]]          # a layer with itself: H(top-1) = 0
+    probs = torch.tensor([[0.6, 0.4], [0.8, 0.2]])               # p1/p2 = 1.5 and 4: median 2.75
+    two = analyse([obs(layer("L0", 0, 2), torch.zeros(2), probs)])["layers"]["L0"]
+    assert two["inner_balance"] == pytest.approx(2.75)
+    assert two["outer_balance"] == pytest.approx(0.7)

@@ -25,6 +25,8 @@ def topp_select(probs_TE: Tensor, p: float, max_k: int,
     most max_k). Experts `exclude_TE` marks (one per token) are left out; the threshold then
     applies to the remaining experts' original probabilities."""
     if exclude_TE is not None:
+        if probs_TE.shape[-1] < 2:
+            raise ValueError("drop-top-1 needs at least two experts")
         max_k = min(max_k, probs_TE.shape[-1] - 1)
         probs_TE = probs_TE.masked_fill(exclude_TE, -1.0)   # sorts last, beyond max_k
     sorted_p, order = probs_TE.sort(dim=-1, descending=True)
