@@ -50,10 +50,20 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoE
     from moectl.core import MoETransformer
 
     args = model_args(recipe.model)
-    if str(device) == "meta":
-        with torch.device("meta"):
-            return MoETransformer(args)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        model = MoETransformer(args)
-    return model.to(device) if device is not None else model
+    try:
+        if str(device) == "meta":
+            with torch.device("meta"):
+                return MoETransformer(args)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed)
+            model = MoETransformer(args)
+        return model.to(device) if device is not None else model
+    except (RuntimeError, OverflowError, MemoryError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, RuntimeError) and not any(w in text.lower() for w in ("overflow", "memory", "alloc")):
+            raise
+        from moectl.errors import MoectlError
+
+        raise MoectlError(f"the model cannot be built: {text}",
+                          hint="check the model sizes (d_model, ffn_hidden, vocab_size, num_experts, "
+                               "expert_hidden); `moectl build` shows what a recipe needs") from None

@@ -7,6 +7,7 @@ path and the file and line (or the override) it came from.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,43 @@ Key = tuple[Any, ...]
 Sources = dict[Key, str]
 
 _OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+# Bounds on the work one recipe may ask of the loader (far beyond any real recipe).
+MAX_FILE_BYTES = 1_000_000
+MAX_VALUES = 100_000        # values after expanding YAML aliases
+MAX_DEPTH = 64              # nesting of sections and lists
+MAX_EXTENDS = 32            # length of an `extends` chain
+
+
+class RecipeYAMLLoader(yaml.SafeLoader):
+    """The safe YAML loader, reading numbers as YAML 1.2 does: `1e-3` is a float (YAML 1.1 wants
+    a dot, `1.0e-3`, and reads `1e-3` as a string)."""
+
+
+RecipeYAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+class _Budget:
+    """Counts the values a recipe expands to and the depth of nesting, while it is built."""
+
+    def __init__(self, where: str):
+        self.where, self.values, self.active = where, 0, set()
+
+    def enter(self, node: yaml.Node, depth: int) -> None:
+        self.values += 1
+        line = f"{self.where}:{node.start_mark.line + 1}"
+        if self.values > MAX_VALUES:
+            raise MoectlError(f"{line}: the recipe expands to more than {MAX_VALUES:,} values (YAML aliases "
+                              "repeating aliases?)", hint="write the sections out; recipes are small")
+        if depth > MAX_DEPTH:
+            raise MoectlError(f"{line}: sections and lists nest more than {MAX_DEPTH} levels deep",
+                              hint="recipes nest a few levels: model.moe.router.kind")
+        if id(node) in self.active:
+            raise MoectlError(f"{line}: a YAML alias refers to a section that contains it (a recursive alias)",
+                              hint="an alias (*name) may repeat an anchored value (&name), not hold itself")
 
 
 # --------------------------------------------------------------------------- locating recipes
@@ -74,7 +112,20 @@ def find_recipe(ref: str | Path) -> Path:
 
 
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, where: str, sources: Sources,
-               issues: list[Issue]) -> Any:
+               issues: list[Issue], budget: _Budget | None = None) -> Any:
+    budget = budget or _Budget(where)
+    budget.enter(node, len(key))
+    if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return loader.construct_object(node, deep=True)
+    budget.active.add(id(node))
+    try:
+        return _construct_collection(loader, node, key, where, sources, issues, budget)
+    finally:
+        budget.active.discard(id(node))
+
+
+def _construct_collection(loader: yaml.SafeLoader, node: yaml.Node, key: Key, where: str, sources: Sources,
+                          issues: list[Issue], budget: _Budget) -> Any:
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
         out: dict[Any, Any] = {}
@@ -90,23 +141,25 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, where: str, s
                                     f"{where}:{line}"))
                 continue
             sources[path] = f"{where}:{line}"
-            out[k] = _construct(loader, v_node, path, where, sources, issues)
+            out[k] = _construct(loader, v_node, path, where, sources, issues, budget)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, n, key + (i,), where, sources, issues) for i, n in enumerate(node.value)]
-    return loader.construct_object(node, deep=True)
+    return [_construct(loader, n, key + (i,), where, sources, issues, budget) for i, n in enumerate(node.value)]
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], Sources]:
     """Parse one YAML file into a dict plus the file:line of every key."""
     where = str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise MoectlError(f"{path} is {size / 1e6:.1f} MB: not a recipe (recipes are a few KB)",
+                              hint="check the path; a recipe is a small YAML file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MoectlError(f"recipe not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MoectlError(f"cannot read recipe {path}: {e}") from None
-    loader = yaml.SafeLoader(text)
+    loader = RecipeYAMLLoader(text)
     try:
         node = loader.get_single_node()
         sources: Sources = {}
@@ -120,6 +173,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Sources]:
                           hint="check indentation, colons and quotes near that line") from None
     except yaml.YAMLError as e:
         raise MoectlError(f"{where}: YAML error: {e}") from None
+    except RecursionError:   # the YAML parser itself recurses per level of nesting
+        raise MoectlError(f"{where}: sections and lists nest too deeply to read",
+                          hint=f"recipes nest a few levels; at most {MAX_DEPTH} are accepted") from None
     finally:
         loader.dispose()
     if data is None:
@@ -172,6 +228,9 @@ def resolve_file(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
     if real in _chain:
         cycle = " -> ".join(str(p) for p in (*_chain, real))
         raise MoectlError(f"`extends` forms a cycle: {cycle}")
+    if len(_chain) >= MAX_EXTENDS:
+        raise MoectlError(f"{_chain[0]}: `extends` chains more than {MAX_EXTENDS} recipes (reached {path})",
+                          hint="extend a recipe that holds the shared settings instead of a long chain")
     data, sources = read_yaml(path)
     expand_bare_kinds(data, sources)
     base_ref = data.pop("extends", None)
@@ -206,7 +265,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise MoectlError(f"bad override {text!r}: {key!r} is not a dotted key path",
                           hint="keys are names joined by dots, e.g. model.moe.router.kind=topk")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=RecipeYAMLLoader) if raw.strip() else None
     except yaml.YAMLError as e:
         raise MoectlError(f"bad override {text!r}: the value is not valid YAML ({e.__class__.__name__})",
                           hint="quote strings that contain YAML syntax, e.g. name='a: b'") from None
@@ -418,6 +477,10 @@ def validate(data: dict[str, Any], sources: Sources, source_name: str) -> Recipe
 
     parts.load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name)
     parts.install()
+    non_finite = [_issue_at(path, "must be a finite number (use null to turn a setting off)", sources)
+                  for path in _non_finite(data)]
+    if non_finite:
+        raise RecipeError(source_name, non_finite)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -428,6 +491,22 @@ def validate(data: dict[str, Any], sources: Sources, source_name: str) -> Recipe
     if issues:
         raise RecipeError(source_name, issues)
     return recipe
+
+
+def _non_finite(value: Any, path: Key = ()) -> list[Key]:
+    """Key paths of .inf / .nan values: no recipe setting means anything by them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, path + (k,))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, path + (i,))]
+    return []
+
+
+def _issue_at(path: Key, message: str, sources: Sources) -> Issue:
+    where = next((sources[path[:n]] for n in range(len(path), 0, -1) if path[:n] in sources), None)
+    return Issue(_dotted(path), message, where)
 
 
 def _where(dotted: str, sources: Sources) -> str | None:

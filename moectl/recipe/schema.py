@@ -14,6 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
@@ -214,7 +215,7 @@ class DataConfig(Section):
         0.01, description="Share of documents held out for validation (by document, from the seed)."
     )
     max_documents: PosInt | None = Field(None, description="Use only the first N documents of the source.")
-    split_seed: NonNegInt | None = Field(
+    split_seed: Seed | None = Field(
         None, description="Seed of the train/validation split (default: the recipe's seed). Fix it to "
         "compare runs of several seeds on the same validation set."
     )
@@ -282,7 +283,7 @@ class Recipe(Section):
     )
     name: str = Field("run", description="Run name; the default run folder is runs/<name>.")
     description: str = Field("", description="Free text shown by `moectl recipes list`.")
-    seed: NonNegInt = Field(0, description="Seed for initialisation, data order and routing noise.")
+    seed: Seed = Field(0, description="Seed for initialisation, data order and routing noise (0 to 2^32 - 1).")
     model: ModelConfig = Field(..., description="The model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")

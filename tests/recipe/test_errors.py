@@ -69,6 +69,18 @@ CASES = {
                                     ["model.moe.layers=[1]"],
                                     ["model.moe.first_dense (", "tiny.yaml:15): first_dense (1)", "model.moe.layers is set at override "
                                      "'model.moe.layers=[1]'"]),
+    "alias_bomb": ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+                   + "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+                   + TINY_RECIPE.replace("name: tiny", "name: *a8"), [], ["expands to more than 100,000 values"]),
+    "recursive_alias": ("x: &m\n  y: *m\n" + TINY_RECIPE, [], ["recursive alias"]),
+    "deep_nesting": (TINY_RECIPE + "description: " + "[" * 3000 + "]" * 3000 + "\n", [], ["nest too deeply"]),
+    "nesting_past_the_bound": (TINY_RECIPE + "description: " + "[" * 70 + "]" * 70 + "\n", [],
+                               ["nest more than 64 levels"]),
+    "non_finite_number": (_replace("d_model: 32", "d_model: 32\n  init_std: .inf"), [],
+                          ["model.init_std (", "tiny.yaml:6)", "must be a finite number"]),
+    "non_finite_override": (TINY_RECIPE, ["model.moe.aux_loss_weight=.nan"],
+                            ["model.moe.aux_loss_weight (override", "must be a finite number"]),
+    "seed_too_large": (TINY_RECIPE, ["seed=9223372036854775808"], ["seed (override", "must be < 4294967296"]),
     "expert_choice_with_capacity": (TINY_RECIPE + "    capacity_factor: 1.0\n    router:\n      kind: expert_choice\n",
                                     [], ["model.moe.capacity_factor", "expert_choice sets its own capacity"]),
 }
@@ -125,3 +137,28 @@ def test_build_save_refuses_existing_folder(cli, tiny_recipe, tmp_path):
     result = cli("build", tiny_recipe, "--save", tmp_path / "out")
     assert result.exit_code == 2
     assert "already exists" in result.stderr
+
+
+def test_numbers_are_read_as_yaml_1_2(cli, write, tiny_recipe):
+    """`1e-3` is a float in a file and in an override (YAML 1.1 would read a string)."""
+    from moectl.recipe.load import load_recipe
+
+    rec = load_recipe(tiny_recipe, ["model.init_std=2e-2", "model.moe.aux_loss_weight=1E-3"])
+    assert rec.model.init_std == 0.02 and rec.model.moe.aux_loss_weight == 0.001
+    path = write("sci.yaml", TINY_RECIPE.replace("d_model: 32", "d_model: 32\n  init_std: 5e-3"))
+    assert load_recipe(path).model.init_std == 0.005
+
+
+def test_long_extends_chains_and_huge_files_are_refused(cli, write, tmp_path):
+    for i in range(40):
+        write(f"c{i}.yaml", (f"extends: c{i + 1}.yaml\n" if i < 39 else TINY_RECIPE))
+    r = cli("build", tmp_path / "c0.yaml")
+    assert r.exit_code == 2 and "chains more than 32 recipes" in r.stderr
+    big = write("big.yaml", TINY_RECIPE + "#" * 1_200_000 + "\n")
+    r = cli("build", big)
+    assert r.exit_code == 2 and "not a recipe" in r.stderr
+
+
+def test_a_model_too_large_to_build_is_a_message(cli, tiny_recipe):
+    r = cli("build", tiny_recipe, "model.d_model=1000000000000", "model.n_heads=1")
+    assert r.exit_code == 2 and "the model cannot be built" in r.stderr and "Traceback" not in r.output

@@ -20,7 +20,7 @@ from moectl.core.routers.topk import select_topk
 class HashOptions:
     """Fixed routing from a random per-token-id table; nothing in it is learned."""
 
-    seed: int = option(0, "Seed of the fixed random [vocab, experts] table.", ge=0)
+    seed: int = option(0, "Seed of the fixed random [vocab, experts] table (0 to 2^32 - 1).", ge=0, lt=2**32)
 
 
 @register_router("hash", options=HashOptions)
