@@ -157,7 +157,7 @@ def _read_results(run_dir: Path) -> dict[str, Any] | None:
     return results
 
 
-def load_run(path: str | Path) -> RunData:
+def read_run(path: str | Path) -> RunData:
     """Read one finished run folder, or raise a MoectlError that says what is wrong with it."""
     p = Path(path)
     if not p.exists():
@@ -188,7 +188,7 @@ def load_runs(paths: list[str | Path]) -> list[RunData]:
         if key in seen:
             raise MoectlError(f"{p} is given twice (as {seen[key]} too)", hint="give each run once")
         seen[key] = str(p)
-    return [load_run(p) for p in paths]
+    return [read_run(p) for p in paths]
 
 
 # --------------------------------------------------------------------------- metrics

@@ -122,9 +122,7 @@ def _print_tasks(tasks: dict[str, Any], console) -> None:
     t = Table(title="downstream tasks (lm-evaluation-harness)", title_justify="left")
     for col in ("task", "metric", "value"):
         t.add_column(col, justify="right" if col == "value" else "left")
-    for task, metrics in (tasks.get("results") or tasks).items():
-        if not isinstance(metrics, dict):
-            continue
+    for task, metrics in tasks["results"].items():
         for metric, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 t.add_row(task, metric, f"{value:.4f}")

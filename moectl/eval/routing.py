@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moectl.core.moe import RouteObservation
+from moectl.core.stats import layer_summary
 
 HIST_BINS = 20          # router-entropy histogram: equal bins on [0, ln E]
 MI_BINS = 100           # the RMoE paper's digitisation of routing probabilities on [0, 1]
@@ -144,20 +145,20 @@ class _Layer:
     def result(self, tokenizer: Any) -> dict[str, Any]:
         s, E = self.sums, self.E
         T = max(s["tokens"], 1.0)
-        load = self.load
-        mean = load.mean().item()
-        share = load / load.sum() if load.sum() > 0 else load
+        mean = self.load.mean().item()
+        # the load measures training logs too, from the same function
+        base = layer_summary(self.load, 0.0, 0.0, s["entropy"] / T, int(T))
         out: dict[str, Any] = {
             "experts": E,
             "top_k": self.K,
             "tokens": int(s["tokens"]),
-            "tokens_per_expert": [int(x) for x in load.tolist()],
-            "experts_per_token": s["slots"] / T,
-            "imbalance": load.max().item() / mean if mean > 0 else math.nan,
-            "cv": load.std(unbiased=False).item() / mean if mean > 0 else math.nan,
-            "utilisation": [x / mean if mean > 0 else math.nan for x in load.tolist()],
-            "dead_fraction": float((load < 0.01 * mean).sum()) / E if mean > 0 else math.nan,
-            "diversity": math.exp(float(entropy_of(share))) / E if mean > 0 else math.nan,
+            "tokens_per_expert": base["load"],
+            "experts_per_token": base["experts_per_token"],
+            "imbalance": base["imbalance"],
+            "cv": base["cv"],
+            "utilisation": [x / mean if mean > 0 else math.nan for x in self.load.tolist()],
+            "dead_fraction": base["dead"] / E if mean > 0 else math.nan,
+            "diversity": base["diversity"],
             "entropy": s["entropy"] / T,
             "entropy_max": math.log(E),
             "entropy_hist": {"edges": torch.linspace(0, math.log(E), HIST_BINS + 1).tolist(),
@@ -190,11 +191,9 @@ class _Layer:
         rank = (share * 1000).round() * (counts.max() + 1) + counts
         out = []
         for e in range(self.E):
-            best = rank[e].topk(min(PREFERRED, self.vocab))
-            best.values[:] = share[e][best.indices]
-            out.append([{"id": int(v), "token": _decode(tokenizer, int(v)), "share": float(sc),
-                         "count": int(counts[e, v])} for sc, v in zip(best.values, best.indices, strict=True)
-                        if sc > 0])
+            ids = rank[e].topk(min(PREFERRED, self.vocab)).indices.tolist()
+            out.append([{"id": v, "token": _decode(tokenizer, v), "share": float(share[e, v]),
+                         "count": int(counts[e, v])} for v in ids if share[e, v] > 0])
         return out
 
 

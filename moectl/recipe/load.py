@@ -43,6 +43,15 @@ RecipeYAMLLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def parse_yaml_value(text: str) -> Any:
+    """One YAML value (an override's), read by the safe recipe loader."""
+    loader = RecipeYAMLLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 class _Budget:
     """Counts the values a recipe expands to and the depth of nesting, while it is built."""
 
@@ -265,7 +274,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
         raise MoectlError(f"bad override {text!r}: {key!r} is not a dotted key path",
                           hint="keys are names joined by dots, e.g. model.moe.router.kind=topk")
     try:
-        value = yaml.load(raw, Loader=RecipeYAMLLoader) if raw.strip() else None
+        value = parse_yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise MoectlError(f"bad override {text!r}: the value is not valid YAML ({e.__class__.__name__})",
                           hint="quote strings that contain YAML syntax, e.g. name='a: b'") from None
