@@ -53,7 +53,10 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Pa
         p = p.parent.parent
     elif p.is_file():
         raise MoectlError(f"{path} is a file, not a run folder or a checkpoint", hint=RUN_HINT)
-    if (p / "model.safetensors").is_file():          # a checkpoint (or `moectl build --save`) folder
+    has_checkpoints = (p / "checkpoints" / "latest").is_file()
+    if (p / "model.safetensors").is_file() and not has_checkpoints:
+        # a checkpoint, `moectl build --save` or `moectl convert` folder (one whose own training has
+        # written checkpoints is a run folder: its newest checkpoint is the model)
         if step_of(p) is not None and not is_checkpoint(p):
             raise MoectlError(f"{path} is an incomplete checkpoint (no meta.json: its writing was interrupted)",
                               hint="use another checkpoint of the run, e.g. the one checkpoints/latest names")

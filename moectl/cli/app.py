@@ -9,6 +9,7 @@ import typer
 from moectl import __version__
 from moectl.cli import build as build_cmd
 from moectl.cli import compare as compare_cmd
+from moectl.cli import convert as convert_cmd
 from moectl.cli import data as data_cmd
 from moectl.cli import eval as eval_cmd
 from moectl.cli import generate as generate_cmd
@@ -45,6 +46,7 @@ app.command("train")(train_cmd.train)
 app.command("compare")(compare_cmd.compare)
 app.command("eval")(eval_cmd.eval_run)
 app.command("generate")(generate_cmd.generate)
+app.command("convert")(convert_cmd.convert)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(recipes_cmd.app, name="recipes")
 

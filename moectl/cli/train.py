@@ -18,7 +18,8 @@ def train(
     resume: str = typer.Option("auto", "--resume", help="'auto': continue from the run's latest checkpoint "
                                "if there is one; 'never': start fresh (refuses a run folder with checkpoints); "
                                "or a checkpoint / run folder to start from."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.run_dir, else runs/<name>)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.run_dir; else RECIPE itself when "
+                                 "it is a folder; else runs/<name>)."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Data-parallel processes on this machine "
                               "(gloo on CPU, NCCL on GPUs). torchrun and `accelerate launch --multi_gpu` work "
                               "too (see docs/training.md)."),
@@ -31,6 +32,8 @@ def train(
     from moectl.train.launch import is_worker, launch
 
     rec = load_recipe(recipe, overrides or [])
+    if run_dir is None and rec.train.run_dir is None and Path(recipe).is_dir():
+        run_dir = Path(recipe)   # a run folder (or a `moectl convert` folder) trains in place
     if nproc > 1 and not is_worker():
         argv = ["train", recipe, *(overrides or []), "--resume", resume]
         if run_dir is not None:

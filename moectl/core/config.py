@@ -32,7 +32,7 @@ class MoEArgs:
     layers: list[int]                      # indices of the MoE layers
     shared_experts: int = 0
     shared_hidden: int | None = None       # default: expert_hidden
-    shared_mix: str = "add"                # "add" | "gate"
+    shared_mix: str = "add"                # "add" | "gate" | "sigmoid"
     capacity_factor: float | None = None   # None = dropless
     backend: str = "grouped_mm"            # "loop" | "grouped_mm"
     aux_loss_weight: float = 0.01
@@ -57,11 +57,15 @@ class ModelArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     scale_residual_init: bool = True
+    head_dim: int | None = None            # attention head size; default d_model // n_heads
+    attention_bias: str = "none"           # "none" | "qkv" | "all"
+    qk_norm: str = "none"                  # "none" | "head" | "projection"
+    qkv_clip: float | None = None
     moe: MoEArgs | None = None
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

@@ -38,23 +38,54 @@ def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with optional grouped key/value heads (no biases)."""
+    """Causal multi-head attention with optional grouped key/value heads. Options (all off by
+    default): biases on the q/k/v projections (`bias="qkv"`) or on all four (`"all"`); RMSNorm of
+    queries and keys before RoPE, per head over head_dim (`qk_norm="head"`) or over the whole
+    projection (`"projection"`); clamping q, k and v to [-qkv_clip, qkv_clip] after that."""
 
     component = "attention"
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
+                 bias: str = "none", qk_norm: str = "none", qkv_clip: float | None = None,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.head_dim = head_dim or d_model // n_heads
+        self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
+        q_out, kv_out = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.wq = nn.Linear(d_model, q_out, bias=bias != "none")
+        self.wk = nn.Linear(d_model, kv_out, bias=bias != "none")
+        self.wv = nn.Linear(d_model, kv_out, bias=bias != "none")
+        self.wo = nn.Linear(q_out, d_model, bias=bias == "all")
+        self.q_norm = self.k_norm = None
+        if qk_norm != "none":
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_out, eps=norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_out, eps=norm_eps)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
             nn.init.normal_(lin.weight, std=std)
         nn.init.normal_(self.wo.weight, std=out_std)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def project(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values [B, heads, S, head_dim], normalised and clipped, before RoPE."""
+        B, S, _ = x_BSD.shape
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qkv_clip is not None:
+            c = self.qkv_clip
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
@@ -62,9 +93,7 @@ class Attention(nn.Module):
         after the `cache.length` cached ones: their keys and values are appended (as `layer`) and
         each new query attends to every cached key and, causally, to the new ones."""
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x_BSD)
         cos, sin = rope[0][:S], rope[1][:S]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0 if cache is None else cache.length

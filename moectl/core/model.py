@@ -151,7 +151,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.attn = Attention(args.d_model, args.n_heads, args.kv_heads)
+        self.attn = Attention(args.d_model, args.n_heads, args.kv_heads, args.head_size, args.attention_bias,
+                              args.qk_norm, args.qkv_clip, args.norm_eps)
         self.mlp = mlp
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any,
@@ -264,7 +265,7 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         past = 0 if cache is None else cache.length
-        cos, sin = rope_tables(past + S, self.args.head_dim, self.args.rope_theta, tokens_BS.device)
+        cos, sin = rope_tables(past + S, self.args.head_size, self.args.rope_theta, tokens_BS.device)
         rope = (cos[past:], sin[past:])
         plan = None
         if self.plan is not None and step is not None and self.training and torch.is_grad_enabled():

@@ -166,8 +166,11 @@ class RoutedFFN(nn.Module):
             self.shared = FeedForward(args.d_model, width, args.activation)
             self.shared.component = "shared_experts"
         self.shared_gate = None
-        if moe.shared_experts and moe.shared_mix == "gate":
-            self.shared_gate = nn.Linear(args.d_model, 2, bias=True)
+        if moe.shared_experts and moe.shared_mix != "add":
+            # "gate": a 2-way softmax between routed and shared output; "sigmoid": the shared
+            # output scaled by sigmoid(w . x) (Qwen2-MoE).
+            gated = moe.shared_mix == "gate"
+            self.shared_gate = nn.Linear(args.d_model, 2 if gated else 1, bias=gated)
             self.shared_gate.component = "router"
         self.loss_weights = {"load_balance": moe.aux_loss_weight, "z_loss": moe.z_loss_weight}
         self._contract_checked = False
@@ -196,7 +199,8 @@ class RoutedFFN(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=std)
-            nn.init.zeros_(self.shared_gate.bias)
+            if self.shared_gate.bias is not None:
+                nn.init.zeros_(self.shared_gate.bias)
 
     def flops_per_token(self) -> int:
         d = self.experts.d_model
@@ -204,7 +208,7 @@ class RoutedFFN(nn.Module):
         if self.shared is not None:
             flops += self.shared.flops_per_token()
         if self.shared_gate is not None:
-            flops += 2 * d * 2
+            flops += 2 * d * self.shared_gate.out_features
         return flops
 
     def run_router(self, x_TD: Tensor, ctx: RouteContext, state: Any) -> RouterOutput:
@@ -233,7 +237,10 @@ class RoutedFFN(nn.Module):
         if self.shared_gate is None:
             return routed_TD + shared_TD
         gate = self.shared_gate
-        c = fp32_linear(x_TD, gate.weight, gate.bias).softmax(-1).to(routed_TD.dtype)   # router math in fp32
+        g = fp32_linear(x_TD, gate.weight, gate.bias)   # router math in fp32
+        if g.shape[-1] == 1:
+            return routed_TD + g.sigmoid().to(routed_TD.dtype) * shared_TD
+        c = g.softmax(-1).to(routed_TD.dtype)
         return c[:, :1] * routed_TD + c[:, 1:] * shared_TD
 
     def record(self, losses: dict[str, Tensor], probs_TE: Tensor, slots_TK: Tensor, asked_TK: Tensor | None,

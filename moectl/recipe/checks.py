@@ -12,8 +12,12 @@ def check_recipe(r: Recipe) -> list[Issue]:
     issues: list[Issue] = []
     add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))  # noqa: E731
     m = r.model
-    if m.d_model % m.n_heads:
-        add("model.n_heads", f"d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads})")
+    if m.head_dim is not None:
+        if m.head_dim % 2:
+            add("model.head_dim", f"the head size ({m.head_dim}) must be even for RoPE")
+    elif m.d_model % m.n_heads:
+        add("model.n_heads", f"d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}), "
+            "or model.head_dim must be set")
     elif (m.d_model // m.n_heads) % 2:
         add("model.n_heads", f"the head size d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:

@@ -73,10 +73,10 @@ class MoEConfig(Section):
     shared_hidden: PosInt | None = Field(
         None, description="Hidden width of each shared expert (default: expert_hidden)."
     )
-    shared_mix: Literal["add", "gate"] = Field(
+    shared_mix: Literal["add", "gate", "sigmoid"] = Field(
         "add",
-        description="How shared and routed outputs combine: 'add' (sum) or 'gate' (learned "
-        "per-token 2-way softmax).",
+        description="How shared and routed outputs combine: 'add' (sum), 'gate' (learned "
+        "per-token 2-way softmax) or 'sigmoid' (routed + sigmoid(w . x) * shared, as Qwen2-MoE).",
     )
     capacity_factor: PosFloat | None = Field(
         None,
@@ -107,7 +107,8 @@ class ModelConfig(Section):
     vocab_size: PosInt = Field(..., description="Vocabulary size (the tokenizer's size must fit in it).")
     d_model: PosInt = Field(..., description="Residual stream width (d).")
     n_layers: PosInt = Field(..., description="Number of transformer layers.")
-    n_heads: PosInt = Field(..., description="Attention heads; d_model must be divisible by it.")
+    n_heads: PosInt = Field(..., description="Attention heads; d_model must be divisible by it unless "
+                            "head_dim is set.")
     n_kv_heads: PosInt | None = Field(
         None, description="Key/value heads for grouped-query attention (default: n_heads)."
     )
@@ -122,6 +123,22 @@ class ModelConfig(Section):
     init_std: PosFloat = Field(0.02, description="Std of the normal initialisation of weights.")
     scale_residual_init: bool = Field(
         True, description="Scale output projections' init by 1/sqrt(2 * n_layers) (GPT-2 style)."
+    )
+    head_dim: PosInt | None = Field(
+        None, description="Attention head size (default: d_model / n_heads); queries project to "
+        "n_heads * head_dim (Qwen3-MoE sets it apart from d_model)."
+    )
+    attention_bias: Literal["none", "qkv", "all"] = Field(
+        "none", description="Biases on the attention projections: none, on q/k/v (Qwen2), or on "
+        "q/k/v and the output projection (Llama's attention_bias)."
+    )
+    qk_norm: Literal["none", "head", "projection"] = Field(
+        "none", description="RMSNorm of queries and keys before RoPE: per head over head_dim "
+        "(Qwen3), over the whole projection (OLMoE), or none."
+    )
+    qkv_clip: PosFloat | None = Field(
+        None, description="Clamp queries, keys and values to [-c, c] after projection and qk_norm "
+        "(OLMoE's clip_qkv); null = off."
     )
     moe: MoEConfig | None = Field(None, description="Mixture-of-Experts settings; null = dense model.")
 
@@ -231,6 +248,11 @@ class TrainConfig(Section):
     """The optimisation: budget, batch, optimizer, schedule, precision, logging and checkpoints."""
 
     run_dir: str | None = Field(None, description="Run folder (default: runs/<name>).")
+    init_from: str | None = Field(
+        None, description="Start a fresh run from these weights instead of a random initialisation: a run "
+        "folder, a checkpoint (step-*) folder, or a folder holding model.safetensors (what `moectl convert` "
+        "writes). The tensors must fit the model. Ignored when the run resumes from a checkpoint of its own."
+    )
     max_steps: PosInt | None = Field(None, description="Budget in optimizer steps (give this or max_tokens).")
     max_tokens: PosInt | None = Field(
         None, description="Budget in training tokens; converted to steps of the global batch."

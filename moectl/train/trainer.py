@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -28,7 +29,13 @@ from typing import Any
 import torch
 
 from moectl import __version__
-from moectl.checkpoint import CheckpointDir, restore_training_state, save_checkpoint, tied_aliases
+from moectl.checkpoint import (
+    CheckpointDir,
+    load_weights,
+    restore_training_state,
+    save_checkpoint,
+    tied_aliases,
+)
 from moectl.core.moe import RouterContractError
 from moectl.core.stats import RoutingAccumulator
 from moectl.data.loader import PackedSequences, TrainOrder, eval_indices, eval_rounds
@@ -209,6 +216,8 @@ class Trainer:
         self.val_rounds = eval_rounds(len(self.val_seqs), self.cfg.batch_size, self.cfg.eval_batches, procs.world)
         self.bf16 = resolve_precision(self.cfg.precision, procs.device) == "bf16"
         self.core = build_model(recipe)
+        if self.resume_from is None and self.cfg.init_from:
+            self._init_from(self.cfg.init_from)
         self.core.activation_checkpointing = self.cfg.activation_checkpointing
         self.flops_per_token = 3 * self.core.flops_per_token()
         self.aliases = tied_aliases(self.core)   # before sharding, which hides them
@@ -232,6 +241,17 @@ class Trainer:
             if source_run.resolve() != self.run_dir.resolve():
                 check_same_run(source_run, self.recipe, sections=("model",))   # new data or seed is fine
         return resume_from
+
+    def _init_from(self, source: str) -> None:
+        """Weights of a fresh run from another run, checkpoint or weights folder (train.init_from)."""
+        from moectl.runs import find_checkpoint
+
+        try:
+            checkpoint, _ = find_checkpoint(source)
+            load_weights(checkpoint, self.core)
+        except MoectlError as e:
+            raise _agreed(MoectlError(f"train.init_from: {e.message}", hint=e.hint)) from None
+        self.log(f"starting from the weights of {checkpoint}")
 
     def _prepare_data(self, show_progress: bool) -> PreparedData:
         """The first process builds the cache, the others then find it. A failure on the first is
@@ -278,7 +298,9 @@ class Trainer:
             self.ckpts.root.mkdir(exist_ok=True)
             self.ckpts.clean_temporaries()
             atomic_write_text(self.run_dir / "config.yaml", dump_recipe(self.recipe))
-            shutil.copyfile(self.data.tokenizer_path, self.run_dir / "tokenizer.json")
+            target = self.run_dir / "tokenizer.json"
+            if not (target.exists() and os.path.samefile(self.data.tokenizer_path, target)):
+                shutil.copyfile(self.data.tokenizer_path, target)
             atomic_write_text(self.run_dir / "data.json",
                               json.dumps({**self.data.index, "cache": str(self.data.dir)}, indent=2))
         parallel.barrier()

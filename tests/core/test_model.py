@@ -124,3 +124,42 @@ def test_seeded_init_is_reproducible():
     a, b = _model(), _model()
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("options", [dict(head_dim=12), dict(attention_bias="qkv"), dict(attention_bias="all"),
+                                     dict(qk_norm="head"), dict(qk_norm="projection"), dict(qkv_clip=0.05)])
+def test_attention_options_are_causal_and_take_effect(options):
+    import dataclasses
+
+    torch.manual_seed(0)
+    plain = MoETransformer(tiny_args())
+    torch.manual_seed(0)
+    model = MoETransformer(dataclasses.replace(tiny_args(), **options)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "_norm" in name:
+                p.add_(0.3 * torch.randn(p.shape))
+    attn = model.layers[0].attn
+    hd = options.get("head_dim", 8)
+    assert attn.wq.out_features == 4 * hd and attn.wo.in_features == 4 * hd
+    assert (attn.wq.bias is not None) == (options.get("attention_bias", "none") != "none")
+    assert (attn.wo.bias is not None) == (options.get("attention_bias") == "all")
+    if "qk_norm" in options:
+        assert attn.q_norm.weight.shape == ((hd,) if options["qk_norm"] == "head" else (4 * hd,))
+    x, _ = _batch(B=1)
+    x2 = x.clone()
+    x2[0, 10] = (x2[0, 10] + 1) % 64
+    with torch.no_grad():
+        a, b = model(x).logits, model(x2).logits
+        assert not torch.allclose(a, plain.eval()(x).logits, atol=1e-4)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+
+
+def test_sigmoid_shared_mix():
+    torch.manual_seed(0)
+    layer = MoETransformer(tiny_args(shared_experts=1, shared_mix="sigmoid")).routed_layers()[0]
+    assert layer.shared_gate.weight.shape == (1, 32) and layer.shared_gate.bias is None
+    x = torch.randn(5, 32)
+    routed = torch.randn(5, 32)
+    want = routed + torch.sigmoid(x @ layer.shared_gate.weight.t()) * layer.shared(x)
+    torch.testing.assert_close(layer.mix_shared(routed, x), want)

@@ -30,21 +30,29 @@ CONFIGS = {
     "competition": dict(competition=CompetitionOptions()),
     "capacity": dict(capacity_factor=0.5),
     "gqa": dict(n_kv_heads=2),
+    "shared-sigmoid": dict(shared_experts=1, shared_mix="sigmoid"),
+    "attention-head-norm-bias-clip": dict(model=dict(n_kv_heads=2, head_dim=12, attention_bias="all",
+                                                     qk_norm="head", qkv_clip=0.5)),
+    "attention-projection-norm": dict(model=dict(qk_norm="projection", attention_bias="qkv")),
 }
 
 
-def tiny_model(seed: int = 0, n_kv_heads: int | None = None, **kw) -> MoETransformer:
+def tiny_model(seed: int = 0, n_kv_heads: int | None = None, model: dict | None = None, **kw) -> MoETransformer:
     torch.manual_seed(seed)
     args = tiny_args(**kw)
     if n_kv_heads is not None:
         args = dataclasses.replace(args, n_kv_heads=n_kv_heads)
+    args = dataclasses.replace(args, **(model or {}))
     model = MoETransformer(args).eval()
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:   # not zeros and ones
+                p.copy_(1 + 0.3 * torch.randn(p.shape) if "norm" in name else 0.3 * torch.randn(p.shape))
         for layer in model.routed_layers():
             bias = getattr(layer.router, "expert_bias", None)
             if bias is not None:   # a trained-looking selection bias, so it takes part in the check
                 bias.copy_(torch.randn(bias.shape) * 0.1)
-            if layer.shared_gate is not None:
+            if layer.shared_gate is not None and layer.shared_gate.bias is not None:
                 layer.shared_gate.bias.copy_(torch.randn(2))
     return model
 

@@ -1,0 +1,141 @@
+"""moectl run -> Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
+
+A model that a transformers class computes exactly (see `families.native_family`) is written in
+that family's config and tensor layout; any other is written with moectl's generated modeling
+code (modeling_moectl.py, torch and transformers only) and `auto_map`, for
+`from_pretrained(..., trust_remote_code=True)`. Router weights and biases stay fp32 whatever the
+dtype of the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moectl import __version__
+from moectl.convert import families
+from moectl.convert.hfio import DEFAULT_SHARD_BYTES, write_weights
+from moectl.convert.output import check_target, staged_folder
+from moectl.errors import MoectlError
+
+REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_moectl.py"
+BUILTIN_ROUTERS = {"topk", "topp", "hash", "expert_choice", "recurrent"}
+BUILTIN_BLOCKS = {"standard", "cartesian"}
+BUILTIN_VARIANTS = {"competition"}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    architecture: str                 # the transformers class, or MoectlForCausalLM
+    family: str | None                # the native family, or None for generated code
+    files: list[str]
+    why_not_native: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def generated_code_refusal(m) -> str | None:
+    """Why the generated modeling code cannot compute this model (a plugin's part), or None."""
+    if m.moe is None:
+        return None
+    if m.moe.router.kind not in BUILTIN_ROUTERS:
+        return f"its router {m.moe.router.kind!r} comes from a plugin"
+    if m.moe.block.kind not in BUILTIN_BLOCKS:
+        return f"its block kind {m.moe.block.kind!r} comes from a plugin"
+    from moectl.recipe.parts import variant_fields
+
+    for name in variant_fields():
+        if getattr(m.moe, name) is not None and name not in BUILTIN_VARIANTS:
+            return f"its routed-layer variant {name!r} comes from a plugin"
+    return None
+
+
+def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
+              generated: bool = False, step: int | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
+    import torch
+
+    from moectl.checkpoint import tied_aliases
+    from moectl.core.accounting import component_parameters
+    from moectl.recipe.load import resolved
+    from moectl.runs import load_run
+
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise MoectlError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_target(out, force, Path(source))
+    run = load_run(source, step=step)
+    m = run.recipe.model
+    family, reasons = (None, {}) if generated else families.native_family(m)
+    if family is None:
+        why = generated_code_refusal(m)
+        if why:
+            raise MoectlError(f"{source} cannot be exported: {why}, and the exported folder may not depend on it",
+                              hint="export a model built from moectl's own parts (see docs/convert.md)")
+    notes = []
+    if m.moe is not None and m.moe.capacity_factor is not None:
+        notes.append("the exported model routes dropless: model.moe.capacity_factor limits training batches only "
+                     "(as in moectl's own decoding)")
+    # Tensors in the target dtype, except everything of a router (weights, biases, buffers).
+    target = getattr(torch, DTYPES[dtype])
+    router_names = {name for name, _, component, _ in component_parameters(run.model, buffers=True)
+                    if component == "router"}
+    aliases = tied_aliases(run.model)
+    state = {}
+    for name, t in run.model.state_dict().items():
+        if name in aliases:
+            continue
+        if t.is_floating_point():
+            t = t.to(torch.float32 if name in router_names else target)
+        state[name] = t.detach().cpu().contiguous()
+    eot = run.tokenizer.eot_id if run.tokenizer is not None else None
+    if family is not None:
+        config = families.hf_config(family, m)
+        state = families.to_hf_state(state, families.Layout.of(family, m))
+    else:
+        config = {"architectures": ["MoectlForCausalLM"], "model_type": "moectl",
+                  "auto_map": {"AutoConfig": "modeling_moectl.MoectlConfig",
+                               "AutoModelForCausalLM": "modeling_moectl.MoectlForCausalLM"},
+                  "moectl_model": resolved(run.recipe)["model"], "vocab_size": m.vocab_size,
+                  "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
+                  "max_position_embeddings": m.seq_len, "tie_word_embeddings": m.tie_embeddings, "use_cache": False}
+    config.update(dtype=DTYPES[dtype], torch_dtype=DTYPES[dtype], bos_token_id=None, eos_token_id=eot,
+                  pad_token_id=None, moectl_version=__version__)
+    with staged_folder(out, force) as tmp:
+        files = write_weights(tmp, state, max_shard_bytes)
+        _write_json(tmp / "config.json", config)
+        generation = {"eos_token_id": eot, "pad_token_id": eot}
+        if family is None:
+            generation["use_cache"] = False
+        _write_json(tmp / "generation_config.json", generation)
+        files += ["config.json", "generation_config.json"]
+        if family is None:
+            shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
+            files.append(REMOTE_CODE.name)
+        if run.tokenizer is not None:
+            files += write_tokenizer_files(tmp, run.tokenizer.path, run.tokenizer.inner.id_to_token(eot), m.seq_len)
+        else:
+            notes.append(f"{source} holds no tokenizer.json: the folder has no tokenizer files")
+    arch = config["architectures"][0]
+    return ExportResult(out, arch, family.name if family else None, files, reasons, notes)
+
+
+def write_tokenizer_files(folder: Path, tokenizer_json: Path, eos: str | None, max_len: int) -> list[str]:
+    """tokenizer.json plus the two small files with which AutoTokenizer loads it as a fast tokenizer."""
+    shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+    special: dict[str, Any] = {}
+    if eos is not None:
+        special = {"eos_token": eos, "pad_token": eos}
+    _write_json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                   "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+                                                   "add_bos_token": False, "add_eos_token": False, **special})
+    _write_json(folder / "special_tokens_map.json", special)
+    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

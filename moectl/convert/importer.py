@@ -1,0 +1,164 @@
+"""Hugging Face folder -> moectl model folder, from which `moectl train`, `eval` and `generate` work.
+
+The folder holds config.yaml (a complete recipe whose `train.init_from` is the folder itself, as
+an absolute path, and whose tokenizer is the folder's tokenizer.json), model.safetensors and
+convert.json (where it came from). `moectl train OUT train.max_steps=N` trains from the converted
+weights with fresh optimizer state and writes its checkpoints into the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moectl import __version__
+from moectl.convert import families
+from moectl.convert.hfio import read_config, read_json, read_weights
+from moectl.convert.output import check_target, staged_folder
+from moectl.errors import MoectlError, RecipeError
+
+
+@dataclass
+class HFModel:
+    """A Hugging Face folder read into moectl's terms."""
+
+    family: str                     # the family's name, or "moectl" for moectl's own exports
+    model: dict[str, Any]           # a recipe's model section
+    state: dict[str, Any]           # moectl tensor names
+    tokenizer: Path | None
+    eos_token: str | None
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    family: str
+    notes: list[str] = field(default_factory=list)
+
+
+def is_hf_folder(path: Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+def read_hf_model(src: Path) -> HFModel:
+    import torch
+
+    src = Path(src)
+    cfg = read_config(src)
+    where = str(src)
+    if cfg.get("model_type") == "moectl":
+        model = cfg.get("moectl_model")
+        if not isinstance(model, dict):
+            raise MoectlError(f"{where}: config.json has no moectl_model section", hint="the config.json is damaged")
+        family = "moectl"
+    else:
+        fam = families.family_of(cfg, where)
+        family, model = fam.name, families.model_section(fam, cfg, where)
+    recipe = validate_recipe({"name": "import", "model": model}, where)
+    from moectl.checkpoint import tied_aliases
+    from moectl.factory import build_model
+
+    meta = build_model(recipe, device="meta")
+    aliases = tied_aliases(meta)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases}
+    hf_state = read_weights(src)
+    if family == "moectl":
+        state = {k: v for k, v in hf_state.items() if k not in aliases}
+        from moectl.checkpoint import check_weights
+
+        check_weights(meta, dict(state), src, aliases)
+    else:
+        state = families.from_hf_state(hf_state, families.Layout.of(fam, recipe.model), expected, where)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MoectlError(f"{where}: tensors hold NaN or infinite values ({', '.join(bad[:3])})",
+                          hint="the checkpoint is damaged; download it again")
+    tok = src / "tokenizer.json"
+    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok))
+
+
+def _eos_token(src: Path, cfg: dict[str, Any], tok: Path) -> str | None:
+    """The end-of-text token: tokenizer_config.json's eos_token, else config.json's eos_token_id."""
+    if (src / "tokenizer_config.json").is_file():
+        eos = read_json(src / "tokenizer_config.json", "tokenizer_config.json").get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    eos_id = cfg.get("eos_token_id")
+    eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+    if isinstance(eos_id, int) and tok.is_file():
+        from moectl.data.tokenizer import load_tokenizer
+
+        inner, _ = load_tokenizer(tok, what=str(tok))
+        return inner.id_to_token(eos_id)
+    return None
+
+
+def validate_recipe(data: dict[str, Any], where: str):
+    from moectl.recipe.load import validate
+
+    try:
+        return validate(data, {}, where)
+    except RecipeError as e:
+        raise MoectlError(f"{where}: the model it describes is not one moectl can build:\n{e.render()}",
+                          hint=families.CONVERT_HINT) from None
+
+
+def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokenizer: bool, eos: str | None,
+                  name: str | None = None) -> dict[str, Any]:
+    """A recipe that trains (and evaluates) a converted folder in place."""
+    out = Path(out).resolve()
+    data = json.loads(json.dumps(base))
+    data["name"] = name or out.name
+    data["model"] = model
+    data.setdefault("data", {})
+    if tokenizer:
+        data["data"]["tokenizer"] = {"kind": "file", "path": str(out / "tokenizer.json"), "eot_token": eos}
+    train = data.setdefault("train", {})
+    train["init_from"] = str(out)
+    train.pop("run_dir", None)   # `moectl train OUT` trains in OUT
+    return data
+
+
+def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, Any], tokenizer: Path | None,
+                       provenance: dict[str, Any], force: bool):
+    """Validate the recipe, check the tensors fit it, and write the folder atomically."""
+    from safetensors.torch import save_file
+
+    from moectl.checkpoint import check_weights
+    from moectl.factory import build_model
+    from moectl.recipe.load import dump_recipe
+
+    recipe = validate_recipe(recipe_data, str(out))
+    check_weights(build_model(recipe, device="meta"), dict(state), out)
+    with staged_folder(out, force) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.yaml").write_text(dump_recipe(recipe))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        (tmp / "convert.json").write_text(json.dumps({**provenance, "moectl_version": __version__}, indent=2) + "\n")
+    return recipe
+
+
+def import_hf(src: str | Path, out: str | Path, *, force: bool = False, name: str | None = None) -> ImportResult:
+    src, out = Path(src), Path(out)
+    check_target(out, force, src)
+    hf = read_hf_model(src)
+    notes = []
+    if hf.tokenizer is None:
+        notes.append(f"{src} has no tokenizer.json: set data.tokenizer in {out}/config.yaml before training, and "
+                     "eval/generate need a tokenizer too")
+    seq_len = hf.model.get("seq_len", 0)
+    if seq_len > 4096:
+        notes.append(f"model.seq_len is the model's context, {seq_len}; train with a shorter one, e.g. "
+                     "model.seq_len=1024")
+    data = folder_recipe(out, {}, hf.model, hf.tokenizer is not None, hf.eos_token, name)
+    write_model_folder(out, data, hf.state, hf.tokenizer,
+                       {"kind": "import", "from": str(src.resolve()), "family": hf.family}, force)
+    return ImportResult(out, hf.family, notes)

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+# (family, variant) -> config keyword arguments: every family's optional features on and off.
+VARIANTS = {
+    ("mixtral", "base"): dict(num_local_experts=4, num_experts_per_tok=2),
+    ("mixtral", "tied-mha-headdim"): dict(num_local_experts=4, num_experts_per_tok=1, tie_word_embeddings=True,
+                                          num_key_value_heads=4, head_dim=16, rope_theta=5e5),
+    ("qwen2_moe", "base"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=24),
+    ("qwen2_moe", "nobias-norm-dense"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=40, qkv_bias=False,
+                                             norm_topk_prob=True, mlp_only_layers=[1]),
+    ("qwen2_moe", "sparse-step"): dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=16,
+                                       shared_expert_intermediate_size=24, decoder_sparse_step=2),
+    ("qwen3_moe", "base"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12),
+    ("qwen3_moe", "bias-norm-dense-tied"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                attention_bias=True, norm_topk_prob=True, mlp_only_layers=[0],
+                                                tie_word_embeddings=True),
+    ("olmoe", "base"): dict(num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0),
+    ("olmoe", "clip-bias-norm"): dict(num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0,
+                                      clip_qkv=0.3, attention_bias=True, norm_topk_prob=True),
+    ("llama", "base"): dict(),
+    ("llama", "bias-tied-mha-headdim"): dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4,
+                                             head_dim=12),
+}
+
+
+def hf_config(family: str, **kw):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**SIZES, **kw})
+
+
+def hf_model(family: str, seed: int = 0, **kw):
+    """A tiny random transformers model of the family, every tensor perturbed (norm weights,
+    biases and all), so that no reordering can hide behind ones and zeros."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+def rel_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / a.float().abs().max())
+
+
+@pytest.fixture(scope="session")
+def tokens():
+    import torch
+
+    return torch.randint(0, SIZES["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus, tmp_path_factory) -> Path:
+    """A tiny trained top-2 MoE run with a tokenizer."""
+    from tests.eval.conftest import train_run
+
+    return train_run(corpus, tmp_path_factory.mktemp("convert-runs"), "run")
+
+
+@pytest.fixture(scope="session")
+def dense_run(corpus, tmp_path_factory) -> Path:
+    """A tiny trained dense run with a tokenizer."""
+    from tests.eval.conftest import train_run
+
+    return train_run(corpus, tmp_path_factory.mktemp("convert-dense"), "dense", ["model.moe=null"])

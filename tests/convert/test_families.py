@@ -1,0 +1,119 @@
+"""Every natively converted family, with its optional features on and off: HF -> moectl gives the
+same logits, and moectl -> HF gives back the original tensors bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.convert.conftest import VARIANTS, hf_model, rel_diff, save_hf
+
+
+@pytest.mark.parametrize("family,variant", list(VARIANTS), ids=[f"{f}-{v}" for f, v in VARIANTS])
+def test_import_matches_and_round_trip_is_exact(family, variant, tmp_path, tokens):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from moectl.convert.export import export_hf
+    from moectl.convert.importer import import_hf
+    from moectl.runs import load_run
+
+    model = hf_model(family, **VARIANTS[(family, variant)])
+    src = save_hf(model, tmp_path / "hf")
+    import_hf(src, tmp_path / "moectl")
+    run = load_run(tmp_path / "moectl")
+    with torch.no_grad():
+        want = model(tokens).logits
+        got = run.model(tokens).logits
+    assert rel_diff(want, got) <= 1e-4
+
+    result = export_hf(tmp_path / "moectl", tmp_path / "back")
+    assert result.family is not None and result.architecture == model.__class__.__name__
+    original = load_file(src / "model.safetensors")
+    exported = load_file(tmp_path / "back" / "model.safetensors")
+    assert set(original) == set(exported)
+    for name, t in original.items():
+        assert t.dtype == exported[name].dtype and torch.equal(t, exported[name]), name
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    with torch.no_grad():
+        assert rel_diff(want, reloaded.eval()(tokens).logits) <= 1e-4
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert written["model_type"] == family
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_fused_expert_layout_imports(family, tmp_path, tokens):
+    """transformers v5 holds experts fused (gate_up_proj [E, 2F, D], down_proj [E, D, F]); a folder
+    saved in that layout converts to the same model as the per-expert one."""
+    from safetensors.torch import save_file
+
+    from moectl.convert.importer import import_hf
+    from moectl.runs import load_run
+
+    model = hf_model(family, **VARIANTS[(family, "base")])
+    state = model.state_dict()
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    src = tmp_path / "fused"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(src / "config.json")
+    import_hf(src, tmp_path / "moectl")
+    with torch.no_grad():
+        assert rel_diff(model(tokens).logits, load_run(tmp_path / "moectl").model(tokens).logits) <= 1e-4
+
+
+def test_sharded_and_bf16_round_trip(tmp_path, tokens):
+    """Shards with an index both ways; bf16 weights round-trip exactly and the router stays fp32."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from moectl.convert.export import export_hf
+    from moectl.convert.importer import import_hf
+
+    model = hf_model("qwen2_moe", **VARIANTS[("qwen2_moe", "base")])
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    import_hf(tmp_path / "hf", tmp_path / "moectl")
+    r = export_hf(tmp_path / "moectl", tmp_path / "bf16", dtype="bf16", max_shard_bytes=20_000)
+    assert "model.safetensors.index.json" in r.files and len(r.files) > 4
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    dtypes = {}
+    for name, file in index["weight_map"].items():
+        with safe_open(tmp_path / "bf16" / file, "pt") as f:
+            dtypes[name] = f.get_tensor(name).dtype
+    routers = [n for n in dtypes if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    assert routers and all(dtypes[n] == torch.float32 for n in routers)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n not in routers)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    # bf16 -> moectl -> bf16 is exact too
+    import_hf(tmp_path / "bf16", tmp_path / "moectl-bf16")
+    export_hf(tmp_path / "moectl-bf16", tmp_path / "bf16-again", dtype="bf16")
+    from moectl.convert.hfio import read_weights
+
+    a, b = read_weights(tmp_path / "bf16"), read_weights(tmp_path / "bf16-again")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model,family", [
+    (dict(attention_bias="all", moe=dict(num_experts=4, top_k=2, expert_hidden=16)), None),
+    (dict(head_dim=12, qk_norm="projection", moe=dict(num_experts=4, top_k=2, expert_hidden=16)), None),
+    (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, router=dict(renormalize=False))), None),
+    (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, capacity_factor=1.0)), "Mixtral"),
+    (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, router=dict(jitter_eps=0.1))), "Mixtral"),
+    (dict(activation="gelu"), None),
+    (dict(attention_bias="qkv"), None),
+])
+def test_native_family_only_where_exact(model, family):
+    from moectl.convert.families import native_family
+    from moectl.recipe.load import validate
+
+    m = validate({"model": dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48, **model)}, {}, "t").model
+    found, reasons = native_family(m)
+    assert (found.name if found else None) == family, reasons
+    if family is None:
+        assert set(reasons) == {"Mixtral", "Qwen2-MoE", "Qwen3-MoE", "OLMoE", "Llama"}
