@@ -77,12 +77,24 @@ class CheckpointDir:
             name = self.latest_file.read_text().strip()
         except (OSError, UnicodeDecodeError) as e:
             raise MoectlError(f"{self.latest_file} cannot be read ({type(e).__name__})",
-                              hint="point `latest` at a complete step-* folder, or resume from one with --resume PATH") from None
+                              hint=self.recovery_hint()) from None
         path = self.root / name
         if not STEP_DIR.match(name) or not (path / META_FILE).is_file():
-            raise MoectlError(f"{self.latest_file} names {name!r}, which is not a complete checkpoint",
-                              hint="point `latest` at a complete step-* folder, or resume from one with --resume PATH")
+            raise MoectlError(f"{self.latest_file} names {name[:80]!r}, which is not a complete checkpoint",
+                              hint=self.recovery_hint())
         return path
+
+    def recovery_hint(self, damaged: Path | None = None) -> str:
+        """How to go on when a checkpoint (`damaged`) or `latest` cannot be used: name the newest
+        other complete checkpoint, if there is one."""
+        try:
+            others = [p for p in self.steps() if damaged is None or p.resolve() != Path(damaged).resolve()]
+        except OSError:
+            others = []
+        if not others:
+            return "no other complete checkpoint exists: start again with --resume never (in a new --run-dir)"
+        return (f"the newest other complete checkpoint is {others[-1]}: resume from it with --resume {others[-1]}, "
+                f"or write {others[-1].name} into {self.latest_file}")
 
     def steps(self) -> list[Path]:
         return sorted(p for p in self.root.glob("step-*") if STEP_DIR.match(p.name) and (p / META_FILE).is_file())
@@ -162,7 +174,7 @@ def _load_pt(path: Path) -> Any:
         raise MoectlError(f"{path} cannot be read safely: it holds something other than tensors, numbers and "
                           "strings (or is damaged), and moectl never runs code from a file",
                           hint="resume from another checkpoint of the run; do not load this file") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:   # any parse failure of a damaged file (the unpickler raises many kinds)
         raise MoectlError(f"{path} cannot be read safely: it is damaged ({type(e).__name__})",
                           hint="resume from another checkpoint of the run") from None
 
@@ -218,11 +230,49 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
             fsync_dir(ckpts.root)
             atomic_write_text(ckpts.latest_file, final.name + "\n")
             ckpts.prune(keep_last)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            problem = _write_failure(e, ckpts.root, model_state, optim_state)
+            if problem is not None:
+                raise problem from None
             raise
     barrier()
     return final
+
+
+def _write_failure(e: BaseException, root: Path, *states: Any) -> MoectlError | None:
+    """A clear error for a checkpoint that could not be written (a full disk, a folder gone
+    read-only); None for anything else. torch.save reports a full disk as a RuntimeError."""
+    import errno
+
+    text = str(e)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
+        isinstance(e, RuntimeError) and "failed writing" in text)
+    denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if not (full or denied):
+        return None
+    if denied:
+        return MoectlError(f"cannot write a checkpoint into {root}: {e.strerror}",
+                           hint="make the run folder writable, or train in another --run-dir")
+
+    def size(x: Any) -> int:
+        if hasattr(x, "numel") and hasattr(x, "element_size"):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(size(v) for v in x)
+        return 0
+
+    try:
+        free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    need = sum(size(st) for st in states) / 1e6
+    return MoectlError(f"no space left on the device for a checkpoint in {root} (it needs about {need:,.1f} MB; "
+                       f"{free}); the half-written checkpoint was removed and `latest` still names the last "
+                       "complete one", hint="free some space (or lower train.keep_last), then continue with "
+                                            "--resume auto")
 
 
 def _dedupe_shared(state: dict[str, Any]) -> dict[str, Any]:
@@ -340,7 +390,11 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
     if not rng_file.is_file():
         rng_file = path / "rng" / "rank-0.pt"
     if rng_file.is_file():
-        set_rng_state(_load_pt(rng_file))
+        try:
+            set_rng_state(_load_pt(rng_file))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise MoectlError(f"{rng_file} does not hold moectl's random generator states ({type(e).__name__})",
+                              hint="resume from another checkpoint of the run") from None
     trainer = read_trainer_state(path)
     if (path / PLAN_FILE).is_file():
         trainer["plan"] = _load_pt(path / PLAN_FILE)

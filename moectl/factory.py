@@ -58,10 +58,12 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoE
             torch.manual_seed(recipe.seed)
             model = MoETransformer(args)
         return model.to(device) if device is not None else model
-    except (RuntimeError, OverflowError, MemoryError) as e:
+    except (RuntimeError, TypeError, OverflowError, MemoryError) as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, RuntimeError) and not any(w in text.lower() for w in ("overflow", "memory", "alloc")):
+        if isinstance(e, (RuntimeError, TypeError)) and not any(w in text.lower() for w in ("overflow", "memory",
+                                                                                              "alloc")):
             raise
+        text = text[:200]
         from moectl.errors import MoectlError
 
         raise MoectlError(f"the model cannot be built: {text}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     (which must not exist), on failure removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -43,29 +45,72 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         fsync_tree(tmp)
         os.rename(tmp, target)
         fsync_dir(target.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:   # numpy's short write ("N requested and M written") names no file or errno
+            short = e.errno is None and "written" in str(e)
+            raise OSError(errno.ENOSPC if short else e.errno, str(e), str(target)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove the temporaries (`.<name>.tmp-PID`) of `target` that a killed process left behind."""
+    target = Path(target)
+    prefix = f".{target.name}.tmp-"
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        pid = p.name[len(prefix):]
+        if p.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write `path` complete or not at all (a failure, a full disk included, leaves no temporary)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a file so that `dst` is the complete copy or what it was before."""
+    def fill(f) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+
+    _atomic_file(dst, fill)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Like `atomic_write_text`, for bytes (an image, say)."""
+    _atomic_file(path, lambda f: f.write(data))
+
+
+def _atomic_file(path: Path, fill) -> None:
+    """Write `path` through `fill(file)` under a temporary name, synced, then renamed into place;
+    on any failure the temporary is removed and `path` is what it was."""
     path = Path(path)
+    clean_stale(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

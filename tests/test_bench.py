@@ -53,3 +53,12 @@ def test_experiments_report_is_built_by_compare(tmp_path):
     assert rows[0][4] == "3.0500, 3.0700"
     assert rows[0][5] == "+0.0550 ± 0.0071"   # +0.05 and +0.06, paired by seed
     assert rows[1][5] == "–" and rows[0][6:] == ["2.100", "2.50 |"]
+
+
+@pytest.mark.slow
+def test_sigkill_bench_runs():
+    """Two kills of a short run: nothing lost, the resumed run equals the uninterrupted one."""
+    proc = subprocess.run([sys.executable, "bench/sigkill.py", "--kills", "2", "--steps", "30", "--window", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checkpoints lost: 0" in proc.stdout and "weights True, per-step losses True" in proc.stdout

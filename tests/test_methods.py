@@ -100,8 +100,9 @@ def test_competition_schedule_resumes_identically(corpus, write, tmp_path):
     competed = _competitions(tmp_path / "a")
     assert max(competed.values()) <= 1 and sum(competed.values()) >= 2 and competed[1] == 0   # cap, some, warm-up
     # The schedule comes from the checkpoint, not from the seed: a run resumed with another seed
-    # (allowed from another run folder) still competes where the first run planned to.
-    train(load_recipe(path, [*overrides, "seed=5"]), run_dir=tmp_path / "c",
+    # (allowed from another run folder; the split seed stays, so the tokenizer does) still competes
+    # where the first run planned to.
+    train(load_recipe(path, [*overrides, "seed=5", "data.split_seed=0"]), run_dir=tmp_path / "c",
           resume=str(tmp_path / "a" / "checkpoints" / "step-00000006"), show_progress=False)
     assert _competitions(tmp_path / "c") == {s: competed[s] for s in range(7, 13)}
     other = CompetitionSchedule(5, 12, 2, 0.3, 0.1, 1)

@@ -53,11 +53,44 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MoectlError as e:
             fail(e)
+        except OSError as e:
+            err = os_error(e)
+            if err is None:
+                raise
+            fail(err)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error(e: OSError):
+    """A MoectlError for what the file system refused (no space, no permission, no such folder),
+    naming the path; None for other OS errors (which are bugs to report, with their traceback)."""
+    import errno
+    import shutil
+
+    from moectl.errors import MoectlError
+
+    path = e.filename or "?"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = ""
+        probe = os.path.dirname(os.path.abspath(str(path))) if path != "?" else "."
+        while probe and not os.path.isdir(probe):
+            probe = os.path.dirname(probe)
+        try:
+            free = f" ({shutil.disk_usage(probe).free / 1e6:,.1f} MB free there)"
+        except OSError:
+            pass
+        return MoectlError(f"no space left on the device while writing {path}{free}",
+                           hint="free some space or write elsewhere (--run-dir, data.cache_dir, -o); complete "
+                                "checkpoints and files written before are intact")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                   errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.ELOOP):
+        return MoectlError(f"cannot write or read {path}: {e.strerror}",
+                           hint="check the path and its permissions, or choose another place")
+    return None
 
 
 def pick_device(name: str):

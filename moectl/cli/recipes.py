@@ -105,5 +105,7 @@ def schema(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        output.write_text(text)
+        from moectl.fsutil import atomic_write_text
+
+        atomic_write_text(output, text)
         typer.echo(f"wrote {output}")

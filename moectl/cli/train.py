@@ -27,7 +27,7 @@ def train(
 ) -> None:
     """Train a recipe's model: data preparation, training, validation and checkpoints in one run folder.
 
-    Exit codes: 0 done, 1 runtime failure (e.g. a non-finite loss), 2 bad recipe or data, 130 interrupted after saving a checkpoint (continue with --resume auto)."""  # noqa: E501
+    Exit codes: 0 done (also when the run had finished already: nothing is rewritten), 1 runtime failure (e.g. a non-finite loss) or interrupted before any checkpoint was saved, 2 bad recipe, data or run folder, 130 interrupted with a checkpoint to continue from (--resume auto)."""  # noqa: E501
     from moectl.recipe.load import load_recipe
     from moectl.train.launch import is_worker, launch
 
@@ -45,9 +45,33 @@ def train(
 
     quiet = quiet or os.environ.get("MOECTL_QUIET") == "1"
     console = stdout_console()
-    result = run_training(rec, run_dir=run_dir, resume=resume, show_progress=not quiet, console=console)
-    if not quiet and int(os.environ.get("RANK", "0")) == 0:
+    if quiet:
+        import warnings
+
+        warnings.filterwarnings("ignore")   # -q: errors only
+    try:
+        result = run_training(rec, run_dir=run_dir, resume=resume, show_progress=not quiet, console=console,
+                              quiet=quiet)
+    except KeyboardInterrupt:   # a second Ctrl-C, or one before the training loop: say what is left
+        _interrupted(Path(run_dir or rec.train.run_dir or Path("runs") / rec.name))
+    if not quiet and int(os.environ.get("RANK", "0")) == 0 and result.steps_run:
         _summary(result, console)
+
+
+def _interrupted(run_dir: Path) -> None:
+    """Exit 130 when the run can continue from a checkpoint, else 1 (nothing was saved)."""
+    from moectl.checkpoint import CheckpointDir
+    from moectl.errors import MoectlError
+
+    try:
+        latest = CheckpointDir(run_dir / "checkpoints").latest()
+    except MoectlError:
+        latest = None
+    if latest is not None:
+        print(f"interrupted; continue from {latest} with --resume auto", file=sys.stderr)
+        raise typer.Exit(130)
+    print("interrupted before any checkpoint was saved: there is nothing to resume", file=sys.stderr)
+    raise typer.Exit(1)
 
 
 def _summary(r, console) -> None:

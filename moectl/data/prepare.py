@@ -12,6 +12,7 @@ into place, so the cache never holds half a result.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -41,9 +42,36 @@ def is_val(seed: int, index: int, fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+def split_single(doc: Document, fraction: float) -> list[tuple[str, Document]]:
+    """A corpus of one document (nanoGPT's input.txt): its last `fraction` of characters, from the
+    start of a line, is the validation split, the rest training."""
+    text = doc.text
+    cut = round(len(text) * (1 - fraction))
+    line = text.rfind("\n", 0, cut)
+    cut = line + 1 if line > 0 else cut
+    if cut <= 0 or cut >= len(text):
+        return [("val", doc)]
+    return [("train", Document(text[:cut], doc.origin)), ("val", Document(text[cut:], f"{doc.origin} (end)"))]
+
+
 def split_documents(docs: Iterator[Document], seed: int, fraction: float,
                     max_documents: int | None) -> Iterator[tuple[str, Document]]:
-    """("train" | "val", doc) pairs. If no document was drawn for validation, the last one is."""
+    """("train" | "val", doc) pairs, by document from a hash of the seed. If no document was drawn
+    for validation, the last one is; a corpus of a single document is split inside it
+    (`split_single`)."""
+    docs = iter(docs)
+    first = next(docs, None)
+    if first is None:
+        return
+    second = next(docs, None) if max_documents is None or max_documents > 1 else None
+    if second is None:
+        yield from split_single(first, fraction)
+        return
+    yield from _split_by_document(itertools.chain([first, second], docs), seed, fraction, max_documents)
+
+
+def _split_by_document(docs: Iterator[Document], seed: int, fraction: float,
+                       max_documents: int | None) -> Iterator[tuple[str, Document]]:
     held: Document | None = None
     any_val = False
     for i, doc in enumerate(docs):

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import stat
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -105,6 +106,14 @@ def _expand(patterns: list[str]) -> list[Path]:
             if p.is_dir():
                 raise DataError(f"data.source.paths[{i}]: {m} is a folder",
                                 hint=f"use a glob such as '{m.rstrip('/')}/**/*.txt'")
+            try:
+                regular = stat.S_ISREG(p.stat().st_mode)
+            except OSError as e:   # a broken link, a link loop, no permission
+                raise DataError(f"data.source.paths[{i}]: {m} cannot be read ({e.strerror})",
+                                hint="fix or remove the file (a link must point at a file)") from None
+            if not regular:
+                raise DataError(f"data.source.paths[{i}]: {m} is not a regular file (a pipe, socket or device)",
+                                hint="point data.source.paths at text files") from None
             if _kind_of(p) is None:
                 raise DataError(f"data.source.paths[{i}]: {m}: unsupported file type",
                                 hint=f"supported: {', '.join(_SUFFIXES)} (optionally .gz)")
@@ -113,9 +122,16 @@ def _expand(patterns: list[str]) -> list[Path]:
     return files
 
 
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(p.stat().st_mode)
+    except OSError:
+        return False
+
+
 def files_in(folder: Path) -> list[Path]:
     """Every file of a supported type under `folder` (recursively), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and _kind_of(p) is not None)
+    return sorted(p for p in Path(folder).rglob("*") if _regular(p) and _kind_of(p) is not None)
 
 
 def _kind_of(p: Path) -> str | None:

@@ -124,6 +124,10 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, where: str, s
                issues: list[Issue], budget: _Budget | None = None) -> Any:
     budget = budget or _Budget(where)
     budget.enter(node, len(key))
+    if node.tag and node.tag.startswith("tag:yaml.org,2002:python/") or node.tag.startswith("!"):
+        raise MoectlError(f"{where}:{node.start_mark.line + 1}: the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
+                          "is not allowed in a recipe (recipes hold plain values; nothing in them is ever run)",
+                          hint="remove the tag and write the value itself")
     if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
         return loader.construct_object(node, deep=True)
     budget.active.add(id(node))
@@ -168,8 +172,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Sources]:
         raise MoectlError(f"recipe not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise MoectlError(f"cannot read recipe {path}: {e}") from None
-    loader = RecipeYAMLLoader(text)
+    loader = None
     try:
+        loader = RecipeYAMLLoader(text)
         node = loader.get_single_node()
         sources: Sources = {}
         issues: list[Issue] = []
@@ -178,15 +183,21 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], Sources]:
         mark = e.problem_mark or e.context_mark
         pos = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
         problem = " ".join(str(x) for x in (e.context, e.problem) if x)
-        raise MoectlError(f"{pos}: YAML syntax error: {problem}",
-                          hint="check indentation, colons and quotes near that line") from None
+        hint = "check indentation, colons and quotes near that line"
+        if "'\\t'" in problem:
+            hint = "YAML does not allow tabs for indentation: indent with spaces"
+        raise MoectlError(f"{pos}: YAML syntax error: {problem}", hint=hint) from None
+    except yaml.reader.ReaderError:
+        raise MoectlError(f"{where}: not a text file (it holds control characters or binary data)",
+                          hint="a recipe is a small YAML text file; check the path") from None
     except yaml.YAMLError as e:
         raise MoectlError(f"{where}: YAML error: {e}") from None
     except RecursionError:   # the YAML parser itself recurses per level of nesting
         raise MoectlError(f"{where}: sections and lists nest too deeply to read",
                           hint=f"recipes nest a few levels; at most {MAX_DEPTH} are accepted") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         raise MoectlError(f"{where}: the recipe is empty",
                           hint="a recipe needs at least a `model:` section (see `moectl recipes show quickstart`)")
@@ -258,6 +269,9 @@ def resolve_file(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
                               hint="`extends` is resolved relative to the recipe's own folder") from None
     base, base_sources = resolve_file(base_path, (*_chain, real))
     merged = _merge(base, data)
+    if "name" not in data:   # a recipe that extends another is its own run, named after its file
+        merged["name"] = path.stem
+        sources = {**sources, ("name",): f"{path} (its file name: the recipe sets no name)"}
     return merged, {**base_sources, **sources}
 
 
@@ -297,12 +311,15 @@ def apply_overrides(data: dict[str, Any], sources: Sources, overrides: Sequence[
             node = nxt
         last = keys[-1]
         if last == "kind" and node.get("kind") not in (None, value):
-            # A new kind starts its section afresh: the old kind's options would not apply.
-            for k in list(node):
-                del node[k]
+            # A new kind starts its section afresh: the old kind's options from the files would not
+            # apply. Options that earlier overrides set are kept (whatever their order on the
+            # command line, `router.p=0.5 router.kind=topp` means p = 0.5).
             section = keys[:-1]
-            for path in [p for p in sources if p[: len(section)] == section]:
-                del sources[path]
+            for k in list(node):
+                if not str(sources.get(section + (k,), "")).startswith("override "):
+                    del node[k]
+                    for path in [p for p in sources if p[: len(section) + 1] == section + (k,)]:
+                        del sources[path]
             sources[section] = label   # what the section lacks now is the override's to supply
         node[last] = value
         sources[keys] = label

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -291,6 +291,15 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism with several processes.")
 
 
+def _run_name(value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", value):
+        raise ValueError(f"{value!r} cannot name a run folder (runs/<name>): use letters, digits and . _ + -, "
+                         "starting with a letter or digit, no path separators, at most 128 characters")
+    return value
+
+
 class Recipe(Section):
     """A moectl recipe."""
 
@@ -303,7 +312,9 @@ class Recipe(Section):
         default_factory=list, description="Python modules to import before the recipe is validated: they may "
         "register routers, block kinds and routed-layer variants (see docs/engine.md)."
     )
-    name: str = Field("run", description="Run name; the default run folder is runs/<name>.")
+    name: Annotated[str, AfterValidator(_run_name)] = Field(
+        "run", description="Run name; the default run folder is runs/<name>. Letters, digits and . _ + - "
+        "(no path separators); a recipe that `extends` another and sets no name is named after its file.")
     description: str = Field("", description="Free text shown by `moectl recipes list`.")
     seed: Seed = Field(0, description="Seed for initialisation, data order and routing noise (0 to 2^32 - 1).")
     model: ModelConfig = Field(..., description="The model.")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,13 +39,81 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) ->
                      weight_decay=cfg.weight_decay if group.get("name") == "decay" else 0.0)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Set the learning rate of optimizer step `step` (a function of the step alone, so resuming
-    needs no scheduler state). Returns it."""
-    lr = cfg.lr * lr_factor(step, total_steps, cfg)
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: TrainConfig,
+           schedule: Schedule | None = None) -> float:
+    """Set the learning rate of optimizer step `step` (a function of the step and the run's
+    schedule segments, so resuming needs no scheduler state). Returns it."""
+    lr = (schedule or Schedule.fresh(total_steps)).lr(step, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
+
+
+@dataclass
+class Segment:
+    """From optimizer step `start` on, the schedule of a run of `total` steps; a segment after the
+    first starts at `start_lr` (the learning rate the run had reached) instead of the peak."""
+
+    start: int
+    total: int
+    start_lr: float | None = None
+
+
+@dataclass
+class Schedule:
+    """The learning-rate schedule of a run, as segments. A run starts with one (the recipe's
+    schedule over its budget). When a resumed run's budget differs from the one its checkpoint was
+    trained towards (train.max_steps raised to extend a run, or lowered), a segment begins at the
+    resume step: it starts at the learning rate the run had reached there and follows the recipe's
+    schedule shape over the remaining steps down to min_lr (cosine: a cosine from that value;
+    wsd: stable at that value, then the linear decay; constant: that value). So the learning rate
+    never jumps at a resume."""
+
+    segments: list[Segment] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, total_steps: int) -> Schedule:
+        return cls([Segment(0, total_steps)])
+
+    @classmethod
+    def from_state(cls, state: Any, total_steps: int) -> Schedule:
+        """The schedule a checkpoint saved (`state_dict`), or a fresh one for older checkpoints."""
+        try:
+            return cls([Segment(int(s["start"]), int(s["total"]), None if s.get("start_lr") is None
+                                else float(s["start_lr"])) for s in state])
+        except (TypeError, KeyError, ValueError):
+            return cls.fresh(total_steps)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.segments]
+
+    @property
+    def total(self) -> int:
+        return self.segments[-1].total
+
+    def resumed(self, step: int, total_steps: int, cfg: TrainConfig) -> Schedule:
+        """This schedule continued at `step` towards a budget of `total_steps`."""
+        if total_steps == self.total:
+            return self
+        kept = [s for s in self.segments if s.start < step]
+        return Schedule([*kept, Segment(step, total_steps, self.lr(step, cfg))])
+
+    def lr(self, step: int, cfg: TrainConfig) -> float:
+        seg = next(s for s in reversed(self.segments) if s.start <= step or s is self.segments[0])
+        if seg.start_lr is None:
+            return cfg.lr * lr_factor(step, seg.total, cfg)
+        floor = cfg.lr * cfg.min_lr_ratio
+        span = max(1, seg.total - seg.start - 1)
+        progress = min(1.0, max(0.0, (step - seg.start) / span))
+        if cfg.lr_schedule == "constant" or seg.start_lr <= floor:
+            return seg.start_lr
+        if cfg.lr_schedule == "cosine":
+            return floor + (seg.start_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_steps = max(1, round(cfg.decay_fraction * span))
+        into_decay = step - (seg.total - decay_steps)
+        if into_decay < 0:
+            return seg.start_lr
+        return seg.start_lr - (seg.start_lr - floor) * min(1.0, (into_decay + 1) / decay_steps)
 
 
 def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:

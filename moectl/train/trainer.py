@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from moectl import __version__
 from moectl.checkpoint import (
     CheckpointDir,
     load_weights,
+    read_trainer_state,
     restore_training_state,
     save_checkpoint,
     tied_aliases,
@@ -44,21 +44,41 @@ from moectl.data.sources import DataError
 from moectl.errors import Issue, MoectlError, RecipeError, RuntimeFailure
 from moectl.eval.validation import evaluate
 from moectl.factory import build_model
-from moectl.fsutil import atomic_write_text
+from moectl.fsutil import atomic_copy, atomic_write_text
 from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
 from moectl.runs import check_same_run, resume_point
 from moectl.train import parallel
+from moectl.train.lock import RunLock
 from moectl.train.metrics import MetricsLog, measure_peak_flops, peak_memory_bytes
-from moectl.train.optim import apply_hyperparameters, make_optimizer, set_lr
+from moectl.train.optim import Schedule, apply_hyperparameters, make_optimizer, set_lr
 from moectl.train.progress import Progress
 
 MAX_CONSECUTIVE_SKIPS = 20
 
 
 class Interrupted(MoectlError):
+    """A clean stop on request (Ctrl-C, SIGTERM) with a checkpoint saved: not an error."""
+
     exit_code = 130
     agreed = True   # every process saw the same stop flag
+
+    def render(self) -> str:
+        return f"stopped: {self.message}" + (f"\n  hint: {self.hint}" if self.hint else "")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files define the same tokenizer (equal as JSON)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return json.loads(Path(a).read_text()) == json.loads(Path(b).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def _agreed(error: MoectlError) -> MoectlError:
@@ -77,6 +97,7 @@ class TrainResult:
     final_val_loss: float
     val_unigram_entropy: float
     skipped_steps: int
+    steps_run: int = 0            # steps this invocation trained (0: the run had finished already)
 
 
 @dataclass
@@ -161,7 +182,7 @@ def total_steps(recipe: Recipe, tokens_per_step: int) -> int:
 
 
 def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "auto",
-          show_progress: bool = True, console=None) -> TrainResult:
+          show_progress: bool = True, console=None, quiet: bool = False) -> TrainResult:
     """Train a recipe's model in the run folder (default runs/<name>) and return the summary.
 
     `resume` is "auto" (continue from the run's latest checkpoint, if any), "never" (refuse a run
@@ -169,9 +190,11 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     processes (`--nproc`, torchrun, accelerate), each calls this and trains its share of the
     global batch; the process group is left in order on the way out, also on failure."""
     procs = parallel.start()
+    trainer = None
     try:
-        result = Trainer(recipe, procs, run_dir=run_dir, resume=resume, show_progress=show_progress,
-                         console=console).run()
+        trainer = Trainer(recipe, procs, run_dir=run_dir, resume=resume, show_progress=show_progress,
+                          console=console, quiet=quiet)
+        result = trainer.run()
     except RouterContractError as e:   # a user's router broke the contract (maybe on one process only)
         parallel.close(procs, wait=False)
         raise MoectlError(str(e), hint="fix the router's forward (see docs/engine.md, the router contract)") from None
@@ -187,6 +210,9 @@ def train(recipe: Recipe, *, run_dir: str | Path | None = None, resume: str = "a
     except BaseException:
         parallel.close(procs, wait=False)
         raise
+    finally:
+        if trainer is not None:
+            trainer.release()
     parallel.close(procs, wait=True)
     return result
 
@@ -195,19 +221,35 @@ class Trainer:
     """One training run: `Trainer(recipe, processes, ...)` sets everything up, `run()` trains."""
 
     def __init__(self, recipe: Recipe, procs: parallel.Processes, *, run_dir: str | Path | None = None,
-                 resume: str = "auto", show_progress: bool = True, console=None):
+                 resume: str = "auto", show_progress: bool = True, console=None, quiet: bool = False):
         self.recipe, self.cfg, self.procs = recipe, recipe.train, procs
-        self.console, self.show_progress = console, show_progress and procs.main
-        self.log = (console.print if console is not None else print) if procs.main else (lambda *a, **k: None)
+        self.console, self.show_progress = console, show_progress and procs.main and not quiet
+        quiet_log = lambda *a, **k: None  # noqa: E731
+        self.log = (console.print if console is not None else print) if procs.main and not quiet else quiet_log
         self.run_dir = Path(run_dir or self.cfg.run_dir or Path("runs") / recipe.name)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints")
-        self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * procs.world * recipe.model.seq_len
         try:   # decided from the recipe and the run folder, which every process reads alike
             self.resume_from = self._resume_point(resume)
-            self.total_steps = total_steps(recipe, self.tokens_per_step)
+            self.saved = self._recoverable(read_trainer_state, self.resume_from) if self.resume_from else None
+            self._keep_global_batch()
+            self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * procs.world * recipe.model.seq_len
+            self.total_steps = total_steps(self.recipe, self.tokens_per_step)
         except MoectlError as e:
             raise _agreed(e) from None
+        self.lock = RunLock(self.run_dir)   # taken before the run folder is first written
+        try:
+            self._set_up(show_progress)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _set_up(self, show_progress: bool) -> None:
+        recipe, procs = self.recipe, self.procs
         self.data = self._prepare_data(show_progress)
+        try:
+            self._check_tokenizers()
+        except MoectlError as e:
+            raise _agreed(e) from None
         self.train_seqs, self.val_seqs = self._sequences()
         self.order = TrainOrder(len(self.train_seqs), recipe.seed, self.cfg.batch_size, self.cfg.grad_accum,
                                 procs.world, procs.rank)
@@ -227,9 +269,105 @@ class Trainer:
         torch.manual_seed(recipe.seed * 7919 + 17 * procs.rank + 1)   # training-time noise (jitter), per process
         self.plan = self.core.make_plan(recipe.seed, self.total_steps)
         self.state = TrainState()
+        self.schedule = Schedule.fresh(self.total_steps)
         if self.resume_from is not None:
             self._resume()
-        self._write_run_folder()
+        for note in self.core_notes():
+            self.log(f"note: {note}")
+        self.finished = self.resume_from is not None and self.state.step >= self.total_steps
+        if not self.finished:
+            self.lock = self._on_main(lambda: RunLock(self.run_dir).acquire()) or self.lock
+            self._write_run_folder()
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def core_notes(self) -> list[str]:
+        """What a user must know before trusting this run's numbers (non-causal routing)."""
+        notes = []
+        for layer in self.core.routed_layers()[:1]:
+            if not getattr(layer.router, "causal", True):
+                notes.append(f"the {layer.router.kind} router is not causal: a token's routing depends on later "
+                             "tokens of its sequence, so training and validation losses are optimistic for a "
+                             "language model (see docs/routing.md)")
+        return notes
+
+    def _on_main(self, fn):
+        """Run `fn` on the first process; a MoectlError there is raised on every process (printed
+        once) instead of leaving the others at a barrier. Returns fn's value on the first process."""
+        failure: MoectlError | None = None
+        value = None
+        if self.procs.main:
+            try:
+                value = fn()
+            except MoectlError as e:
+                failure = e
+        flag = torch.tensor(float(failure is not None), device=self.procs.device)
+        if parallel.all_reduce_max(flag).item():
+            raise _agreed(failure or MoectlError("the first process of the run failed; it says why above"))
+        return value
+
+    def _keep_global_batch(self) -> None:
+        """A resumed run keeps the global batch its checkpoint was trained with (so its data order
+        and schedule stay those of the run): train.grad_accum follows the process count, or the
+        resume is refused with the arithmetic."""
+        if self.saved is None:
+            return
+        cfg, world = self.cfg, self.procs.world
+        saved_global = self.saved.get("global_batch")
+        if not isinstance(saved_global, int) or saved_global < 1:
+            return   # a checkpoint from before the global batch was recorded
+        if cfg.batch_size * cfg.grad_accum * world == saved_global:
+            return
+        per_micro = cfg.batch_size * world
+        was = (f"{self.saved.get('batch_size', '?')} sequences x {self.saved.get('grad_accum', '?')} micro-batches "
+               f"x {self.saved.get('world_size', '?')} processes")
+        if saved_global % per_micro:
+            raise MoectlError(
+                f"{self.resume_from} was trained with a global batch of {saved_global} sequences ({was}); with "
+                f"{world} processes of train.batch_size {cfg.batch_size} ({per_micro} per micro-batch) no whole "
+                f"number of micro-batches gives {saved_global}",
+                hint=f"resume with --nproc {self.saved.get('world_size', '?')}, or set train.batch_size so that "
+                     f"batch_size x processes divides {saved_global}")
+        accum = saved_global // per_micro
+        self.log(f"keeping the run's global batch of {saved_global} sequences ({was}): train.grad_accum = {accum} "
+                 f"with {world} processes")
+        self.recipe = self.recipe.model_copy(update={"train": cfg.model_copy(update={"grad_accum": accum})})
+        self.cfg = self.recipe.train
+
+    def _recoverable(self, read, path: Path, *args, **kwargs):
+        """`read(path, ...)`, with a damaged checkpoint's error naming the run's newest other
+        complete checkpoint and how to resume from it."""
+        try:
+            return read(path, *args, **kwargs)
+        except MoectlError as e:
+            ckpts = CheckpointDir(Path(path).parent)
+            raise _agreed(MoectlError(e.message, hint=ckpts.recovery_hint(path), exit_code=e.exit_code)) from None
+
+    def _check_tokenizers(self) -> None:
+        """The tokens of a run keep their meaning: the data's tokenizer must be the one the run
+        (and the run it resumes from, or whose weights it starts from) was trained with."""
+        mine = self.data.tokenizer_path
+        theirs = []
+        own = self.run_dir / "tokenizer.json"
+        if own.is_file() and (self.resume_from is not None or self.ckpts.steps()):
+            theirs.append(("this run", own))
+        if self.resume_from is not None:
+            source = self.resume_from.parent.parent / "tokenizer.json"
+            if source.is_file() and source.resolve() != own.resolve():
+                theirs.append((f"the run of --resume {self.resume_from}", source))
+        elif self.cfg.init_from:
+            checkpoint, run = self._init_source()
+            source = (run or checkpoint) / "tokenizer.json"
+            if source.is_file():
+                theirs.append((f"train.init_from {self.cfg.init_from}", source))
+        for what, path in theirs:
+            if not same_tokenizer(path, mine):
+                raise MoectlError(
+                    f"the data's tokenizer ({mine}) is not the tokenizer of {what} ({path}): token ids would change "
+                    "meaning (the corpus or the tokenizer settings changed since that run started)",
+                    hint="train on the data the run was trained on, or start a new run (--run-dir) with its own "
+                         "tokenizer; to reuse that tokenizer, set data.tokenizer: {kind: file, path: " + str(path) + "}")
 
     # ----------------------------------------------------------------- setting up
 
@@ -242,30 +380,28 @@ class Trainer:
                 check_same_run(source_run, self.recipe, sections=("model",))   # new data or seed is fine
         return resume_from
 
-    def _init_from(self, source: str) -> None:
-        """Weights of a fresh run from another run, checkpoint or weights folder (train.init_from)."""
+    def _init_source(self) -> tuple[Path, Path | None]:
+        """(checkpoint, run folder or None) that train.init_from names."""
         from moectl.runs import find_checkpoint
 
         try:
-            checkpoint, _ = find_checkpoint(source)
+            return find_checkpoint(self.cfg.init_from)
+        except MoectlError as e:
+            raise _agreed(MoectlError(f"train.init_from: {e.message}", hint=e.hint)) from None
+
+    def _init_from(self, source: str) -> None:
+        """Weights of a fresh run from another run, checkpoint or weights folder (train.init_from)."""
+        checkpoint, _ = self._init_source()
+        try:
             load_weights(checkpoint, self.core)
         except MoectlError as e:
             raise _agreed(MoectlError(f"train.init_from: {e.message}", hint=e.hint)) from None
         self.log(f"starting from the weights of {checkpoint}")
 
     def _prepare_data(self, show_progress: bool) -> PreparedData:
-        """The first process builds the cache, the others then find it. A failure on the first is
-        re-raised on every process (printed once) instead of leaving the others at a barrier."""
-        failure: MoectlError | None = None
-        data = None
-        if self.procs.main:
-            try:
-                data = prepare_data(self.recipe, show_progress=show_progress, log=self.log)
-            except MoectlError as e:
-                failure = e
-        flag = torch.tensor(float(failure is not None), device=self.procs.device)
-        if parallel.all_reduce_max(flag).item():
-            raise _agreed(failure or MoectlError("data preparation failed on the first process"))
+        """The first process builds the cache, the others then find it."""
+        data = self._on_main(lambda: prepare_data(self.recipe, show_progress=show_progress and self.show_progress,
+                                                  log=self.log))
         return data if data is not None else prepare_data(self.recipe, show_progress=False, log=self.log)
 
     def _sequences(self) -> tuple[PackedSequences, PackedSequences]:
@@ -281,16 +417,22 @@ class Trainer:
         return seqs["train"], seqs["val"]
 
     def _resume(self) -> None:
-        saved = restore_training_state(self.resume_from, self.model, self.optimizer, rank=self.procs.rank,
-                                       core=self.core, aliases=self.aliases)
+        saved = self._recoverable(restore_training_state, self.resume_from, self.model, self.optimizer,
+                                  rank=self.procs.rank, core=self.core, aliases=self.aliases)
         apply_hyperparameters(self.optimizer, self.cfg)   # the recipe's settings win over the checkpoint's
         if self.plan is not None and "plan" in saved:
             why_not = self.plan.resume(saved["plan"])
             if why_not:
                 self.log(f"{why_not}: using the plan drawn from this run's seed")
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], skipped=saved.get("skipped_steps", 0),
-                                last_saved=saved["step"])
+                                last_saved=saved["step"], val_loss=_number(saved.get("val_loss")))
         self.log(f"resuming {self.run_dir} from {self.resume_from.name} (step {self.state.step})")
+        before = Schedule.from_state(saved.get("schedule"), self.total_steps)
+        self.schedule = before.resumed(self.state.step, self.total_steps, self.cfg)
+        if self.schedule is not before and self.state.step < self.total_steps:
+            self.log(f"the budget changed ({before.total} -> {self.total_steps} steps): the learning rate continues "
+                     f"from {self.schedule.lr(self.state.step, self.cfg):.3g} at step {self.state.step} and follows "
+                     f"the {self.cfg.lr_schedule} shape to the end (docs/training.md)")
 
     def _write_run_folder(self) -> None:
         if self.procs.main:
@@ -300,7 +442,7 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", dump_recipe(self.recipe))
             target = self.run_dir / "tokenizer.json"
             if not (target.exists() and os.path.samefile(self.data.tokenizer_path, target)):
-                shutil.copyfile(self.data.tokenizer_path, target)
+                atomic_copy(self.data.tokenizer_path, target)
             atomic_write_text(self.run_dir / "data.json",
                               json.dumps({**self.data.index, "cache": str(self.data.dir)}, indent=2))
         parallel.barrier()
@@ -308,10 +450,11 @@ class Trainer:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
+        if self.finished:   # nothing to do, and nothing in the run folder changes
+            self.log(f"{self.run_dir} has already run {self.state.step} of {self.total_steps} steps; nothing to do")
+            return self._finished_summary()
         self.metrics = MetricsLog(self.run_dir, self.procs.main, self.cfg.tensorboard, resume_step=self.state.step)
         self.peak_flops = measure_peak_flops(self.procs.device, torch.bfloat16 if self.bf16 else torch.float32)
-        if self.state.step >= self.total_steps:
-            self.log(f"{self.run_dir} has already run {self.state.step} of {self.total_steps} steps; nothing to do")
         self.window = LogWindow()
         self.progress = Progress(self.show_progress, self.total_steps, self.state.step, self.console)
         t_start, first_step = time.perf_counter(), self.state.step
@@ -350,7 +493,7 @@ class Trainer:
         agreed = parallel.all_reduce_sum(torch.stack([loss_sum, aux_sum, grad_norm.float().to(device)]))
         n, world = cfg.grad_accum * self.procs.world, self.procs.world
         result = StepResult(agreed[0].item() / n, agreed[1].item() / n, agreed[2].item() / world,
-                            set_lr(self.optimizer, step, self.total_steps, cfg))
+                            set_lr(self.optimizer, step, self.total_steps, cfg, self.schedule))
         self.state.tokens += self.tokens_per_step
         if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
             self.state.consecutive_skips = 0
@@ -414,8 +557,13 @@ class Trainer:
     def save(self) -> Path:
         """A checkpoint of the current step (collective: every process calls it)."""
         s = self.state
+        cfg = self.cfg
         trainer = {"step": s.step, "tokens": s.tokens, "skipped_steps": s.skipped,
-                   "data": {"order": "step", "epoch": self.order.epoch_of(s.step)}}
+                   "data": {"order": "step", "epoch": self.order.epoch_of(s.step)},
+                   "global_batch": cfg.batch_size * cfg.grad_accum * self.procs.world, "batch_size": cfg.batch_size,
+                   "grad_accum": cfg.grad_accum, "world_size": self.procs.world,
+                   "schedule": self.schedule.state_dict(),
+                   "val_loss": s.val_loss if math.isfinite(s.val_loss) else None}
         path = save_checkpoint(self.ckpts, s.step, self.model, self.optimizer, trainer,
                                {"moectl": __version__, "recipe": self.recipe.name}, rank=self.procs.rank,
                                world_size=self.procs.world, barrier=parallel.barrier, keep_last=self.cfg.keep_last,
@@ -435,12 +583,24 @@ class Trainer:
         raise Interrupted(f"interrupted at step {self.state.step}; checkpoint saved to "
                           f"{self.ckpts.step_dir(self.state.step)}", hint="continue with --resume auto")
 
+    def _finished_summary(self) -> TrainResult:
+        """The summary a finished run wrote, read back (or rebuilt from its checkpoint)."""
+        try:
+            saved = json.loads((self.run_dir / "logs" / "summary.json").read_text())
+            return TrainResult(**{k: saved[k] for k in TrainResult.__dataclass_fields__ if k != "steps_run"},
+                               steps_run=0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return TrainResult(str(self.run_dir), self.total_steps, self.state.tokens, 0.0, 0.0, 0,
+                               self.state.val_loss, self.data.index["val_unigram_entropy"], self.state.skipped,
+                               steps_run=0)
+
     def _summary(self, seconds: float, steps_run: int) -> TrainResult:
         result = TrainResult(
             run_dir=str(self.run_dir), steps=self.total_steps, tokens=self.state.tokens, seconds=seconds,
             tokens_per_s=steps_run * self.tokens_per_step / max(seconds, 1e-9),
             peak_memory_bytes=peak_memory_bytes(self.procs.device), final_val_loss=self.state.val_loss,
-            val_unigram_entropy=self.data.index["val_unigram_entropy"], skipped_steps=self.state.skipped)
+            val_unigram_entropy=self.data.index["val_unigram_entropy"], skipped_steps=self.state.skipped,
+            steps_run=steps_run)
         if self.procs.main:
             atomic_write_text(self.run_dir / "logs" / "summary.json", json.dumps(asdict(result), indent=2))
         return result

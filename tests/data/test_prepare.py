@@ -109,10 +109,31 @@ def test_empty_corpus(recipe, tmp_path):
     with pytest.raises(DataError, match=r"the corpus is empty: .*blank\.jsonl\) gave no documents"):
         prepare_data(recipe(f"data.source.paths=['{tmp_path}/blank.jsonl']"), show_progress=False, log=lambda *a: None)
     single = tmp_path / "single.txt"
-    single.write_text("just one document")
+    single.write_text("x")    # one document too short to split: all of it would be validation
     with pytest.raises(DataError, match="all held out for validation"):
         prepare_data(recipe(f"data.source.paths=['{single}']"), show_progress=False, log=lambda *a: None)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.json"))
+
+
+def test_a_single_document_is_split_at_a_line(recipe, tmp_path):
+    """nanoGPT's input.txt: one file, so its last val_fraction (from a line start) is validation."""
+    from moectl.data.prepare import split_documents, split_single
+    from moectl.data.sources import Document
+
+    text = "".join(f"line {i}: {'abc ' * (i % 7)}\n" for i in range(200))
+    parts = split_single(Document(text, "input.txt"), 0.1)
+    assert [s for s, _ in parts] == ["train", "val"]
+    train, val = parts[0][1].text, parts[1][1].text
+    assert train + val == text and train.endswith("\n") and val.startswith("line ")
+    assert abs(len(val) / len(text) - 0.1) < 0.02
+    assert list(split_documents(iter([Document(text, "input.txt")]), 0, 0.1, None)) == parts
+    path = tmp_path / "input.txt"
+    path.write_text(text * 20)
+    data = prepare_data(recipe(f"data.source.paths=['{path}']", "data.val_fraction=0.1"), show_progress=False,
+                        log=lambda *a: None)
+    counts = data.index["splits"]
+    assert counts["train"]["documents"] == 1 and counts["val"]["documents"] == 1
+    assert 0.05 < counts["val"]["tokens"] / (counts["train"]["tokens"] + counts["val"]["tokens"]) < 0.15
 
 
 def test_large_vocabulary_uses_uint32(recipe, tmp_path):

@@ -27,7 +27,8 @@ def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     result = cli("train", recipe_path(), "--run-dir", run, "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "data.json", "logs", "tokenizer.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "data.json", "logs",
+                                                     "tokenizer.json"]
     ckpts = CheckpointDir(run / "checkpoints")
     assert ckpts.latest().name == "step-00000006"
     assert [p.name for p in ckpts.steps()] == ["step-00000003", "step-00000006"]

@@ -1,0 +1,69 @@
+"""One training per run folder: an advisory lock on `<run>/.lock`, held while a training writes.
+
+The lock is an `flock` on the open file, so the kernel drops it when its process dies however it
+dies: a lock left by a killed training is stale by construction and the next one takes it over.
+The file records who holds it (pid, host, start time) for the message another training gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from moectl.errors import MoectlError
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MoectlError(f"cannot create the run folder's lock {self.path} ({e.strerror or e})",
+                              hint="choose a run folder you can write to (--run-dir)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise MoectlError(f"{self.path.parent} is being trained by another process ({holder})",
+                              hint="wait for it to finish, or train elsewhere with --run-dir") from None
+        except OSError:   # a file system without locks: go on unlocked rather than refuse to train
+            os.close(fd)
+            return self
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its details are unreadable"
