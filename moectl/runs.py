@@ -182,26 +182,47 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
 
 
 def check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("model", "data", "seed")) -> None:
-    """Resuming with a different model or data would silently train something else: refuse.
-    Compared as resolved data, with keys that are null on either side left out (a section that is
-    off, written or not) and bare kind names written out."""
+    """Resuming with a different model or data would silently train something else: refuse,
+    naming the keys that differ. The run's config.yaml is read as a recipe, so keys a newer moectl
+    added (with their defaults) do not count as differences; it is compared as resolved data, with
+    keys that are null on either side left out (a section that is off, written or not) and bare
+    kind names written out."""
     import yaml
 
-    from moectl.recipe.load import expand_bare_kinds, resolved
+    from moectl.recipe.load import expand_bare_kinds, load_recipe, resolved
 
     old_path = run_dir / "config.yaml"
     if not old_path.is_file():
         return
     try:
-        old = yaml.safe_load(old_path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise MoectlError(f"{old_path} cannot be read ({type(e).__name__})",
-                          hint="restore the run's config.yaml, or start a new run with --run-dir") from None
-    old = old if isinstance(old, dict) else {}
-    expand_bare_kinds(old, {})
+        old = json.loads(json.dumps(resolved(load_recipe(old_path))))
+    except MoectlError:   # a config.yaml this moectl cannot validate (a plugin gone, say): as written
+        try:
+            old = yaml.safe_load(old_path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise MoectlError(f"{old_path} cannot be read ({type(e).__name__})",
+                              hint="restore the run's config.yaml, or start a new run with --run-dir") from None
+        old = old if isinstance(old, dict) else {}
+        expand_bare_kinds(old, {})
     new = json.loads(json.dumps(resolved(recipe)))
-    issues = [Issue(section, f"differs from {old_path}") for section in sections
-              if _without_nulls(old.get(section)) != _without_nulls(new.get(section))]
+    issues = []
+    for section in sections:
+        a, b = _without_nulls(old.get(section)), _without_nulls(new.get(section))
+        if a != b:
+            keys = _differences(a, b, section)
+            more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+            issues.append(Issue(section, f"differs from {old_path} ({', '.join(keys[:4])}{more})"))
     if issues:
         raise RecipeError(str(run_dir), issues, hint="resume with the recipe the run was started with, "
                           "or start a new run with --run-dir")
+
+
+def _differences(a: Any, b: Any, path: str) -> list[str]:
+    """The dotted keys where two resolved values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                out += _differences(a.get(k), b.get(k), f"{path}.{k}")
+        return out
+    return [f"{path}: {a!r} in the run, {b!r} now"]

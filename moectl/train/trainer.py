@@ -380,6 +380,18 @@ class Trainer:
                 check_same_run(source_run, self.recipe, sections=("model",))   # new data or seed is fine
         return resume_from
 
+    def _budget_before(self) -> int:
+        """The budget a checkpoint without saved schedule segments was trained towards: its run's
+        config.yaml says (read before this run rewrites it); else this run's."""
+        import yaml
+
+        try:
+            old = yaml.safe_load((self.resume_from.parent.parent / "config.yaml").read_text())
+            steps = old["train"]["max_steps"]
+            return steps if isinstance(steps, int) and steps > 0 else self.total_steps
+        except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+            return self.total_steps
+
     def _init_source(self) -> tuple[Path, Path | None]:
         """(checkpoint, run folder or None) that train.init_from names."""
         from moectl.runs import find_checkpoint
@@ -427,7 +439,7 @@ class Trainer:
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], skipped=saved.get("skipped_steps", 0),
                                 last_saved=saved["step"], val_loss=_number(saved.get("val_loss")))
         self.log(f"resuming {self.run_dir} from {self.resume_from.name} (step {self.state.step})")
-        before = Schedule.from_state(saved.get("schedule"), self.total_steps)
+        before = Schedule.from_state(saved.get("schedule"), self._budget_before())
         self.schedule = before.resumed(self.state.step, self.total_steps, self.cfg)
         if self.schedule is not before and self.state.step < self.total_steps:
             self.log(f"the budget changed ({before.total} -> {self.total_steps} steps): the learning rate continues "

@@ -378,3 +378,19 @@ def test_a_checkpoint_missing_a_tensor_is_refused(cli, recipe_path, tmp_path):
     save_file(state, str(file))
     r = cli("train", path, "train.max_steps=6", "--run-dir", run, "-q")
     assert r.exit_code == 2 and "missing: layers.1.attn.wq.weight" in r.output and "step-00000002" in r.output, r.output
+
+
+def test_a_run_from_before_a_new_key_resumes(cli, recipe_path, tmp_path):
+    """Keys a newer moectl adds (with defaults) are not differences; real ones are named."""
+    import yaml
+
+    path, run = recipe_path(max_steps=2), tmp_path / "run"
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("qk_norm", "attention_bias", "head_dim", "qkv_clip"):
+        cfg["model"].pop(key)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("train", path, "train.max_steps=3", "--run-dir", run, "-q")
+    assert r.exit_code == 0, r.output
+    r = cli("train", path, "train.max_steps=4", "model.moe.top_k=1", "--run-dir", run, "-q")
+    assert r.exit_code == 2 and "model.moe.top_k: 2 in the run, 1 now" in r.output, r.output
