@@ -39,7 +39,8 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
             block=_options(registry.blocks, m.block.kind, m.block),
             variant=_options(registry.variants, variant, getattr(m, variant)) if variant else None,
         )
-    return ModelArgs(**_same_named(cfg, ModelArgs, skip={"moe"}), moe=moe)
+    scaling = cfg.rope_scaling.model_dump() if cfg.rope_scaling is not None else None
+    return ModelArgs(**_same_named(cfg, ModelArgs, skip={"moe", "rope_scaling"}), rope_scaling=scaling, moe=moe)
 
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoETransformer:

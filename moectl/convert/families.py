@@ -116,10 +116,12 @@ def hf_config(family: Family, m: ModelConfig) -> dict[str, Any]:
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads or m.n_heads, "head_dim": head_dim,
         "hidden_act": "silu", "max_position_embeddings": m.seq_len, "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_theta": m.rope_theta, "rope_parameters": _rope_parameters(m),
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std, "attention_dropout": 0.0,
         "use_cache": True,
     }
+    if m.rope_scaling is not None:   # transformers v4 reads rope_scaling, v5 rope_parameters
+        cfg["rope_scaling"] = {k: v for k, v in cfg["rope_parameters"].items() if k != "rope_theta"}
     if family is LLAMA:
         cfg.update(intermediate_size=m.ffn_hidden, attention_bias=m.attention_bias == "all", mlp_bias=False)
         return cfg
@@ -144,6 +146,38 @@ def hf_config(family: Family, m: ModelConfig) -> dict[str, Any]:
     else:
         cfg.update(attention_bias=m.attention_bias == "all")
     return cfg
+
+
+def _rope_parameters(m: ModelConfig) -> dict[str, Any]:
+    rs = m.rope_scaling
+    if rs is None:
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    out: dict[str, Any] = {"rope_type": rs.kind, "rope_theta": m.rope_theta, "factor": rs.factor}
+    if rs.kind == "llama3":
+        out.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                   original_max_position_embeddings=rs.original_context)
+    return out
+
+
+def _rope_scaling(rope: dict[str, Any], c: _Config) -> dict[str, Any] | None:
+    """A recipe's model.rope_scaling from a config's rope_parameters (or legacy rope_scaling)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ("linear", "llama3"):
+        raise c.refuse(f"RoPE scaling {kind!r} (moectl implements linear and llama3)")
+    factor = rope.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        raise MoectlError(f"{c.where}: the {kind} RoPE scaling has no numeric factor", hint="the config.json is damaged")
+    out: dict[str, Any] = {"kind": kind, "factor": float(factor)}
+    if kind == "llama3":
+        try:
+            out.update(low_freq_factor=float(rope["low_freq_factor"]), high_freq_factor=float(rope["high_freq_factor"]),
+                       original_context=int(rope["original_max_position_embeddings"]))
+        except (KeyError, TypeError, ValueError):
+            raise MoectlError(f"{c.where}: the llama3 RoPE scaling lacks low_freq_factor, high_freq_factor or "
+                              "original_max_position_embeddings", hint="the config.json is damaged") from None
+    return out
 
 
 # --------------------------------------------------------------------------- family -> moectl
@@ -193,9 +227,7 @@ def model_section(family: Family, raw: dict[str, Any], where: str) -> dict[str, 
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise MoectlError(f"{where}: rope_parameters is {rope!r}", hint="the config.json is damaged")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise c.refuse(f"RoPE scaling {rope_type!r}")
+    scaling = _rope_scaling(rope, c)
     theta = c.get("rope_theta", rope.get("rope_theta", 1e6 if family is MIXTRAL else 1e4), (int, float))
     d, heads = c.need("hidden_size"), c.need("num_attention_heads")
     head_dim = c.get("head_dim", None, int)
@@ -214,7 +246,7 @@ def model_section(family: Family, raw: dict[str, Any], where: str) -> dict[str, 
     model: dict[str, Any] = {
         "vocab_size": c.need("vocab_size"), "d_model": d, "n_layers": n_layers, "n_heads": heads,
         "n_kv_heads": kv if kv != heads else None, "ffn_hidden": inter, "activation": "swiglu", "seq_len": max_pos,
-        "rope_theta": float(theta), "norm_eps": float(c.get("rms_norm_eps", 1e-6, (int, float))),
+        "rope_theta": float(theta), "rope_scaling": scaling, "norm_eps": float(c.get("rms_norm_eps", 1e-6, (int, float))),
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
         "init_std": float(c.get("initializer_range", 0.02, (int, float))),
         "head_dim": head_dim if head_dim is not None and head_dim * heads != d else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,9 +23,28 @@ class RMSNorm(nn.RMSNorm):
     component = "norm"
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [S, head_dim/2] in fp32."""
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     device: torch.device | None = None) -> Tensor:
+    """The rotation frequency of each pair [head_dim/2], fp32. `scaling` stretches long wavelengths
+    for a longer context: {"kind": "linear", "factor": f} divides every frequency by f; "llama3"
+    (Llama 3.1) divides those whose wavelength exceeds original_context / low_freq_factor by f,
+    keeps those below original_context / high_freq_factor, and blends linearly in between."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["kind"] == "linear":
+        return inv_freq / factor
+    context, low, high = scaling["original_context"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    ratio = context / (2 * math.pi / inv_freq)          # how many wavelengths fit the original context
+    blend = ((ratio - low) / (high - low)).clamp(0.0, 1.0)   # 0: long waves (scaled), 1: short (kept)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
+                scaling: dict | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables [S, head_dim/2] in fp32."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

@@ -265,7 +265,8 @@ class MoETransformer(nn.Module):
         B, S = tokens_BS.shape
         x = self.embed(tokens_BS)
         past = 0 if cache is None else cache.length
-        cos, sin = rope_tables(past + S, self.args.head_size, self.args.rope_theta, tokens_BS.device)
+        cos, sin = rope_tables(past + S, self.args.head_size, self.args.rope_theta, tokens_BS.device,
+                               self.args.rope_scaling)
         rope = (cos[past:], sin[past:])
         plan = None
         if self.plan is not None and step is not None and self.training and torch.is_grad_enabled():

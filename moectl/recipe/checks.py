@@ -20,6 +20,9 @@ def check_recipe(r: Recipe) -> list[Issue]:
             "or model.head_dim must be set")
     elif (m.d_model // m.n_heads) % 2:
         add("model.n_heads", f"the head size d_model/n_heads = {m.d_model // m.n_heads} must be even for RoPE")
+    rs = m.rope_scaling
+    if rs is not None and rs.kind == "llama3" and rs.low_freq_factor >= rs.high_freq_factor:
+        add("model.rope_scaling.high_freq_factor", f"must exceed low_freq_factor ({rs.low_freq_factor})")
     if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         add("model.n_kv_heads", f"n_heads ({m.n_heads}) must be divisible by n_kv_heads ({m.n_kv_heads})")
     t = r.train

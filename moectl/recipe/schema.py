@@ -101,6 +101,18 @@ class MoEConfig(Section):
         return list(range(self.first_dense, n_layers, step))
 
 
+class RopeScaling(Section):
+    """RoPE frequencies stretched for a longer context (as Hugging Face's rope_parameters)."""
+
+    kind: Literal["linear", "llama3"] = Field(
+        ..., description="linear: every frequency divided by factor; llama3 (Llama 3.1): long wavelengths "
+        "divided by factor, short ones kept, a linear blend between.")
+    factor: Annotated[float, Field(ge=1)] = Field(..., description="How much longer the context becomes.")
+    low_freq_factor: PosFloat = Field(1.0, description="llama3: wavelengths above original_context / this are scaled.")
+    high_freq_factor: PosFloat = Field(4.0, description="llama3: wavelengths below original_context / this are kept.")
+    original_context: PosInt = Field(8192, description="llama3: the context the model was first trained on.")
+
+
 class ModelConfig(Section):
     """A decoder-only transformer (pre-norm, RMSNorm, RoPE, causal attention)."""
 
@@ -118,6 +130,7 @@ class ModelConfig(Section):
     )
     seq_len: PosInt = Field(1024, description="Training context length in tokens.")
     rope_theta: PosFloat = Field(10000.0, description="RoPE base.")
+    rope_scaling: RopeScaling | None = Field(None, description="Stretch RoPE for a longer context; null = off.")
     norm_eps: PosFloat = Field(1e-5, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(False, description="Share the input embedding with the LM head.")
     init_std: PosFloat = Field(0.02, description="Std of the normal initialisation of weights.")

@@ -29,6 +29,11 @@ VARIANTS = {
     ("olmoe", "clip-bias-norm"): dict(num_experts=4, num_experts_per_tok=2, eos_token_id=1, pad_token_id=0,
                                       clip_qkv=0.3, attention_bias=True, norm_topk_prob=True),
     ("llama", "base"): dict(),
+    ("llama", "llama3-rope"): dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                    "rope_theta": 5e5}),
+    ("mixtral", "linear-rope"): dict(num_local_experts=4, num_experts_per_tok=2,
+                                     rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
     ("llama", "bias-tied-mha-headdim"): dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4,
                                              head_dim=12),
 }

@@ -31,7 +31,8 @@ MODELS = {
     "kitchen-sink": dict(n_kv_heads=2, head_dim=12, attention_bias="qkv", qk_norm="head", qkv_clip=0.4,
                          tie_embeddings=True, moe=dict(MOE, shared_experts=2, shared_hidden=8, shared_mix="add",
                                                        router=dict(kind="topk", renormalize=False))),
-    "gelu-dense": dict(activation="gelu", qk_norm="projection", attention_bias="all"),
+    "gelu-dense": dict(activation="gelu", qk_norm="projection", attention_bias="all",
+                       rope_scaling=dict(kind="llama3", factor=8.0, original_context=16)),
 }
 
 
@@ -171,6 +172,7 @@ def test_trained_run_exports_with_its_tokenizer(trained_run, tmp_path):
     (dict(head_dim=12, qk_norm="head", moe=dict(MOE, layers=[0, 2])), "Qwen3-MoE"),
     (dict(qk_norm="projection", qkv_clip=0.5, attention_bias="all", moe=MOE), "OLMoE"),
     (dict(n_kv_heads=2, tie_embeddings=True), "Llama"),
+    (dict(rope_scaling=dict(kind="llama3", factor=4.0, original_context=16)), "Llama"),
 ])
 def test_moectl_models_export_to_native_classes(spec, family, tmp_path):
     from transformers import AutoModelForCausalLM

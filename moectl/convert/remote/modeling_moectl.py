@@ -45,6 +45,19 @@ def _linear32(x, weight, bias=None):
         return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
 
+def _frequencies(head_dim, theta, scaling, device):
+    """Per-pair rotation frequencies; `scaling` linear (all divided by factor) or llama3 (long
+    wavelengths divided, short ones kept, blended between)."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if not scaling:
+        return inv
+    if scaling["kind"] == "linear":
+        return inv / scaling["factor"]
+    lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    w = ((scaling["original_context"] * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return (1 - w) * inv / scaling["factor"] + w * inv
+
+
 def _rope(x, cos, sin):
     """Rotate interleaved pairs (x[2i], x[2i+1])."""
     t = x.float().unflatten(-1, (-1, 2))
@@ -379,8 +392,7 @@ class MoectlForCausalLM(MoectlPreTrainedModel, GenerationMixin):
         m = self.m
         B, S = input_ids.shape
         hd = m.get("head_dim") or m["d_model"] // m["n_heads"]
-        inv = 1.0 / m.get("rope_theta", 10000.0) ** (
-            torch.arange(0, hd, 2, device=input_ids.device, dtype=torch.float32) / hd)
+        inv = _frequencies(hd, m.get("rope_theta", 10000.0), m.get("rope_scaling"), input_ids.device)
         ang = torch.outer(torch.arange(S, device=input_ids.device, dtype=torch.float32), inv)
         cos, sin = ang.cos(), ang.sin()
         x = self.embed(input_ids)
