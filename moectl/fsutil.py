@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp-{temp_tag()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -66,17 +67,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_tag() -> str:
+    """What a temporary's name carries: this process and its host (`PID@host`), so that a process
+    removes only the temporaries of dead processes of its own host (a cache may be shared)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 def clean_stale(target: Path) -> None:
-    """Remove the temporaries (`.<name>.tmp-PID`) of `target` that a killed process left behind."""
+    """Remove the temporaries (`.<name>.tmp-PID@host`) of `target` that a killed process of this
+    host left behind."""
     target = Path(target)
     prefix = f".{target.name}.tmp-"
+    host = socket.gethostname()
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return
     for p in entries:
-        pid = p.name[len(prefix):]
-        if p.name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+        pid, _, where = p.name[len(prefix):].partition("@")
+        if p.name.startswith(prefix) and where == host and pid.isdigit() and not pid_alive(int(pid)):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -107,7 +116,7 @@ def _atomic_file(path: Path, fill) -> None:
     on any failure the temporary is removed and `path` is what it was."""
     path = Path(path)
     clean_stale(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.parent / f".{path.name}.tmp-{temp_tag()}"
     try:
         with open(tmp, "wb") as f:
             fill(f)

@@ -60,8 +60,9 @@ def read_weights(folder: Path) -> dict[str, Any]:
 def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
     index = read_json(folder / index_name, index_name)
     weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise MoectlError(f"{folder / index_name} has no weight_map", hint="the index is damaged")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MoectlError(f"{folder / index_name} has no weight_map of tensor names to file names",
+                          hint="the index is damaged; download the model again")
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not isinstance(s, str) or "/" in s or not (folder / s).is_file()]
     if missing:

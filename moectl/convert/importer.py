@@ -114,7 +114,9 @@ def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokeni
     """A recipe that trains (and evaluates) a converted folder in place."""
     out = Path(out).resolve()
     data = json.loads(json.dumps(base))
-    data["name"] = name or out.name
+    from moectl.recipe.load import run_name_from
+
+    data["name"] = name or run_name_from(out.name)
     data["model"] = model
     data.setdefault("data", {})
     if tokenizer:

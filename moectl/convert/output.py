@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moectl.errors import MoectlError
-from moectl.fsutil import fsync_dir, fsync_tree
+from moectl.fsutil import clean_stale, fsync_dir, fsync_tree, temp_tag
 
 
 def check_target(out: Path, force: bool, source: Path | None = None) -> None:
@@ -34,27 +34,30 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     out = Path(out).absolute()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        clean_stale(out)
+        tmp = out.parent / f".{out.name}.tmp-{temp_tag()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as e:
         raise MoectlError(f"cannot create {out} ({e.strerror or e})",
                           hint="choose a folder you can write to") from None
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
         if out.exists():
             if not force and any(out.iterdir()):
                 raise MoectlError(f"{out} was filled by something else meanwhile", hint="run again with --force")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{temp_tag()}"
             os.rename(out, old)
         os.rename(tmp, out)
         fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            old = None
     except OSError as e:
+        _put_back(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise MoectlError(f"no space left on the device while writing {out}; nothing was written",
@@ -62,5 +65,12 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         raise MoectlError(f"cannot write {out} ({e.strerror or e}); nothing was written",
                           hint="choose a folder you can write to") from None
     except BaseException:
+        _put_back(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_back(old: Path | None, out: Path) -> None:
+    """The folder --force was replacing goes back to its place when the new one did not land."""
+    if old is not None and old.exists() and not out.exists():
+        os.rename(old, out)

@@ -28,7 +28,7 @@ from moectl.data.tokenizer import EOT, eot_id_of, load_tokenizer, train_bpe
 from moectl.fsutil import atomic_dir
 from moectl.recipe.schema import BPETokenizer, DataConfig, Recipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: a corpus of one document is split inside it
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -48,7 +48,8 @@ def split_single(doc: Document, fraction: float) -> list[tuple[str, Document]]:
     text = doc.text
     cut = round(len(text) * (1 - fraction))
     line = text.rfind("\n", 0, cut)
-    cut = line + 1 if line > 0 else cut
+    if line >= 0 and cut - (line + 1) <= max(1, 0.1 * (len(text) - cut)):   # a line start close by
+        cut = line + 1
     if cut <= 0 or cut >= len(text):
         return [("val", doc)]
     return [("train", Document(text[:cut], doc.origin)), ("val", Document(text[cut:], f"{doc.origin} (end)"))]

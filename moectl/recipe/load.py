@@ -242,6 +242,12 @@ def _merge(base: Any, top: Any) -> Any:
     return top
 
 
+def run_name_from(text: str) -> str:
+    """A valid run name made from a file or folder name (other characters become '-')."""
+    name = re.sub(r"[^A-Za-z0-9._+-]", "-", text).lstrip("._+-")[:128]
+    return name or "run"
+
+
 def resolve_file(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Sources]:
     """Read a recipe file and everything it extends, merged."""
     real = path.resolve()
@@ -270,7 +276,7 @@ def resolve_file(path: Path, _chain: tuple[Path, ...] = ()) -> tuple[dict[str, A
     base, base_sources = resolve_file(base_path, (*_chain, real))
     merged = _merge(base, data)
     if "name" not in data:   # a recipe that extends another is its own run, named after its file
-        merged["name"] = path.stem
+        merged["name"] = run_name_from(path.stem)
         sources = {**sources, ("name",): f"{path} (its file name: the recipe sets no name)"}
     return merged, {**base_sources, **sources}
 

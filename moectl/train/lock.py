@@ -22,12 +22,14 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
+        self._times: tuple[int, int] | None = None
 
     def acquire(self) -> RunLock:
         import fcntl
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            before = self.path.stat() if self.path.exists() else None
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise MoectlError(f"cannot create the run folder's lock {self.path} ({e.strerror or e})",
@@ -46,6 +48,9 @@ class RunLock:
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self._fd = fd
+        # On release the file gets its times back, so a training that changes nothing (a rerun of a
+        # finished run) leaves the run folder exactly as it was.
+        self._times = (before.st_atime_ns, before.st_mtime_ns) if before is not None else None
         return self
 
     def release(self) -> None:
@@ -55,6 +60,8 @@ class RunLock:
 
         try:
             os.ftruncate(self._fd, 0)
+            if self._times is not None:
+                os.utime(self._fd, ns=self._times)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)

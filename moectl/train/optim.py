@@ -79,10 +79,11 @@ class Schedule:
     def from_state(cls, state: Any, total_steps: int) -> Schedule:
         """The schedule a checkpoint saved (`state_dict`), or a fresh one for older checkpoints."""
         try:
-            return cls([Segment(int(s["start"]), int(s["total"]), None if s.get("start_lr") is None
-                                else float(s["start_lr"])) for s in state])
+            segments = [Segment(int(s["start"]), int(s["total"]), None if s.get("start_lr") is None
+                                else float(s["start_lr"])) for s in state]
         except (TypeError, KeyError, ValueError):
-            return cls.fresh(total_steps)
+            segments = []
+        return cls(segments) if segments else cls.fresh(total_steps)
 
     def state_dict(self) -> list[dict[str, Any]]:
         return [asdict(s) for s in self.segments]
@@ -95,6 +96,8 @@ class Schedule:
         """This schedule continued at `step` towards a budget of `total_steps`."""
         if total_steps == self.total:
             return self
+        if step < cfg.warmup_steps and len(self.segments) == 1:
+            return Schedule.fresh(total_steps)   # warmup depends on the step alone: nothing to continue
         kept = [s for s in self.segments if s.start < step]
         return Schedule([*kept, Segment(step, total_steps, self.lr(step, cfg))])
 

@@ -228,16 +228,22 @@ class Trainer:
         self.log = (console.print if console is not None else print) if procs.main and not quiet else quiet_log
         self.run_dir = Path(run_dir or self.cfg.run_dir or Path("runs") / recipe.name)
         self.ckpts = CheckpointDir(self.run_dir / "checkpoints")
-        try:   # decided from the recipe and the run folder, which every process reads alike
-            self.resume_from = self._resume_point(resume)
-            self.saved = self._recoverable(read_trainer_state, self.resume_from) if self.resume_from else None
-            self._keep_global_batch()
-            self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * procs.world * recipe.model.seq_len
-            self.total_steps = total_steps(self.recipe, self.tokens_per_step)
-        except MoectlError as e:
-            raise _agreed(e) from None
-        self.lock = RunLock(self.run_dir)   # taken before the run folder is first written
+        # Another training may be writing to an existing folder: find out before reading it. A new
+        # folder is locked when it is first written (so a run that fails early leaves none behind).
+        self.locked_early = self.run_dir.is_dir()
+        self.lock = RunLock(self.run_dir)
+        if self.locked_early:
+            self.lock = self._on_main(lambda: RunLock(self.run_dir).acquire()) or self.lock
         try:
+            try:   # decided from the recipe and the run folder, which every process reads alike
+                self.resume_from = self._resume_point(resume)
+                self.saved = self._recoverable(read_trainer_state, self.resume_from) if self.resume_from else None
+                self._keep_global_batch()
+                self.tokens_per_step = (self.cfg.batch_size * self.cfg.grad_accum * procs.world
+                                        * recipe.model.seq_len)
+                self.total_steps = total_steps(self.recipe, self.tokens_per_step)
+            except MoectlError as e:
+                raise _agreed(e) from None
             self._set_up(show_progress)
         except BaseException:
             self.lock.release()
@@ -275,8 +281,11 @@ class Trainer:
         for note in self.core_notes():
             self.log(f"note: {note}")
         self.finished = self.resume_from is not None and self.state.step >= self.total_steps
-        if not self.finished:
-            self.lock = self._on_main(lambda: RunLock(self.run_dir).acquire()) or self.lock
+        if self.finished:
+            self.lock.release()
+        else:
+            if not self.locked_early:   # the same on every process, so all take part in _on_main
+                self.lock = self._on_main(lambda: RunLock(self.run_dir).acquire()) or self.lock
             self._write_run_folder()
 
     def release(self) -> None:
@@ -337,12 +346,13 @@ class Trainer:
 
     def _recoverable(self, read, path: Path, *args, **kwargs):
         """`read(path, ...)`, with a damaged checkpoint's error naming the run's newest other
-        complete checkpoint and how to resume from it."""
+        complete checkpoint and how to resume from it. Every process reads the same files except
+        its own random-generator state, so the error is the process's own (it says so itself)."""
         try:
             return read(path, *args, **kwargs)
         except MoectlError as e:
             ckpts = CheckpointDir(Path(path).parent)
-            raise _agreed(MoectlError(e.message, hint=ckpts.recovery_hint(path), exit_code=e.exit_code)) from None
+            raise MoectlError(e.message, hint=ckpts.recovery_hint(path), exit_code=e.exit_code) from None
 
     def _check_tokenizers(self) -> None:
         """The tokens of a run keep their meaning: the data's tokenizer must be the one the run
@@ -386,9 +396,13 @@ class Trainer:
         import yaml
 
         try:
-            old = yaml.safe_load((self.resume_from.parent.parent / "config.yaml").read_text())
-            steps = old["train"]["max_steps"]
-            return steps if isinstance(steps, int) and steps > 0 else self.total_steps
+            old = yaml.safe_load((self.resume_from.parent.parent / "config.yaml").read_text())["train"]
+            steps, tokens = old.get("max_steps"), old.get("max_tokens")
+            if isinstance(steps, int) and steps > 0:
+                return steps
+            if isinstance(tokens, int) and tokens > 0:
+                return max(1, math.ceil(tokens / self.tokens_per_step))
+            return self.total_steps
         except (OSError, yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
             return self.total_steps
 

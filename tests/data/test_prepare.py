@@ -157,7 +157,7 @@ def test_large_vocabulary_uses_uint32(recipe, tmp_path):
 
 def test_index_file_is_written_last(recipe):
     data = prepare_data(recipe(), show_progress=False, log=lambda *a: None)
-    assert json.loads((data.dir / "index.json").read_text())["format"] == 1
+    assert json.loads((data.dir / "index.json").read_text())["format"] == 2
 
 
 def test_data_prepare_command(cli, corpus, write, tmp_path):

@@ -348,15 +348,47 @@ def test_stale_temporaries_are_cleaned(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = tmp_path / f".shard.tmp-{dead}"
+    import socket
+
+    stale = tmp_path / f".shard.tmp-{dead}@{socket.gethostname()}"
     stale.mkdir()
     (stale / "half.bin").write_bytes(b"x")
-    live = tmp_path / f".shard.tmp-{os.getpid() + 0}"
+    elsewhere = tmp_path / f".shard.tmp-{dead}@another-host"   # a shared cache: not ours to judge
+    elsewhere.mkdir()
     with atomic_dir(tmp_path / "shard") as tmp:
         (tmp / "done").write_text("ok")
     assert not stale.exists() and (tmp_path / "shard" / "done").is_file()
-    assert not live.exists()
+    assert elsewhere.exists()
     time.sleep(0)
+
+
+def test_a_budget_change_in_warmup_still_reaches_the_peak(recipe_path):
+    from moectl.recipe.load import load_recipe
+    from moectl.train.optim import Schedule
+
+    cfg = load_recipe(recipe_path(max_steps=200, warmup_steps=100)).train
+    resumed = Schedule.fresh(100 + 50).resumed(50, 200, cfg)
+    assert resumed.lr(99, cfg) == pytest.approx(cfg.lr)
+    assert Schedule.from_state([], 10).segments   # an empty saved list falls back to a fresh schedule
+
+
+def test_a_single_long_line_is_split_near_the_share():
+    from moectl.data.prepare import split_single
+    from moectl.data.sources import Document
+
+    text = "title\n" + "x" * 10_000
+    (_, train), (_, val) = split_single(Document(text, "input.txt"), 0.1)
+    assert abs(len(val.text) / len(text) - 0.1) < 0.01
+
+
+def test_derived_names_are_made_valid(write, recipe_path):
+    from moectl.recipe.load import load_recipe
+
+    base = recipe_path()
+    child = write("exp 1.yaml", f"extends: {base.name}\n")
+    assert load_recipe(child).name == "exp-1"
+    underscore = write("_base.yaml", f"extends: {base.name}\n")
+    assert load_recipe(underscore).name == "base"
 
 
 def test_override_order_keeps_options():
