@@ -205,6 +205,9 @@ def check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("
         old = old if isinstance(old, dict) else {}
         expand_bare_kinds(old, {})
     new = json.loads(json.dumps(resolved(recipe)))
+    for tree in (old, new):   # how the numbers are computed, not which: free to change on resume
+        for path in COMPUTE_ONLY_KEYS:
+            _drop(tree, path)
     issues = []
     for section in sections:
         a, b = _without_nulls(old.get(section)), _without_nulls(new.get(section))
@@ -215,6 +218,17 @@ def check_same_run(run_dir: Path, recipe: Recipe, sections: tuple[str, ...] = ("
     if issues:
         raise RecipeError(str(run_dir), issues, hint="resume with the recipe the run was started with, "
                           "or start a new run with --run-dir")
+
+
+# Keys that choose how the same model is computed (kernels, compilation), not what is trained.
+COMPUTE_ONLY_KEYS = (("model", "moe", "backend"), ("train", "compile"))
+
+
+def _drop(tree: Any, path: tuple[str, ...]) -> None:
+    for key in path[:-1]:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    if isinstance(tree, dict):
+        tree.pop(path[-1], None)
 
 
 def _differences(a: Any, b: Any, path: str) -> list[str]:

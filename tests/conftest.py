@@ -11,6 +11,10 @@ from typer.testing import CliRunner
 REPO = Path(__file__).resolve().parent.parent
 # Tests never touch the user's cache.
 os.environ["MOECTL_CACHE"] = tempfile.mkdtemp(prefix="moectl-test-cache-")
+# Without a GPU the Triton kernels run in Triton's interpreter (read when they are defined, so
+# before anything imports moectl.core.triton_experts). MOECTL_TEST_TRITON_GPU=1 keeps them compiled.
+if os.environ.get("MOECTL_TEST_TRITON_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,7 +15,38 @@ def test_expert_backends_bench_runs():
                            "--experts", "4", "--top-k", "2", "--reps", "1"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "speed-up" in proc.stdout and "rel.diff" in proc.stdout
+    assert "speed-ups are over grouped_mm" in proc.stdout
+    row = proc.stdout.splitlines()[-1]
+    assert "loop" in row and "grouped_mm" in row and "diff 0e+00" in row
+
+
+@pytest.mark.slow
+def test_vs_transformers_bench_prints_ratio():
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, "bench/vs_transformers.py", "--d-model", "32", "--layers", "1",
+                           "--heads", "2", "--hidden", "32", "--vocab", "128", "--seq", "16", "--batch", "2",
+                           "--rounds", "1", "--steps", "1", "--warmup", "0", "--backend", "loop,grouped_mm"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for dtype in ("fp32", "bf16"):
+        assert f"{dtype}: tokens/s" in proc.stdout
+    assert proc.stdout.count("ratio moectl grouped_mm / transformers") == 2
+    assert "transformers eager" in proc.stdout and "transformers grouped_mm" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    """The GPU check script runs end to end on CPU (--dry: tiny sizes, Triton's interpreter)."""
+    import os
+
+    env = dict(os.environ, OUT=str(tmp_path), PY_OVERRIDE=sys.executable)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("env", "parity", "experts", "profile", "peers"):
+        assert (tmp_path / f"{name}.txt").is_file(), name
+    assert "exit 0" in (tmp_path / "parity.txt").read_text()
+    assert (tmp_path / "profile.json").is_file()
 
 
 @pytest.mark.slow

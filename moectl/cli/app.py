@@ -13,6 +13,7 @@ from moectl.cli import convert as convert_cmd
 from moectl.cli import data as data_cmd
 from moectl.cli import eval as eval_cmd
 from moectl.cli import generate as generate_cmd
+from moectl.cli import profile as profile_cmd
 from moectl.cli import recipes as recipes_cmd
 from moectl.cli import train as train_cmd
 
@@ -47,6 +48,7 @@ app.command("compare")(compare_cmd.compare)
 app.command("eval")(eval_cmd.eval_run)
 app.command("generate")(generate_cmd.generate)
 app.command("convert")(convert_cmd.convert)
+app.command("profile")(profile_cmd.profile)
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(recipes_cmd.app, name="recipes")
 

@@ -30,6 +30,7 @@ from moectl.core.losses import load_balance_loss
 from moectl.core.moe import RoutedFFN, RoutingRecord, register_variant
 from moectl.core.registry import option
 from moectl.core.routers.base import RouteContext
+from moectl.core.stages import record_stage
 
 
 @dataclass
@@ -146,14 +147,18 @@ class CompeteFFN(RoutedFFN):
         if not self.competes(ctx):
             return super().forward(x_TD, ctx, state)
         c = self.competition
-        out = self.run_router(x_TD, ctx, state)          # used only for distillation (and its state)
-        o_ETD = self.experts.forward_all(x_TD)
-        s_TE = responses(o_ETD, c.response)
-        win_TK, w_TK = competition_gates(s_TE, self.top_k, c.gate)
+        with record_stage("router"):
+            out = self.run_router(x_TD, ctx, state)          # used only for distillation (and its state)
+        with record_stage("experts"):
+            o_ETD = self.experts.forward_all(x_TD)
+        with record_stage("router"):   # the competition decides
+            s_TE = responses(o_ETD, c.response)
+            win_TK, w_TK = competition_gates(s_TE, self.top_k, c.gate)
         T = x_TD.shape[0]
-        o_TED = o_ETD.transpose(0, 1)
-        o_win_TKD = o_TED.gather(1, win_TK.unsqueeze(-1).expand(-1, -1, o_TED.shape[-1]))
-        y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
+        with record_stage("combine"):
+            o_TED = o_ETD.transpose(0, 1)
+            o_win_TKD = o_TED.gather(1, win_TK.unsqueeze(-1).expand(-1, -1, o_TED.shape[-1]))
+            y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
         p_comp = s_TE.softmax(-1)
         # The router's own balance and z losses are left out: on a competition step the router
         # learns from the distillation loss alone.

@@ -34,7 +34,7 @@ class MoEArgs:
     shared_hidden: int | None = None       # default: expert_hidden
     shared_mix: str = "add"                # "add" | "gate" | "sigmoid"
     capacity_factor: float | None = None   # None = dropless
-    backend: str = "grouped_mm"            # "loop" | "grouped_mm"
+    backend: str = "auto"                  # "auto" | "loop" | "grouped_mm" | "triton" (moectl.core.experts)
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     router: Any = field(default_factory=_default("routers", "topk"))        # a router's options

@@ -1,11 +1,19 @@
 """The stacked expert bank, its compute backends, and dispatch/combine of routed slots.
 
 Expert weights are stacked per expert: w1 (gate) and w3 (up) are [E, D, F], w2 (down) is [E, F, D];
-non-gated activations (gelu, relu) have no w3. Every backend reads the same weights:
+non-gated activations (gelu, relu) have no w3. Every backend reads the same weights
+(`model.moe.backend`):
 
   loop        one matmul per expert over its rows; the plain reference.
   grouped_mm  one grouped GEMM per matrix over all experts (torch.nn.functional.grouped_mm), with
               device-side offsets and no host sync; falls back to the loop where it cannot run.
+  triton      moectl's fused kernels (moectl.core.triton_experts): the gather of token rows, the
+              scatter of outputs and the routing-weight multiply happen inside the grouped GEMMs,
+              forward and backward; CUDA, or anywhere under TRITON_INTERPRET=1.
+  auto        the fastest that runs on the device and dtype (`resolve_backend`).
+
+loop and grouped_mm compute on rows already in expert order (dispatch and combine are separate
+steps, `run_experts`); triton takes the tokens as they are and does all three.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moectl.core.layers import ACTIVATIONS, mlp_matrices
+from moectl.core.stages import record_stage
 
 # --------------------------------------------------------------------------- backends
 
 
 def experts_loop(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
-                 act: Callable[[Tensor], Tensor]) -> Tensor:
+                 act: Callable[[Tensor], Tensor], tail: bool = True) -> Tensor:
     """Reference: rows of x are grouped by expert (counts_E rows each, then unused rows)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
@@ -33,9 +42,9 @@ def experts_loop(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | None, 
             h = h * (rows @ w3[e])
         outs.append(h @ w2[e])
         start += n
-    tail = x_ND.shape[0] - start
-    if tail:
-        outs.append(x_ND.new_zeros(tail, w2.shape[-1]))
+    rest = x_ND.shape[0] - start
+    if rest:
+        outs.append(x_ND.new_zeros(rest, w2.shape[-1]))
     return torch.cat(outs, 0)
 
 
@@ -53,7 +62,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_warned: set[tuple[str, torch.dtype]] = set()
+_warned: set[tuple[str, str, torch.dtype]] = set()
 
 
 def grouped_mm_available(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
@@ -70,29 +79,58 @@ def grouped_mm_available(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
     return all((n * item) % 16 == 0 for n in (w1.shape[1], w1.shape[2], w2.shape[2]))
 
 
+def _warn_fallback(backend: str, x: Tensor, why: str) -> None:
+    key = (backend, x.device.type, x.dtype)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{backend} cannot run on {key[1]} / {key[2]} {why}; using the loop backend", stacklevel=3)
+
+
+@torch.compiler.disable   # grouped_mm's compile-time shape check admits only CUDA's bf16: run it as it is
 def experts_grouped(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
-                    act: Callable[[Tensor], Tensor]) -> Tensor:
+                    act: Callable[[Tensor], Tensor], tail: bool = True) -> Tensor:
+    """`tail`: rows may follow the last expert's (unused slots); without them no masking is needed."""
     if not grouped_mm_available(x_ND, w1, w2):
-        key = (x_ND.device.type, x_ND.dtype)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"grouped_mm cannot run on {key[0]} / {key[1]} with these sizes; "
-                          "using the loop backend", stacklevel=2)
+        _warn_fallback("grouped_mm", x_ND, "with these sizes")
         return experts_loop(x_ND, counts_E, w1, w3, w2, act)
     offs = counts_E.cumsum(0).to(torch.int32)
-    # Rows past the last offset (unused slots) are never written by the kernel, in the forward
-    # output or in the backward's input gradient: mask both ways so no stale memory leaks out.
-    used = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1]).unsqueeze(-1)
-    zero = x_ND.new_zeros(())
-    x_ND = torch.where(used, x_ND, zero)
+    used = None
+    if tail:
+        # Rows past the last offset (unused slots) are never written by the kernel, in the forward
+        # output or in the backward's input gradient: mask both ways so no stale memory leaks out.
+        used = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1]).unsqueeze(-1)
+        x_ND = torch.where(used, x_ND, x_ND.new_zeros(()))
     h = act(_ContiguousGrad.apply(_GROUPED_MM(x_ND, w1, offs=offs)))
     if w3 is not None:
         h = h * _ContiguousGrad.apply(_GROUPED_MM(x_ND, w3, offs=offs))
     y = _ContiguousGrad.apply(_GROUPED_MM(h, w2, offs=offs))
-    return torch.where(used, y, zero)
+    return y if used is None else torch.where(used, y, y.new_zeros(()))
 
 
 BACKENDS: dict[str, Callable[..., Tensor]] = {"loop": experts_loop, "grouped_mm": experts_grouped}
+BACKEND_NAMES = ("auto", "loop", "grouped_mm", "triton")
+
+
+def triton_usable(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on `device`, or None when it can."""
+    from moectl.core import triton_experts
+
+    if not triton_experts.AVAILABLE:
+        return "triton is not installed (pip install 'moectl[triton]')"
+    if device.type != "cuda" and not triton_experts.interpreted():
+        return "its kernels need CUDA (or TRITON_INTERPRET=1, the slow interpreter)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that `auto` means on a device and dtype: grouped_mm where it runs (the CPU and
+    bf16 on CUDA since Ampere), else the loop. The Triton kernels are chosen by name; see
+    docs/profile.md for how they compare."""
+    if backend != "auto":
+        return backend
+    ok = _GROUPED_MM is not None and (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) or (
+        device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8))
+    return "grouped_mm" if ok else "loop"
 
 
 # --------------------------------------------------------------------------- the bank
@@ -104,10 +142,10 @@ class ExpertBank(nn.Module):
     component = "experts"
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 backend: str = "grouped_mm", active_fraction: float = 1.0):
+                 backend: str = "auto", active_fraction: float = 1.0):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKEND_NAMES)}")
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.activation, self.backend = activation, backend
         self.act = ACTIVATIONS[activation]
@@ -122,24 +160,60 @@ class ExpertBank(nn.Module):
             nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """Input and weights in the compute dtype: autocast's dtype when it is on (autocast does not
-        cover grouped_mm), else the weights' own."""
+    def operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Input and weights in the compute dtype: on a GPU autocast's dtype when it is on (autocast
+        does not cover grouped_mm), else the weights' own. On the CPU the experts stay in the
+        weights' dtype under autocast: its bf16 matmul kernels are rebuilt for every new row count,
+        and routing gives each expert a new count every step (measured in docs/benchmarks.md)."""
         w1, w3, w2 = self.w1, self.w3, self.w2
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) and x.device.type != "cpu":
             dt = torch.get_autocast_dtype(x.device.type)
             w1, w2 = w1.to(dt), w2.to(dt)
             w3 = w3.to(dt) if w3 is not None else None
         return x.to(w1.dtype), w1, w3, w2
 
+    def backend_for(self, x: Tensor) -> str:
+        """The backend this forward runs: `auto` resolved for the compute device and dtype, and
+        `triton` replaced by the loop (with a warning, once) where it cannot run."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.w1.dtype
+        name = resolve_backend(self.backend, x.device, dtype)
+        if name == "triton":
+            why = triton_usable(x.device)
+            if why is not None:
+                _warn_fallback("triton", x, f"({why})")
+                return "loop"
+        return name
+
+    def fused_backend(self, x: Tensor) -> bool:
+        """Whether this forward's backend does dispatch and combine itself (triton)."""
+        return self.backend == "triton" and self.backend_for(x) == "triton"
+
+    def compute(self, x_ND: Tensor, counts_E: Tensor, tail: bool = True,
+                operands: tuple[Tensor, Tensor | None, Tensor] | None = None) -> Tensor:
+        """The experts on rows sorted by expert (counts_E rows each; with `tail`, unused rows may
+        follow). `operands`: the weights already in the compute dtype (from `operands`)."""
+        if operands is None:
+            x_ND, w1, w3, w2 = self.operands(x_ND)
+        else:
+            w1, w3, w2 = operands
+        name = self.backend_for(x_ND)
+        fn = BACKENDS.get(name, experts_loop)
+        return fn(x_ND, counts_E, w1, w3, w2, self.act, tail=tail)
+
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of x_ND sorted by expert, counts_E rows per expert (trailing rows are unused)."""
-        x, w1, w3, w2 = self._operands(x_ND)
-        return BACKENDS[self.backend](x, counts_E, w1, w3, w2, self.act)
+        return self.compute(x_ND, counts_E)
+
+    def fused_forward(self, x_TD: Tensor, order_N: Tensor, counts_E: Tensor, weights_TK: Tensor) -> Tensor:
+        """The Triton backend's whole routed computation: y_TD = sum_k w[t, k] * expert(x_t)."""
+        from moectl.core.triton_experts import triton_moe
+
+        x, w1, w3, w2 = self.operands(x_TD)
+        return triton_moe(x, order_N, counts_E, weights_TK, w1, w3, w2, self.activation)
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every expert on every token: [E, T, D] (for methods that compare all experts)."""
-        x, w1, w3, w2 = self._operands(x_TD)
+        x, w1, w3, w2 = self.operands(x_TD)
         x = x.unsqueeze(0).expand(self.num_experts, -1, -1)
         h = self.act(torch.bmm(x, w1))
         if w3 is not None:
@@ -162,9 +236,69 @@ def sort_slots(expert_ids_TK: Tensor, valid_TK: Tensor | None, num_experts: int)
     flat = expert_ids_TK.reshape(-1)
     if valid_TK is not None:
         flat = flat.masked_fill(~valid_TK.reshape(-1), num_experts)
-    order_N = torch.argsort(flat, stable=True)
-    counts_E = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
-    return order_N, counts_E
+    sorted_N, order_N = torch.sort(flat, stable=True)
+    # Counts from the sorted ids' boundaries: deterministic, and of a fixed size (no data-dependent
+    # shape, so compiled graphs do not break here).
+    bounds = torch.searchsorted(sorted_N, torch.arange(num_experts + 1, device=flat.device))
+    return order_N, bounds.diff()
+
+
+class _Dispatch(torch.autograd.Function):
+    """Rows of x_TD in slot order: out[i] = x[order[i] // K]. `order_N` is a permutation of the T*K
+    slots, so the backward is a gather by its inverse and a sum over each token's K slots (no
+    scatter-add, deterministic), where autograd's own indexing backward would accumulate."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, order_N: Tensor, inverse_N: Tensor, K: int) -> Tensor:
+        ctx.save_for_backward(inverse_N)
+        ctx.K = K
+        return x_TD.index_select(0, order_N // K) if K > 1 else x_TD.index_select(0, order_N)
+
+    @staticmethod
+    def backward(ctx, g_ND: Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        g = g_ND.index_select(0, inverse_N)
+        if ctx.K > 1:
+            g = g.view(-1, ctx.K, g.shape[-1]).sum(1)
+        return g, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y_TD = sum_k w[t, k] * y_ND[slot (t, k)], a batched [1, K] x [K, D] product per token; the
+    backward gathers by the permutation instead of scattering."""
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, w_TK: Tensor, order_N: Tensor, inverse_N: Tensor) -> Tensor:
+        T, K = w_TK.shape
+        y_TKD = y_ND.index_select(0, inverse_N).view(T, K, -1)
+        w = w_TK.to(y_TKD.dtype)
+        ctx.save_for_backward(y_TKD, w, order_N)
+        ctx.w_dtype = w_TK.dtype
+        return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_TD: Tensor):
+        y_TKD, w, order_N = ctx.saved_tensors
+        g_TD = g_TD.to(y_TKD.dtype)
+        g_w = torch.bmm(y_TKD, g_TD.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        g_y = None
+        if ctx.needs_input_grad[0]:
+            g_y = (w.unsqueeze(-1) * g_TD.unsqueeze(1)).flatten(0, 1).index_select(0, order_N)
+        return g_y, g_w, None, None
+
+
+def dispatch_reference(x_TD: Tensor, order_N: Tensor, K: int) -> Tensor:
+    """The plain form of `_Dispatch` (autograd's indexing), for parity tests."""
+    return x_TD[order_N // K]
+
+
+def combine_reference(y_ND: Tensor, w_TK: Tensor, order_N: Tensor) -> Tensor:
+    """The plain form of `_Combine`, for parity tests."""
+    T, K = w_TK.shape
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    y_TKD = y_ND[inverse_N].view(T, K, -1)
+    return (y_TKD * w_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
 
 
 def run_experts(bank: ExpertBank, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor,
@@ -174,10 +308,17 @@ def run_experts(bank: ExpertBank, x_TD: Tensor, expert_ids_TK: Tensor, weights_T
     Returns (y_TD, counts_E). Combining gathers each slot's output back into [T, K, D] and takes a
     weighted sum over K, which is deterministic (no scatter-add of duplicates)."""
     T, K = expert_ids_TK.shape
-    order_N, counts_E = sort_slots(expert_ids_TK, valid_TK, bank.num_experts)
-    y_ND = bank(x_TD[order_N // K], counts_E)
-    inverse_N = torch.empty_like(order_N)
-    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-    y_TKD = y_ND[inverse_N].view(T, K, -1)
-    y_TD = (y_TKD * weights_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
-    return y_TD, counts_E
+    with record_stage("dispatch"):
+        order_N, counts_E = sort_slots(expert_ids_TK, valid_TK, bank.num_experts)
+    if bank.fused_backend(x_TD):   # the backend gathers, scatters and weighs inside its kernels
+        with record_stage("experts"):
+            return bank.fused_forward(x_TD, order_N, counts_E, weights_TK), counts_E
+    with record_stage("dispatch"):
+        inverse_N = torch.empty_like(order_N)
+        inverse_N.index_copy_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+        x, w1, w3, w2 = bank.operands(x_TD)
+        x_ND = _Dispatch.apply(x, order_N, inverse_N, K)
+    with record_stage("experts"):
+        y_ND = bank.compute(x_ND, counts_E, tail=valid_TK is not None, operands=(w1, w3, w2))
+    with record_stage("combine"):
+        return _Combine.apply(y_ND, weights_TK, order_N, inverse_N), counts_E

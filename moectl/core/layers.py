@@ -50,7 +50,18 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
 
 
 def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the position's angles (interleaved layout)."""
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angles (interleaved layout), as one complex
+    product per pair: the same arithmetic as `apply_rope_reference` (bit for bit), in one kernel
+    forward and one backward. Compiled graphs take the real form, which the compiler fuses (it
+    does not generate code for complex numbers)."""
+    if torch.compiler.is_compiling():
+        return apply_rope_reference(x_BHSd, cos, sin)
+    x = torch.view_as_complex(x_BHSd.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x * torch.complex(cos, sin)).flatten(-2).to(x_BHSd.dtype)
+
+
+def apply_rope_reference(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The rotation written out on real numbers."""
     x = x_BHSd.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)

@@ -36,3 +36,83 @@ def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, valid_TK: Tensor 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(logits_TE.float(), dim=-1).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- LM head + loss
+
+IGNORE_INDEX = -100
+
+
+def head_cross_entropy_reference(h_TD: Tensor, weight_VD: Tensor, targets_T: Tensor) -> Tensor:
+    """The plain LM-head loss: fp32 logits of every token, then mean cross-entropy."""
+    logits = torch.nn.functional.linear(h_TD, weight_VD)
+    return torch.nn.functional.cross_entropy(logits.float(), targets_T, ignore_index=IGNORE_INDEX)
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Tokens per chunk: about 4M logits (16 MB in fp32) at a time."""
+    return max(16, (1 << 22) // max(vocab, 1))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of h @ W^T, computed chunk by chunk over tokens without keeping logits.
+
+    The forward of a chunk computes its logits, their log-sum-exp and loss, and - when a gradient
+    will be needed - turns the logits in place into d loss / d logits (softmax minus the one-hot
+    target, over the count of counted tokens) and multiplies that into the gradients of h and W at
+    once. Only those two gradients are kept; the backward scales them by the incoming gradient.
+    One pass over each chunk's logits replaces log_softmax's forward and its backward, and peak
+    memory holds one chunk of logits instead of all of them."""
+
+    @staticmethod
+    def forward(ctx, h_TD: Tensor, weight_VD: Tensor, targets_T: Tensor, compute_dtype: torch.dtype,
+                grads: bool) -> Tensor:
+        T = h_TD.shape[0]
+        h, w = h_TD.to(compute_dtype), weight_VD.to(compute_dtype)
+        counted = targets_T != IGNORE_INDEX
+        n = counted.sum().clamp_min(1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        g_h = torch.empty_like(h) if grads else None
+        g_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if grads else None
+        step = _chunk_rows(w.shape[0])
+        for s in range(0, T, step):
+            hc, yc, mc = h[s:s + step], targets_T[s:s + step], counted[s:s + step]
+            z = (hc @ w.t()).float()
+            y0 = yc.clamp_min(0).unsqueeze(1)
+            target = z.gather(1, y0).squeeze(1)
+            top = z.amax(1, keepdim=True)
+            z.sub_(top).exp_()                           # in place: exp(z - max)
+            norm = z.sum(1)
+            lse = top.squeeze(1) + norm.log()
+            total = total + ((lse - target) * mc).sum()
+            if grads:   # softmax = exp(z - max) / norm, then minus the one-hot target, over n
+                z.mul_((mc.to(z.dtype) / (n * norm)).unsqueeze(1))
+                z.scatter_add_(1, y0, (-mc.to(z.dtype) / n).unsqueeze(1))
+                gz = z.to(compute_dtype)
+                g_h[s:s + step] = gz @ w
+                if compute_dtype == torch.float32:
+                    g_w.addmm_(gz.t(), hc)
+                else:   # the product in the compute dtype, summed over chunks in fp32
+                    g_w.add_(gz.t() @ hc)
+        if grads:
+            ctx.save_for_backward(g_h, g_w)
+        ctx.dtypes = (h_TD.dtype, weight_VD.dtype)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        g_h, g_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        g = g.to(torch.float32)
+        return (g_h * g.to(g_h.dtype)).to(h_dtype), (g_w * g).to(w_dtype), None, None, None
+
+
+def head_cross_entropy(h_TD: Tensor, weight_VD: Tensor, targets_T: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of the LM head (`head_cross_entropy_reference`'s value), chunked
+    and fused with its gradient (`_HeadCrossEntropy`). The matmuls run in autocast's dtype when it
+    is on, the softmax in fp32. Tokens whose target is -100 are not counted."""
+    device = h_TD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight_VD.dtype
+    grads = torch.is_grad_enabled() and (h_TD.requires_grad or weight_VD.requires_grad)
+    with torch.autocast(device, enabled=False):
+        return _HeadCrossEntropy.apply(h_TD, weight_VD, targets_T, dtype, grads)

@@ -25,8 +25,10 @@ from moectl.core import registry
 from moectl.core.cache import KVCache
 from moectl.core.config import ModelArgs
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
+from moectl.core.losses import IGNORE_INDEX, head_cross_entropy
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
 from moectl.core.routers.base import RouteContext
+from moectl.core.stages import record_stage
 
 MLPResult = tuple[Tensor, Any, list[RoutingRecord]]
 # Builds the next routed layer of the model, in forward order, from its name.
@@ -40,7 +42,10 @@ class DenseMLP(nn.Module):
         self.ffn = FeedForward(args.d_model, args.ffn_hidden, args.activation)
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
-        return h_BSD + self.ffn(self.norm(h_BSD)), state, []
+        with record_stage("norms"):
+            u = self.norm(h_BSD)
+        with record_stage("dense_ffn"):
+            return h_BSD + self.ffn(u), state, []
 
     def flops_per_token(self) -> int:
         return self.ffn.flops_per_token()
@@ -84,7 +89,8 @@ class MoEMLP(MoEBlock):
         self.moe = new_routed(f"L{layer_idx}")
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
-        u_TD = self.norm(h_BSD).flatten(0, 1)
+        with record_stage("norms"):
+            u_TD = self.norm(h_BSD).flatten(0, 1)
         y_TD, state, record = self.moe(u_TD, ctx, state)
         return h_BSD + y_TD.view_as(h_BSD), state, [record]
 
@@ -122,9 +128,13 @@ class CartesianMLP(MoEBlock):
                 "both sets of sub-experts."]
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
-        y_a, state, rec_a = self.moe_a(self.norm_a(h_BSD).flatten(0, 1), ctx, state)
+        with record_stage("norms"):
+            u_a = self.norm_a(h_BSD).flatten(0, 1)
+        y_a, state, rec_a = self.moe_a(u_a, ctx, state)
         h_mid = h_BSD + y_a.view_as(h_BSD)
-        y_b, state, rec_b = self.moe_b(self.norm_b(h_mid).flatten(0, 1), ctx, state)
+        with record_stage("norms"):
+            u_b = self.norm_b(h_mid).flatten(0, 1)
+        y_b, state, rec_b = self.moe_b(u_b, ctx, state)
         return h_mid + y_b.view_as(h_BSD), state, [rec_a, rec_b]
 
     def flops_per_token(self) -> int:
@@ -157,7 +167,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any,
                 cache: KVCache | None = None) -> MLPResult:
-        h = x_BSD + self.attn(self.attn_norm(x_BSD), rope, cache, self.layer_idx)
+        with record_stage("norms"):
+            u = self.attn_norm(x_BSD)
+        with record_stage("attention"):
+            h = x_BSD + self.attn(u, rope, cache, self.layer_idx)
         return self.mlp(h, ctx, state)
 
 
@@ -255,15 +268,19 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, *, step: int | None = None,
                 observer: Callable[[Any], None] | None = None, observe_competition: bool = False,
-                drop_top1: bool = False, cache: KVCache | None = None, decoding: bool = False) -> ModelOutput:
+                drop_top1: bool = False, cache: KVCache | None = None, decoding: bool = False,
+                return_logits: bool = False) -> ModelOutput:
         """`observer`, `observe_competition` and `drop_top1` are evaluation probes (see
         `RouteContext`): they watch the routing, or perturb it, without changing the weights.
         With a `cache` (`new_cache`) the tokens continue the cached ones: they take the positions
         after them, attend to them, and are added to the cache. A forward with a cache routes as in
         decoding (`RouteContext.decoding`: no capacity limit); `decoding=True` asks for that
-        routing without a cache (the reference a cached decode matches)."""
+        routing without a cache (the reference a cached decode matches). With targets the loss is
+        computed without materialising the logits (`head_cross_entropy`) and `logits` is None,
+        unless `return_logits=True` asks for both."""
         B, S = tokens_BS.shape
-        x = self.embed(tokens_BS)
+        with record_stage("embedding"):
+            x = self.embed(tokens_BS)
         past = 0 if cache is None else cache.length
         cos, sin = rope_tables(past + S, self.args.head_size, self.args.rope_theta, tokens_BS.device,
                                self.args.rope_scaling)
@@ -286,9 +303,17 @@ class MoETransformer(nn.Module):
             records.extend(recs)
         if cache is not None:
             cache.advance(S)
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets_BS is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BS.reshape(-1), ignore_index=-100)
-        aux = torch.stack([r.loss for r in records]).sum() if records else logits.new_zeros((), dtype=torch.float32)
+        with record_stage("norms"):
+            h = self.norm(x)
+        logits = loss = None
+        with record_stage("head_loss"):
+            if targets_BS is None or return_logits:
+                logits = self.head(h)
+            if targets_BS is not None:
+                targets_T = targets_BS.reshape(-1)
+                if logits is None:   # chunked and fused with its gradient; no logits kept
+                    loss = head_cross_entropy(h.flatten(0, 1), self.head.weight, targets_T)
+                else:
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), targets_T, ignore_index=IGNORE_INDEX)
+        aux = torch.stack([r.loss for r in records]).sum() if records else h.new_zeros((), dtype=torch.float32)
         return ModelOutput(logits, loss, aux, records)

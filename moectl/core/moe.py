@@ -19,6 +19,7 @@ from moectl.core import registry
 from moectl.core.experts import ExpertBank, run_experts
 from moectl.core.layers import FeedForward
 from moectl.core.routers.base import RouteContext, RouterOutput, fp32_linear, make_router
+from moectl.core.stages import record_stage
 
 if TYPE_CHECKING:
     from moectl.core.config import ModelArgs
@@ -98,6 +99,7 @@ class RouterContractError(RuntimeError):
     """A router returned something that breaks the contract of `RouterOutput`."""
 
 
+@torch.compiler.disable   # reads values on the host; runs once per layer, outside compiled graphs
 def check_router_output(out: Any, router: nn.Module, T: int) -> None:
     """The shapes and dtypes every router must return (checked on a layer's first forward, so a
     user's router that breaks the contract is named instead of failing somewhere downstream)."""
@@ -233,6 +235,10 @@ class RoutedFFN(nn.Module):
     def mix_shared(self, routed_TD: Tensor, x_TD: Tensor) -> Tensor:
         if self.shared is None:
             return routed_TD
+        with record_stage("shared_experts"):
+            return self._mix_shared(routed_TD, x_TD)
+
+    def _mix_shared(self, routed_TD: Tensor, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared(x_TD)
         if self.shared_gate is None:
             return routed_TD + shared_TD
@@ -277,11 +283,13 @@ class RoutedFFN(nn.Module):
         return None
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
-        out, valid = self.route(x_TD, ctx, state)
-        self.observe(ctx, x_TD, out, valid)
-        weights = out.weights_TK if valid is None else out.weights_TK * valid
+        with record_stage("router"):
+            out, valid = self.route(x_TD, ctx, state)
+            self.observe(ctx, x_TD, out, valid)
+            weights = out.weights_TK if valid is None else out.weights_TK * valid
         y_TD, load_E = run_experts(self.experts, x_TD, out.expert_ids_TK, weights, valid)
-        record = self.record(out.aux_losses, out.probs_TE, out.expert_ids_TK, out.valid_TK, valid, load_E)
+        with record_stage("router"):   # statistics and losses of the routing
+            record = self.record(out.aux_losses, out.probs_TE, out.expert_ids_TK, out.valid_TK, valid, load_E)
         return self.mix_shared(y_TD, x_TD), out.state, record
 
 

@@ -83,10 +83,12 @@ class MoEConfig(Section):
         description="Token-choice capacity: each expert takes at most ceil(c * T * k / N) slots per "
         "batch, overflow is dropped (the residual carries it). null = dropless.",
     )
-    backend: Literal["loop", "grouped_mm"] = Field(
-        "grouped_mm",
-        description="Expert computation: 'loop' (plain reference) or 'grouped_mm' (one grouped GEMM; "
-        "falls back to the loop where the device or dtype cannot run it).",
+    backend: Literal["auto", "loop", "grouped_mm", "triton"] = Field(
+        "auto",
+        description="Expert computation (the same numbers, different speed): 'auto' (grouped_mm where it "
+        "runs, else the loop), 'loop' (plain reference), 'grouped_mm' (one grouped GEMM per matrix), "
+        "'triton' (moectl's fused gather/GEMM/scatter kernels; CUDA, needs triton). A backend that "
+        "cannot run on the device or dtype falls back to the loop with a warning.",
     )
     aux_loss_weight: NonNegFloat = Field(0.01, description="Weight of the load-balance loss.")
     z_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router z-loss.")
@@ -290,6 +292,9 @@ class TrainConfig(Section):
         "auto", description="auto = bf16 autocast on GPUs that support it, fp32 otherwise."
     )
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    compile: bool = Field(False, description="torch.compile each transformer block (same numbers; the first "
+                          "steps take longer while it compiles). A block that fails to compile is named and runs "
+                          "eagerly. Pays off on GPUs; see docs/profile.md for CPU.")
     eval_every: PosInt | None = Field(200, description="Validate every N steps (and at the end); null = only at the end.")
     eval_batches: PosInt = Field(20, description="Validation batches (of batch_size sequences) per evaluation.")
     log_every: PosInt = Field(10, description="Write metrics every N steps.")

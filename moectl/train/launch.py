@@ -56,7 +56,9 @@ def launch(nproc: int, argv: list[str]) -> int:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0, 130)]
             if first_failure is None and failed:
-                first_failure = next((c for c in failed if c > 0), failed[0])
+                # Several seen in one poll: a process that stopped because another did exits 1, so
+                # a more specific code (the cause's) wins over it.
+                first_failure = next((c for c in failed if c > 1), next((c for c in failed if c > 0), failed[0]))
             if deadline is None and failed:
                 deadline = time.monotonic() + 30   # one failed: the others get time to stop on their own
             if deadline is not None and time.monotonic() > deadline:

@@ -27,8 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; its fused kernel (one pass over each tensor) where every parameter allows it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused or None)
+
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:

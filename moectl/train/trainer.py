@@ -37,6 +37,7 @@ from moectl.checkpoint import (
     tied_aliases,
 )
 from moectl.core.moe import RouterContractError
+from moectl.core.stages import record_stage
 from moectl.core.stats import RoutingAccumulator
 from moectl.data.loader import PackedSequences, TrainOrder, eval_indices, eval_rounds
 from moectl.data.prepare import PreparedData, prepare_data
@@ -267,6 +268,10 @@ class Trainer:
         if self.resume_from is None and self.cfg.init_from:
             self._init_from(self.cfg.init_from)
         self.core.activation_checkpointing = self.cfg.activation_checkpointing
+        if self.cfg.compile:
+            from moectl.train.compiling import compile_model
+
+            compile_model(self.core, lambda m: self.log(f"warning: {m}"))
         self.flops_per_token = 3 * self.core.flops_per_token()
         self.aliases = tied_aliases(self.core)   # before sharding, which hides them
         self.model = parallel.wrap(self.core, self.cfg.parallel, procs)
@@ -523,7 +528,8 @@ class Trainer:
         self.state.tokens += self.tokens_per_step
         if math.isfinite(result.loss) and math.isfinite(result.grad_norm):
             self.state.consecutive_skips = 0
-            self.optimizer.step()
+            with record_stage("optimizer"):
+                self.optimizer.step()
             if step_routing.names:
                 self.core.after_step(list(parallel.all_reduce_sum(torch.stack(step_routing.load))))
         else:

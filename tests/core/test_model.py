@@ -22,7 +22,10 @@ def test_forward_shapes_and_losses():
     model = _model()
     x, y = _batch()
     out = model(x, y)
-    assert out.logits.shape == (2, 16, 64)
+    assert out.logits is None   # with targets the loss is computed without keeping logits
+    full = model(x, y, return_logits=True)
+    assert full.logits.shape == (2, 16, 64)
+    torch.testing.assert_close(full.loss, out.loss)
     assert out.loss.item() == pytest.approx(torch.log(torch.tensor(64.0)).item(), rel=0.05)
     assert len(out.records) == 2
     torch.testing.assert_close(out.aux_loss, sum(r.loss for r in out.records))

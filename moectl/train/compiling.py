@@ -1,0 +1,58 @@
+"""`train.compile: true`: torch.compile of each transformer block, with a per-block way out.
+
+Blocks are compiled one by one in place (their forward is replaced; parameters, state-dict keys,
+checkpoints and activation checkpointing are unchanged). Blocks of the same structure share their
+compiled code. Parts the compiler cannot trace run as they are inside the compiled block (graph
+breaks: the grouped GEMM on CPU, a router's first-forward contract check). A block whose
+compilation fails is named in a message and runs eagerly; the others stay compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compile_model(model: nn.Module, warn: Callable[[str], None]) -> list[str]:
+    """Compile every block of `model.layers` in place; returns the names of those compiled."""
+    if not hasattr(torch, "compile"):
+        warn("train.compile: this torch has no torch.compile; the model runs eagerly")
+        return []
+    compiled = []
+    for i, block in enumerate(model.layers):
+        name = f"layers.{i} ({type(block.mlp).__name__})"
+        _compile_block(block, name, warn)
+        compiled.append(name)
+    return compiled
+
+
+def _compile_block(block: nn.Module, name: str, warn: Callable[[str], None]) -> None:
+    eager = block.forward
+    fast = torch.compile(eager)
+
+    def forward(*args: Any, **kwargs: Any):
+        if block.forward is not forward:   # replaced (fell back) meanwhile
+            return block.forward(*args, **kwargs)
+        try:
+            return fast(*args, **kwargs)
+        except Exception as e:   # noqa: BLE001  (any compiler failure: fall back, say which block)
+            if not _compiler_error(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warn(f"train.compile: {name} could not be compiled ({type(e).__name__}: {first[:200]}); "
+                 "it runs eagerly")
+            block.forward = eager
+            return eager(*args, **kwargs)
+
+    block.forward = forward
+
+
+def _compiler_error(e: BaseException) -> bool:
+    """Whether an exception comes from the compiler stack (dynamo, inductor, a C++ compiler) rather
+    than from the model's own code, which must surface as it is."""
+    mod = type(e).__module__ or ""
+    return mod.startswith(("torch._dynamo", "torch._inductor", "torch.fx", "torch._subclasses")) or \
+        type(e).__name__ in ("BackendCompilerFailed", "InductorError", "CppCompileError")

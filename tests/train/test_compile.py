@@ -1,0 +1,55 @@
+"""`train.compile: true`: the same losses as eager, and a block that fails to compile is named
+and runs eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moectl.train import compiling
+from tests.conftest import train_recipe_text
+from tests.train.helpers import losses
+
+
+def _train(cli, corpus, write, tmp_path, name, **settings):
+    recipe = write(f"{name}.yaml", train_recipe_text(corpus, max_steps=3, eval_every="null",
+                                                     checkpoint_every="null", **settings))
+    result = cli("train", recipe, "--run-dir", tmp_path / name)
+    assert result.exit_code == 0, result.output
+    return losses(tmp_path / name), result.output
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(cli, corpus, write, tmp_path):
+    eager, _ = _train(cli, corpus, write, tmp_path, "eager")
+    compiled, out = _train(cli, corpus, write, tmp_path, "compiled", compile="true")
+    assert "could not be compiled" not in out
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], rel=1e-4), step
+
+
+def test_block_that_fails_to_compile_runs_eagerly(cli, corpus, write, tmp_path, monkeypatch):
+    class BackendCompilerFailed(Exception):
+        pass
+
+    BackendCompilerFailed.__module__ = "torch._dynamo.exc"
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise BackendCompilerFailed("inductor: no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager, _ = _train(cli, corpus, write, tmp_path, "eager")
+    fallback, out = _train(cli, corpus, write, tmp_path, "fallback", compile="true")
+    assert "layers.0 (MoEMLP) could not be compiled" in out and "layers.1 (MoEMLP)" in out
+    assert "no C++ compiler found" in out and "runs eagerly" in out
+    assert fallback == eager
+
+
+def test_model_errors_are_not_swallowed():
+    """An error of the model's own code under compile surfaces as it is (not as a fallback)."""
+    assert not compiling._compiler_error(ValueError("shape mismatch"))
+    exc = type("InductorError", (Exception,), {})
+    assert compiling._compiler_error(exc("x"))
