@@ -162,9 +162,13 @@ def _kernel_class(name: str, stage: str | None) -> str:
 def attribute(events, device: torch.device, steps: int) -> tuple[dict[str, list[float]], dict[str, float], float]:
     """Per stage [forward ms, backward ms] per step, the share of each kernel class, and the
     profiled step time, from a profiler's events."""
+    from torch.autograd import DeviceType
+
     times: dict[str, list[float]] = {}
     seq_stage: dict[tuple[int, int], str] = {}
-    events = list(events)
+    # The CPU-side ops only: on CUDA the kernels (and GPU copies of the labels) are separate
+    # events, whose time the ops' device_time_total already holds.
+    events = [e for e in events if e.device_type == DeviceType.CPU]
     for e in events:   # forward ops: which label they ran in
         if e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
             stage = _stage_of(e)
@@ -191,11 +195,12 @@ def attribute(events, device: torch.device, steps: int) -> tuple[dict[str, list[
         if e.name.startswith(PREFIX) or e.name == "moectl.profile.step" or _inside_kernel_class(e):
             continue
         stage = _stage_of(e)
-        if stage is None and e.cpu_parent is not None:   # a backward node's ops: their forward's stage
-            node = e
-            while node.cpu_parent is not None:
+        if stage is None:   # a backward node's ops: the stage of the node's forward
+            node = e.cpu_parent
+            while node is not None and not node.name.startswith("autograd::engine::evaluate_function:"):
                 node = node.cpu_parent
-            stage = seq_stage.get((node.fwd_thread, node.sequence_nr)) if node.sequence_nr >= 0 else None
+            if node is not None and node.sequence_nr >= 0:
+                stage = seq_stage.get((node.fwd_thread, node.sequence_nr))
         kind = _kernel_class(e.name, stage)
         if kind in ("matmul", "attention"):
             share[kind] += e.device_time_total if cuda else e.cpu_time_total
@@ -290,14 +295,32 @@ def profile_steps(setup: StepSetup, steps: int, warmup: int, trace: Path | None 
     plain = statistics.median(_timed(setup.step, setup.device, steps))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
     with quiet_native_stderr(), profiling_stages(), profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             with record_function("moectl.profile.step"):
                 setup.step()
             sync(setup.device)
+        profiled = (time.perf_counter() - t0) * 1e3 / steps   # wall clock: the backward's own thread included
     if trace is not None:
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace))
-    return plain, prof.events()
+        export_trace(prof, trace)
+    return plain, profiled, prof.events()
+
+
+def export_trace(prof, path: Path) -> None:
+    """The Chrome trace, written next to its place and moved in (the profiler only logs a failed
+    write, so the file's presence is checked)."""
+    from moectl.errors import MoectlError
+    from moectl.fsutil import temp_tag
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{temp_tag()}")
+    with quiet_native_stderr():
+        prof.export_chrome_trace(str(tmp))
+    if not tmp.is_file() or tmp.stat().st_size == 0:
+        tmp.unlink(missing_ok=True)
+        raise MoectlError(f"--trace {path}: the trace could not be written there",
+                          hint="check the folder's space and permissions, or choose another place")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- the MoE block alone
@@ -365,7 +388,13 @@ def _jagged_ids(T: int, K: int, E: int, device: torch.device, seed: int = 0) -> 
 def compare_backends(model: nn.Module, tokens: int, device: torch.device, dtype: torch.dtype,
                      reps: int, warmup: int) -> tuple[dict[str, int], list[BackendRow]]:
     """Dispatch + experts + combine, forward and backward, for every backend that runs here."""
-    from moectl.core.experts import BACKEND_NAMES, ExpertBank, run_experts, triton_usable
+    from moectl.core.experts import (
+        BACKEND_NAMES,
+        ExpertBank,
+        grouped_mm_available,
+        run_experts,
+        triton_usable,
+    )
     from moectl.core.moe import RoutedFFN
 
     layer = next((m for m in model.modules() if isinstance(m, RoutedFFN)), None)
@@ -413,7 +442,10 @@ def compare_backends(model: nn.Module, tokens: int, device: torch.device, dtype:
             if ref is None:
                 ref = y
             rel = ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-            rows.append(BackendRow(name, routing, ms, flops / (ms * 1e-3) / 1e12, rel))
+            note = ""
+            if name == "grouped_mm" and not grouped_mm_available(x, bank.w1, bank.w2):
+                note = "cannot run here: this is the loop"
+            rows.append(BackendRow(name, routing, ms, flops / (ms * 1e-3) / 1e12, rel, note))
     return shape, rows
 
 
@@ -472,8 +504,13 @@ def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: 
     setup = StepSetup(model.train(), optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), device, bf16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    plain_ms, events = profile_steps(setup, steps, warmup, trace)
-    per_step, share, profiled_ms = attribute(events, device, steps)
+    # The steps train (AdamW on random tokens); the block and backend tables and the caller get the
+    # weights as they were.
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plain_ms, profiled_ms, events = profile_steps(setup, steps, warmup, trace)
+    per_step, share, _ = attribute(events, device, steps)
+    model.load_state_dict(saved)
+    del saved
     T = batch_size * seq
     rows = stage_rows(per_step, stage_flops(model, T, seq))
     mem, mem_kind = peak_memory(device)
@@ -494,10 +531,15 @@ def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: 
 def write_json(profile: Profile, path: Path) -> None:
     from moectl.fsutil import atomic_write_text
 
-    atomic_write_text(path, json.dumps(profile.to_dict(), indent=2, allow_nan=False, default=_json_default))
+    atomic_write_text(path, json.dumps(_finite(profile.to_dict()), indent=2, allow_nan=False))
 
 
-def _json_default(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    raise TypeError(type(v).__name__)
+def _finite(v: Any) -> Any:
+    """Non-finite numbers as null (JSON has no NaN), recursively."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_finite(x) for x in v]
+    return v

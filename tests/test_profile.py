@@ -86,3 +86,54 @@ def test_kernel_shares_and_attribution_on_a_known_graph():
     assert per_step["experts"][0] > 0 and per_step["experts"][1] > 0   # MmBackward0 belongs to experts
     assert per_step["combine"][0] > 0 and per_step["combine"][1] > 0
     assert share["matmul"] > 0 and step_ms > 0
+
+
+def test_profile_takes_a_folder_weights_and_refuses_damaged_ones(cli, tmp_path):
+    saved = tmp_path / "init"
+    assert cli("build", "quickstart", *SMALL, "--save", saved).exit_code == 0
+    result = cli("profile", saved, "--steps", "1", "--warmup", "0", "--no-backends",
+                 "--json", tmp_path / "new" / "deeper" / "p.json")
+    assert result.exit_code == 0, result.output
+    assert f"weights from {saved}" in result.stdout.replace("\n", "")
+    assert (tmp_path / "new" / "deeper" / "p.json").is_file()   # its folder was made first
+    (saved / "model.safetensors").write_bytes(b"not a safetensors file")
+    damaged = cli("profile", saved, "--steps", "1", "--warmup", "0", "--no-backends")
+    assert damaged.exit_code == 2 and "cannot be used here" in damaged.stderr
+    assert "moectl profile" in damaged.stderr and "Traceback" not in damaged.output
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((saved / "config.yaml").read_text())
+    fresh = cli("profile", empty, "--steps", "1", "--warmup", "0", "--no-backends")
+    assert fresh.exit_code == 0 and "holds no checkpoint" in fresh.stdout.replace("\n", "")
+
+
+def test_profile_leaves_the_weights_as_they_were_and_json_has_no_nan(tmp_path):
+    from moectl.factory import build_model
+    from moectl.profiler import run_profile, write_json
+    from moectl.recipe.load import load_recipe
+    from moectl.train.optim import make_optimizer
+
+    rec = load_recipe("quickstart", SMALL)
+    model = build_model(rec)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prof = run_profile(model, make_optimizer(model, rec.train), 2, torch.device("cpu"), False, steps=1, warmup=1,
+                       backends=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    prof.backends = []
+    prof.kernel_share["other"] = float("nan")
+    write_json(prof, tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())["kernel_share"]["other"] is None
+
+
+def test_a_trace_the_profiler_could_not_write_is_an_error(tmp_path):
+    from moectl.errors import MoectlError
+    from moectl.profiler import export_trace
+
+    class Silent:   # torch.profiler only logs a failed export
+        def export_chrome_trace(self, path):
+            pass
+
+    with pytest.raises(MoectlError, match="could not be written"):
+        export_trace(Silent(), tmp_path / "t.json")
+    assert list(tmp_path.iterdir()) == []

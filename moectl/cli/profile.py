@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -51,8 +52,12 @@ def profile(
     if precision not in (None, "fp32", "bf16"):
         raise MoectlError(f"--precision {precision}: not a precision", hint="use fp32 or bf16")
     for path, flag in ((trace, "--trace"), (json_out, "--json")):
-        if path is not None and path.is_dir():
-            raise MoectlError(f"{flag} {path} is a folder", hint=f"give {flag} a file name, e.g. {path}/profile.json")
+        if path is not None:
+            if path.is_dir():
+                raise MoectlError(f"{flag} {path} is a folder", hint=f"give {flag} a file name, e.g. {path}/profile.json")
+            path.parent.mkdir(parents=True, exist_ok=True)   # before the work: a bad path fails at once
+            if not os.access(path.parent, os.W_OK):
+                raise MoectlError(f"{flag} {path}: its folder is not writable", hint="choose another place")
     rec = load_recipe(recipe, overrides or [])
     if rec.model.moe is None:
         note = "the model has no MoE layers: only the whole-model table is shown"
@@ -79,8 +84,9 @@ def profile(
 
 
 def _load_run_weights(arg: str, model, device) -> str:
-    """Weights of the run's newest checkpoint when `arg` is a run or checkpoint folder holding one
-    and they fit the model; else the model keeps its initialisation. Says which."""
+    """Weights of the run's newest checkpoint when `arg` is a run or checkpoint folder holding one;
+    a folder without a checkpoint yet (or a recipe) keeps the initialisation. Says which. Weights
+    that cannot be read or do not fit the model are an error, not a silent fresh model."""
     from moectl.checkpoint import load_weights
     from moectl.errors import MoectlError
     from moectl.runs import find_checkpoint
@@ -89,9 +95,14 @@ def _load_run_weights(arg: str, model, device) -> str:
         return "freshly initialised (from the recipe's seed)"
     try:
         checkpoint, _ = find_checkpoint(arg)
+    except MoectlError:
+        return f"freshly initialised ({arg} holds no checkpoint)"
+    try:
         load_weights(checkpoint, model, device=device)
     except MoectlError as e:
-        return f"freshly initialised ({e.message.rstrip('.')})"
+        raise MoectlError(f"{checkpoint}: its weights cannot be used here: {e.message}",
+                          hint=f"profile the recipe alone with freshly initialised weights: moectl profile "
+                               f"{Path(arg) / 'config.yaml'}") from None
     return f"from {checkpoint}"
 
 

@@ -259,7 +259,7 @@ class _Dispatch(torch.autograd.Function):
         (inverse_N,) = ctx.saved_tensors
         g = g_ND.index_select(0, inverse_N)
         if ctx.K > 1:
-            g = g.view(-1, ctx.K, g.shape[-1]).sum(1)
+            g = g.unflatten(0, (-1, ctx.K)).sum(1) if g.shape[0] else g.new_zeros(0, g.shape[-1])
         return g, None, None, None
 
 
@@ -270,11 +270,12 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: Tensor, w_TK: Tensor, order_N: Tensor, inverse_N: Tensor) -> Tensor:
         T, K = w_TK.shape
-        y_TKD = y_ND.index_select(0, inverse_N).view(T, K, -1)
+        y_TKD = y_ND.index_select(0, inverse_N).view(T, K, y_ND.shape[-1])
         w = w_TK.to(y_TKD.dtype)
         ctx.save_for_backward(y_TKD, w, order_N)
         ctx.w_dtype = w_TK.dtype
-        return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
+        with torch.autocast(y_ND.device.type, enabled=False):   # in the experts' dtype, not autocast's
+            return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
@@ -313,10 +314,11 @@ def run_experts(bank: ExpertBank, x_TD: Tensor, expert_ids_TK: Tensor, weights_T
     if bank.fused_backend(x_TD):   # the backend gathers, scatters and weighs inside its kernels
         with record_stage("experts"):
             return bank.fused_forward(x_TD, order_N, counts_E, weights_TK), counts_E
+    with record_stage("experts"):   # the weights in the compute dtype (a cast under GPU autocast)
+        x, w1, w3, w2 = bank.operands(x_TD)
     with record_stage("dispatch"):
         inverse_N = torch.empty_like(order_N)
         inverse_N.index_copy_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
-        x, w1, w3, w2 = bank.operands(x_TD)
         x_ND = _Dispatch.apply(x, order_N, inverse_N, K)
     with record_stage("experts"):
         y_ND = bank.compute(x_ND, counts_E, tail=valid_TK is not None, operands=(w1, w3, w2))

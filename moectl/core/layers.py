@@ -51,10 +51,11 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
 
 def apply_rope(x_BHSd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by the position's angles (interleaved layout), as one complex
-    product per pair: the same arithmetic as `apply_rope_reference` (bit for bit), in one kernel
-    forward and one backward. Compiled graphs take the real form, which the compiler fuses (it
-    does not generate code for complex numbers)."""
-    if torch.compiler.is_compiling():
+    product per pair: the arithmetic of `apply_rope_reference` (equal up to the last bit's
+    rounding), in one kernel forward and one backward. Compiled graphs take the real form, which
+    the compiler fuses (it does not generate code for complex numbers), and so do inputs whose
+    pairs cannot be viewed as complex numbers."""
+    if torch.compiler.is_compiling() or x_BHSd.stride(-1) != 1 or x_BHSd.storage_offset() % 2:
         return apply_rope_reference(x_BHSd, cos, sin)
     x = torch.view_as_complex(x_BHSd.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(x * torch.complex(cos, sin)).flatten(-2).to(x_BHSd.dtype)

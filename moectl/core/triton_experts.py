@@ -96,7 +96,7 @@ if AVAILABLE:
                      stride_am, stride_ak, stride_bm, stride_bn, stride_we, stride_wm, stride_wn,
                      GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        e = tl.program_id(0)
+        e = tl.program_id(0).to(tl.int64)   # e * stride_we passes 2**31 for large banks
         pid_m = tl.program_id(1)
         pid_n = tl.program_id(2)
         start = tl.load(starts + e)

@@ -1,8 +1,8 @@
 """`train.compile: true`: torch.compile of each transformer block, with a per-block way out.
 
 Blocks are compiled one by one in place (their forward is replaced; parameters, state-dict keys,
-checkpoints and activation checkpointing are unchanged). Blocks of the same structure share their
-compiled code. Parts the compiler cannot trace run as they are inside the compiled block (graph
+checkpoints and activation checkpointing are unchanged); each block compiles once, in the first
+steps (the limit of recompilations is raised to allow one per block). Parts the compiler cannot trace run as they are inside the compiled block (graph
 breaks: the grouped GEMM on CPU, a router's first-forward contract check). A block whose
 compilation fails is named in a message and runs eagerly; the others stay compiled.
 """
@@ -21,6 +21,14 @@ def compile_model(model: nn.Module, warn: Callable[[str], None]) -> list[str]:
     if not hasattr(torch, "compile"):
         warn("train.compile: this torch has no torch.compile; the model runs eagerly")
         return []
+    # Each block specialises on its own constants (its index, its layers' names), so each compiles
+    # once; the default limit of recompilations per code object would leave later blocks eager.
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), 4 * len(model.layers) + 8))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * len(model.layers) + 64)
     compiled = []
     for i, block in enumerate(model.layers):
         name = f"layers.{i} ({type(block.mlp).__name__})"
@@ -39,7 +47,7 @@ def _compile_block(block: nn.Module, name: str, warn: Callable[[str], None]) -> 
         try:
             return fast(*args, **kwargs)
         except Exception as e:   # noqa: BLE001  (any compiler failure: fall back, say which block)
-            if not _compiler_error(e):
+            if not compiler_error(e):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warn(f"train.compile: {name} could not be compiled ({type(e).__name__}: {first[:200]}); "
@@ -50,7 +58,7 @@ def _compile_block(block: nn.Module, name: str, warn: Callable[[str], None]) -> 
     block.forward = forward
 
 
-def _compiler_error(e: BaseException) -> bool:
+def compiler_error(e: BaseException) -> bool:
     """Whether an exception comes from the compiler stack (dynamo, inductor, a C++ compiler) rather
     than from the model's own code, which must surface as it is."""
     mod = type(e).__module__ or ""

@@ -515,7 +515,7 @@ class Trainer:
             with parallel.gradient_sync(self.model, micro == cfg.grad_accum - 1):
                 with self.autocast():
                     out = self.model(x, y, step=step)
-                (out.total_loss / cfg.grad_accum).backward()
+                self._backward(out.total_loss / cfg.grad_accum)
             loss_sum += out.loss.detach()
             aux_sum += out.aux_loss.detach()
             step_routing.add(out.records)
@@ -537,6 +537,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step + 1
         return result
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(); with train.compile a failure to compile the backward (which happens at
+        the first backward, past the per-block fallback of the forward) is a message."""
+        if not self.cfg.compile:
+            loss.backward()
+            return
+        from moectl.train.compiling import compiler_error
+
+        try:
+            loss.backward()
+        except Exception as e:   # noqa: BLE001  (only compiler failures are turned into messages)
+            if not compiler_error(e):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise MoectlError(f"train.compile: compiling the backward pass failed ({type(e).__name__}: {first})",
+                              hint="train with train.compile: false") from None
 
     def _nonfinite(self, step: int, result: StepResult) -> None:
         """A non-finite loss or gradient norm: stop (latest stays the last good checkpoint) or skip."""

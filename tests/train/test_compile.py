@@ -50,6 +50,6 @@ def test_block_that_fails_to_compile_runs_eagerly(cli, corpus, write, tmp_path, 
 
 def test_model_errors_are_not_swallowed():
     """An error of the model's own code under compile surfaces as it is (not as a fallback)."""
-    assert not compiling._compiler_error(ValueError("shape mismatch"))
+    assert not compiling.compiler_error(ValueError("shape mismatch"))
     exc = type("InductorError", (Exception,), {})
-    assert compiling._compiler_error(exc("x"))
+    assert compiling.compiler_error(exc("x"))
