@@ -77,6 +77,11 @@ def build_report(recipe: Recipe) -> BuildReport:
             moe_info["extra_train_flops_per_token"] = round(extra)
             notes.append(f"about {human(extra)} extra training FLOPs per token on average, beyond routing to top_k "
                          "experts; not part of the FLOPs or MFU above.")
+    from moectl.core.init import describe
+
+    cfg = recipe.model
+    notes.append(describe(cfg.init, m.init if m else None, m.router_init if m else None, cfg.init_std,
+                          cfg.scale_residual_init) + ".")
     notes.append("memory: fp32 weights + fp32 gradients + AdamW moments (2 x fp32); activations excluded.")
     return BuildReport(
         name=recipe.name, rows=counts.rows, total=counts.total, active=counts.active,

@@ -35,6 +35,8 @@ class MoEArgs:
     shared_mix: str = "add"                # "add" | "gate" | "sigmoid"
     capacity_factor: float | None = None   # None = dropless
     backend: str = "auto"                  # "auto" | "loop" | "grouped_mm" | "triton" (moectl.core.experts)
+    init: str | None = None                # scheme of routers, experts, shared experts (moectl.core.init)
+    router_init: str | None = None         # scheme of the routers alone
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
     router: Any = field(default_factory=_default("routers", "topk"))        # a router's options
@@ -58,6 +60,7 @@ class ModelArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     scale_residual_init: bool = True
+    init: str = "scaled_normal"            # "scaled_normal" | "torch_default" (moectl.core.init)
     head_dim: int | None = None            # attention head size; default d_model // n_heads
     attention_bias: str = "none"           # "none" | "qkv" | "all"
     qk_norm: str = "none"                  # "none" | "head" | "projection"

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from moectl.core import registry
 from moectl.core.cache import KVCache
 from moectl.core.config import ModelArgs
+from moectl.core.init import MOE_ONLY, apply_scheme, moe_parts
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
 from moectl.core.losses import IGNORE_INDEX, head_cross_entropy
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
@@ -233,7 +234,8 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2 * n_layers)."""
+        """Normal(0, init_std) weights, output projections scaled by 1/sqrt(2 * n_layers), unless
+        `args.init` / `args.moe.init` / `args.moe.router_init` name another scheme."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers) if self.args.scale_residual_init else std
         nn.init.normal_(self.embed.weight, std=std)
@@ -244,6 +246,20 @@ class MoETransformer(nn.Module):
                 nn.init.ones_(module.weight)
             elif module is not self and hasattr(module, "init_weights"):
                 module.init_weights(std, out_std)
+        # Other schemes redraw on top (the default scheme draws nothing more, so its models are
+        # unchanged): the model's, then the MoE parts', then the routers' (see moectl.core.init).
+        a = self.args
+        if a.init in MOE_ONLY:
+            raise ValueError(f"init scheme {a.init!r} is defined for MoE parts only: set it as moe.init")
+        if a.init != "scaled_normal":
+            apply_scheme(self, a.init, std, out_std)
+        if a.moe is not None:
+            current = a.init
+            for scheme, routers_only in ((a.moe.init, False), (a.moe.router_init, True)):
+                if scheme is not None and scheme != current:   # naming the inherited scheme changes nothing
+                    for part in moe_parts(self, routers_only):
+                        apply_scheme(part, scheme, std, out_std)
+                current = scheme or current
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for decoding, of `max_len` positions (default: the trained seq_len)."""

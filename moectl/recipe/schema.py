@@ -83,6 +83,13 @@ class MoEConfig(Section):
         description="Token-choice capacity: each expert takes at most ceil(c * T * k / N) slots per "
         "batch, overflow is dropped (the residual carries it). null = dropless.",
     )
+    init: Literal["scaled_normal", "torch_default", "sigma_moe"] | None = Field(
+        None, description="Initialisation of the MoE layers' routers, experts and shared experts, when it differs "
+        "from model.init: scaled_normal, torch_default (PyTorch's module defaults) or sigma_moe (the "
+        "sigma-MoE/MoEUT code: gates and keys N(0, 1/fan_in), values N(0, 1/(E*F))). null = model.init.")
+    router_init: Literal["scaled_normal", "torch_default", "sigma_moe"] | None = Field(
+        None, description="Initialisation of the routers alone (and their shared recurrent cell), when it "
+        "differs from model.moe.init. null = model.moe.init.")
     backend: Literal["auto", "loop", "grouped_mm", "triton"] = Field(
         "auto",
         description="Expert computation (the same numbers, different speed): 'auto' (grouped_mm where it "
@@ -138,6 +145,11 @@ class ModelConfig(Section):
     init_std: PosFloat = Field(0.02, description="Std of the normal initialisation of weights.")
     scale_residual_init: bool = Field(
         True, description="Scale output projections' init by 1/sqrt(2 * n_layers) (GPT-2 style)."
+    )
+    init: Literal["scaled_normal", "torch_default"] = Field(
+        "scaled_normal", description="Initialisation scheme: scaled_normal (N(0, init_std), output projections "
+        "scaled by scale_residual_init) or torch_default (what PyTorch's modules draw: U(+-1/sqrt(fan_in)) for "
+        "linear maps, N(0, 1) embeddings). model.moe.init and model.moe.router_init override it for MoE parts."
     )
     head_dim: PosInt | None = Field(
         None, description="Attention head size (default: d_model / n_heads); queries project to "

@@ -53,3 +53,18 @@ def test_model_errors_are_not_swallowed():
     assert not compiling.compiler_error(ValueError("shape mismatch"))
     exc = type("InductorError", (Exception,), {})
     assert compiling.compiler_error(exc("x"))
+
+
+def test_recurrent_routing_compiles_attention_only():
+    """RMoE's state crosses blocks; those blocks keep their MLP part eager (with a message)."""
+    from moectl.core import ModelArgs, MoEArgs, MoETransformer
+    from moectl.core.routers.recurrent import RecurrentOptions
+
+    model = MoETransformer(ModelArgs(vocab_size=32, d_model=16, n_layers=2, n_heads=2, ffn_hidden=32, moe=MoEArgs(
+        num_experts=4, top_k=2, expert_hidden=16, layers=[0, 1], router=RecurrentOptions(hidden=8))))
+    said = []
+    names = compiling.compile_model(model, said.append)
+    assert names == ["layers.0.attn (Attention)", "layers.1.attn (Attention)"]
+    assert any("recurrent router's state crosses blocks" in m for m in said)
+    for block in model.layers:
+        assert "forward" in vars(block.attn) and "forward" not in vars(block)
