@@ -137,3 +137,16 @@ def test_a_trace_the_profiler_could_not_write_is_an_error(tmp_path):
     with pytest.raises(MoectlError, match="could not be written"):
         export_trace(Silent(), tmp_path / "t.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_is_a_message(cli, monkeypatch):
+    import moectl.profiler
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(moectl.profiler, "run_profile", no_memory)
+    result = cli("profile", "quickstart", *SMALL)
+    assert result.exit_code == 2 and "out of memory" in result.stderr and "--batch-size" in result.stderr
+    assert "Traceback" not in result.output

@@ -58,11 +58,26 @@ def handle_errors(fn: F) -> F:
             if err is None:
                 raise
             fail(err)
+        except (MemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            fail(MoectlError(f"out of memory ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})",
+                             hint="use a smaller batch (train.batch_size, --batch-size), a shorter model.seq_len or a "
+                                  "smaller model; train.activation_checkpointing: true saves activation memory"))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is an allocation failure (CPU or GPU), which the user can fix with
+    smaller sizes, rather than a bug."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def os_error(e: OSError):
