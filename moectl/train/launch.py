@@ -51,14 +51,15 @@ def launch(nproc: int, argv: list[str]) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         codes: list[int | None] = [None] * nproc
-        deadline, first_failure = None, None
+        deadline, first_failure, failures = None, None, []
+        seen_failed: set[int] = set()
         while any(c is None for c in codes):
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0, 130)]
+            failures += [c for i, c in enumerate(codes) if c not in (None, 0, 130) and i not in seen_failed]
+            seen_failed.update(i for i, c in enumerate(codes) if c not in (None, 0, 130))
             if first_failure is None and failed:
-                # Several seen in one poll: a process that stopped because another did exits 1, so
-                # a more specific code (the cause's) wins over it.
-                first_failure = next((c for c in failed if c > 1), next((c for c in failed if c > 0), failed[0]))
+                first_failure = next((c for c in failed if c > 0), failed[0])
             if deadline is None and failed:
                 deadline = time.monotonic() + 30   # one failed: the others get time to stop on their own
             if deadline is not None and time.monotonic() > deadline:
@@ -71,7 +72,9 @@ def launch(nproc: int, argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if first_failure is not None:
-        # The first process to fail names the cause; the others mostly fail because it left. A
-        # worker's own exit code beats a kill by signal.
-        return first_failure if first_failure > 0 else 1
+        # The process that failed names the cause; the others stop because it left, with exit 1,
+        # and may be seen first (the failing one takes longer to exit). A more specific code (the
+        # cause's, e.g. 2 for a user error) wins; a worker's own exit code beats a kill by signal.
+        specific = [c for c in failures if c > 1]
+        return specific[0] if specific else (first_failure if first_failure > 0 else 1)
     return 130 if 130 in codes else 0
