@@ -1,92 +1,266 @@
-"""The comparison of docs/experiments.md: each method against its top-K SMoE baseline, several
-seeds each, on the built-in corpus, through `moectl train` exactly as a user runs it.
+"""The studies of docs/experiments.md: each paper method against its top-K SMoE baseline and the
+ablations that explain the result, several seeds each, on the built-in corpus, through
+`moectl train`, `moectl eval` and `moectl compare` exactly as a user runs them.
 
-    python bench/experiments.py --seeds 0 1 2 --out runs/experiments      # about 35 min on 2 CPU cores
-    python bench/experiments.py --report-only --out runs/experiments      # table from finished runs
+    python bench/experiments.py                               # every study, seeds 0 1 2, 2 runs at a time
+    python bench/experiments.py rmoe rmoe-init --seeds 0      # some studies, one seed
+    python bench/experiments.py --report-only                 # the tables again from finished runs
+    python bench/experiments.py --list                        # the studies and the commands of their rows
 
-Every run uses the same validation set (data.split_seed: 0 in the tiny recipes) and the same number
-of training tokens; only the model seed and data order change with the seed. Prints a Markdown
-table of final validation loss (mean, sample standard deviation, per-seed values), built by
-moectl.eval.compare (what `moectl compare` prints; docs/compare.md) for each method and its baseline.
+A run is `moectl train RECIPE seed=S [OVERRIDES] --run-dir OUT/<arm>/seedS -q`, then
+`moectl eval OUT/<arm>/seedS --no-plots -q`; finished runs and evaluations are kept. Each study's
+table is what `moectl compare` prints for its runs (the first arm is the baseline; losses are those
+of `moectl eval` on the whole validation split), followed by the study's own measures taken from
+the runs' eval/results.json and logs/metrics.jsonl. With --jobs N, N runs train at once, each with
+cores / N threads (a run's numbers depend on its thread count: docs/experiments.md gives the one used).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moectl.errors import MoectlError
-from moectl.eval.compare import compare_paths, fmt_stat, fmt_value
-
-COMPARISONS = [  # (method, recipe, baseline recipe)
-    ("CartesianMoE", "papers/cartesianmoe/cartesian-base-tiny", "papers/cartesianmoe/smoe-share-base-tiny"),
-    ("RMoE (GRU)", "papers/rmoe/rmoe-enwik8-tiny", "papers/rmoe/smoe-enwik8-tiny"),
-    ("CompeteSMoE (2025)", "papers/competesmoe/competesmoe-154m-tiny", "papers/competesmoe/smoe-154m-tiny"),
-]
+from moectl.eval.compare import compare_paths, to_markdown
 
 
-def run_dir(out: Path, recipe: str, seed: int) -> Path:
-    return out / recipe.replace("/", "_") / f"seed{seed}"
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+
+    def slug(self) -> str:
+        name = self.recipe.replace("/", "_")
+        if self.overrides:
+            name += "__" + "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", o) for o in self.overrides)
+        return name
 
 
-def train(recipe: str, seed: int, out: Path, overrides: list[str]) -> None:
-    target = run_dir(out, recipe, seed)
-    if (target / "logs" / "summary.json").is_file():
-        return
-    cmd = [sys.executable, "-m", "moectl", "train", recipe, f"seed={seed}", *overrides, "--run-dir", str(target), "-q"]
-    print(" ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
+@dataclass(frozen=True)
+class Study:
+    title: str
+    arms: tuple[Arm, ...]           # the first is the baseline
+    measures: tuple[str, ...] = ()  # extra tables: "robustness", "balance", "agreement"
+    seeds: tuple[int, ...] | None = None   # None: the command line's seeds
+    notes: tuple[str, ...] = field(default=())
 
 
-def active_params(recipe: str) -> float:
-    proc = subprocess.run([sys.executable, "-m", "moectl", "build", recipe, "--json"], capture_output=True,
-                          text=True, check=True)
-    return json.loads(proc.stdout)["params"]["active"]
+CART = "papers/cartesianmoe/"
+RMOE = "papers/rmoe/"
+COMP = "papers/competesmoe/"
+SMOE_SHARE = Arm("SMoE-Share", CART + "smoe-share-base-tiny")
+CARTESIAN = Arm("CartesianMoE", CART + "cartesian-base-tiny")
+SMOE_RMOE = Arm("SMoE", RMOE + "smoe-enwik8-tiny")
+RMOE_GRU = Arm("RMoE (GRU)", RMOE + "rmoe-enwik8-tiny")
+SMOE_154 = Arm("SMoE", COMP + "smoe-154m-tiny")
+COMPETE = Arm("CompeteSMoE (2025)", COMP + "competesmoe-154m-tiny")
+C = "model.moe.competition."
+
+STUDIES: dict[str, Study] = {
+    "cartesian": Study("CartesianMoE vs SMoE-Share, and routing robustness against top-K",
+                       (SMOE_SHARE, CARTESIAN, Arm("SMoE-Top3", CART + "smoe-top3-base-tiny")),
+                       measures=("robustness",)),
+    "rmoe": Study("RMoE vs SMoE: the pair, and the routing analysis of the RMoE paper",
+                  (SMOE_RMOE, RMOE_GRU), measures=("balance",)),
+    "rmoe-init": Study("RMoE with each router initialisation",
+                       (SMOE_RMOE, RMOE_GRU,
+                        Arm("RMoE, router N(0, 0.02)", RMOE_GRU.recipe, ("model.moe.router_init=scaled_normal",)),
+                        Arm("RMoE, router sigma_moe", RMOE_GRU.recipe, ("model.moe.router_init=sigma_moe",)),
+                        Arm("SMoE, router N(0, 0.02)", SMOE_RMOE.recipe, ("model.moe.router_init=scaled_normal",))),
+                       measures=("balance",)),
+    "competesmoe": Study("CompeteSMoE (2025) vs SMoE, and its ablations",
+                         (SMOE_154, COMPETE,
+                          Arm("rate 0", COMPETE.recipe, (C + "rate=0",)),
+                          Arm("router loss 0.01", COMPETE.recipe, (C + "router_loss_weight=0.01",)),
+                          Arm("router loss 0.1", COMPETE.recipe, (C + "router_loss_weight=0.1",)),
+                          Arm("softmax gates", COMPETE.recipe, (C + "gate=softmax",)),
+                          Arm("warm-up 5%", COMPETE.recipe, (C + "warmup=0.05",))),
+                         measures=("agreement",)),
+}
 
 
-def report(seeds: list[int], out: Path) -> str:
-    """Final validation loss per recipe (mean ± sample sd over seeds, and each seed), the paired
-    difference to the baseline (same seed: same data order), and the routing at the end, as
-    `moectl compare` computes them (the runs grouped by recipe, the baseline recipe first)."""
-    lines = ["| method | recipe | active params | val loss (mean ± sd) | per seed | Δ vs SMoE (paired) "
-             "| routing entropy | max imbalance |",
+def run_dir(out: Path, arm: Arm, seed: int) -> Path:
+    return out / arm.slug() / f"seed{seed}"
+
+
+def train_cmd(arm: Arm, seed: int, target: Path) -> list[str]:
+    return ["moectl", "train", arm.recipe, f"seed={seed}", *arm.overrides, "--run-dir", str(target), "-q"]
+
+
+def eval_cmd(target: Path) -> list[str]:
+    return ["moectl", "eval", str(target), "--no-plots", "-q"]
+
+
+def _run(cmd: list[str], threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(" ".join(cmd), flush=True)
+    proc = subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=subprocess.DEVNULL)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+
+
+def produce(arm: Arm, seed: int, out: Path, threads: int) -> None:
+    """Train (unless finished) and evaluate (unless evaluated) one run."""
+    target = run_dir(out, arm, seed)
+    if not (target / "logs" / "summary.json").is_file():
+        _run(train_cmd(arm, seed, target), threads)
+    if not (target / "eval" / "results.json").is_file():
+        _run(eval_cmd(target), threads)
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def _stat(values: list[float], digits: int) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _results(target: Path) -> dict:
+    return json.loads((target / "eval" / "results.json").read_text())
+
+
+def _records(target: Path) -> list[dict]:
+    return [json.loads(line) for line in (target / "logs" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _mean_offdiag(matrix: list[list[float]], adjacent: bool) -> float:
+    n = len(matrix)
+    pairs = [(i, i + 1) for i in range(n - 1)] if adjacent else [(i, j) for i in range(n) for j in range(n) if i != j]
+    return statistics.mean(matrix[i][j] for i, j in pairs) if pairs else math.nan
+
+
+def robustness_table(study: Study, seeds: list[int], out: Path) -> list[str]:
+    lines = ["| arm | perplexity | perplexity without each token's top-1 expert | ratio |", "|---|---|---|---|"]
+    for arm in study.arms:
+        ppl, rob = [], []
+        for s in seeds:
+            r = _results(run_dir(out, arm, s))
+            ppl.append(r["perplexity"])
+            rob.append(r["robustness"]["perplexity"] if r["robustness"].get("defined") else None)
+        ratio = [b / a for a, b in zip(ppl, rob, strict=True) if b is not None]
+        lines.append(f"| {arm.label} | {_stat(ppl, 2)} | {_stat(rob, 2)} | {_stat(ratio, 2)} |")
+    return lines
+
+
+def balance_table(study: Study, seeds: list[int], out: Path) -> list[str]:
+    lines = ["| arm | router entropy (nats) | inner balance p(1)/p(2) | outer balance (top-K mass) "
+             "| load imbalance (worst layer) | logit std | binned MI, adjacent layers | top-1 MI, adjacent layers |",
              "|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for method, recipe, base in COMPARISONS:
-        result = compare_paths([run_dir(out, r, s) for r in (base, recipe) for s in seeds], group_by="recipe")
-        if len(result.groups) != 2:
-            raise MoectlError(f"{recipe} and {base} trained the same recipe", hint="check COMPARISONS")
-        base_group, method_group = result.groups
-        notes += result.notes
-        for label, r, g in ((method, recipe, method_group), ("top-K SMoE", base, base_group)):
-            delta = "–" if g.paired is None else fmt_stat(g.paired["val_loss"], 4, signed=True)
-            lines.append(f"| {label} | `{r}` | {active_params(r) / 1e6:.3f}M | {fmt_stat(g.stats['val_loss'], 4)} "
-                         f"| {', '.join(fmt_value(v, 4) for v in g.column('val_loss'))} | {delta} "
-                         f"| {fmt_value(g.stats['routing_entropy']['mean'], 3)} "
-                         f"| {fmt_value(g.stats['max_imbalance']['mean'], 2)} |")
-    return "\n".join(lines + [""] * bool(notes) + [f"- note: {n}" for n in dict.fromkeys(notes)])
+    for arm in study.arms:
+        cols: dict[str, list[float]] = {k: [] for k in ("entropy", "inner", "outer", "imb", "logit", "mi", "mi1")}
+        for s in seeds:
+            r = _results(run_dir(out, arm, s))["routing"]
+            o, mi = r["overall"], r["mutual_information"]
+            cols["entropy"].append(o["entropy"])
+            cols["inner"].append(o["inner_balance"])
+            cols["outer"].append(o["outer_balance"])
+            cols["imb"].append(o["imbalance_max"])
+            cols["logit"].append(o["logit_std"])
+            cols["mi"].append(_mean_offdiag(mi["binned"], adjacent=True))
+            cols["mi1"].append(_mean_offdiag(mi["top1"], adjacent=True))
+        lines.append(f"| {arm.label} | {_stat(cols['entropy'], 3)} | {_stat(cols['inner'], 2)} | {_stat(cols['outer'], 3)} "
+                     f"| {_stat(cols['imb'], 2)} | {_stat(cols['logit'], 3)} | {_stat(cols['mi'], 3)} "
+                     f"| {_stat(cols['mi1'], 3)} |")
+    return lines
+
+
+def agreement_table(study: Study, seeds: list[int], out: Path) -> list[str]:
+    """How often the router agreed with the competition: while training (on the competition steps,
+    the router's choice for the same tokens; from logs/metrics.jsonl) and at the end (moectl eval
+    runs the competition on the validation tokens)."""
+    lines = ["| arm | competitions (layer-steps) | training: router top-1 = first winner | training: overlap "
+             "| end: router top-1 = first winner | end: overlap |", "|---|---|---|---|---|---|"]
+    for arm in study.arms:
+        n, t_top1, t_over, e_top1, e_over = [], [], [], [], []
+        for s in seeds:
+            target = run_dir(out, arm, s)
+            recs = [r for r in _records(target) if r.get("type") == "train"]
+            comp = [r for r in recs if r.get("competitions")]
+            n.append(sum(r["competitions"] for r in comp))
+            weight = sum(r["competitions"] for r in comp)
+            if weight:
+                t_top1.append(sum(r["compete_agree_top1"] * r["competitions"] for r in comp) / weight)
+                t_over.append(sum(r["compete_agree_overlap"] * r["competitions"] for r in comp) / weight)
+            layers = _results(target)["routing"]["layers"].values()
+            agree = [v["competition_agreement"] for v in layers if v.get("competition_agreement")]
+            if agree:
+                e_top1.append(statistics.mean(a["top1"] for a in agree))
+                e_over.append(statistics.mean(a["overlap"] for a in agree))
+        lines.append(f"| {arm.label} | {_stat(n, 0)} | {_stat(t_top1, 3)} | {_stat(t_over, 3)} | {_stat(e_top1, 3)} "
+                     f"| {_stat(e_over, 3)} |")
+    return lines
+
+
+MEASURES = {"robustness": robustness_table, "balance": balance_table, "agreement": agreement_table}
+
+
+def report(name: str, study: Study, seeds: list[int], out: Path) -> str:
+    runs = [run_dir(out, arm, s) for arm in study.arms for s in seeds]
+    result = compare_paths(runs, group_by="recipe")
+    if len(result.groups) != len(study.arms):
+        raise MoectlError(f"study {name}: two of its arms trained the same recipe", hint="check STUDIES")
+    labels = "; ".join(f"`{g.label}` = {a.label}" for g, a in zip(result.groups, study.arms, strict=True))
+    # compare.md's own headings become bold lines inside this document's section
+    md = [("**" + line.lstrip("# ") + "**") if line.startswith("#") else line
+          for line in to_markdown(result).strip().splitlines()[1:]]
+    parts = [f"### {study.title}", "", f"`moectl compare {' '.join(map(str, runs))}`", "",
+             *md, "", f"Arms: {labels}."]
+    for m in study.measures:
+        parts += ["", *MEASURES[m](study, seeds, out)]
+    return "\n".join(parts)
+
+
+def list_studies(seeds: list[int], out: Path) -> str:
+    lines = []
+    for name, study in STUDIES.items():
+        lines.append(f"{name}: {study.title}")
+        for arm in study.arms:
+            target = run_dir(out, arm, seeds[0]).parent / "seed{S}"
+            lines.append(f"  {arm.label}: {' '.join(train_cmd(arm, 0, target)).replace('seed=0', 'seed={S}')}")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("studies", nargs="*", help=f"which studies (default all): {', '.join(STUDIES)}")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("runs/experiments"))
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--max-steps", type=int, default=None,
-                    help="train this many steps instead of the recipes' 400 (the schedule stretches with it); "
-                         "use another --out")
+    ap.add_argument("--out", type=Path, default=Path("runs/studies"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (each with cores / jobs threads)")
+    ap.add_argument("--report-only", action="store_true", help="print the tables from finished runs")
+    ap.add_argument("--list", action="store_true", help="print the studies and their rows' commands")
     args = ap.parse_args()
-    overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
+    unknown = [s for s in args.studies if s not in STUDIES]
+    if unknown:
+        sys.exit(f"unknown studies {unknown}; choose from {', '.join(STUDIES)}")
+    if args.list:
+        print(list_studies(args.seeds, args.out))
+        return
+    chosen = {n: STUDIES[n] for n in (args.studies or STUDIES)}
     if not args.report_only:
-        for seed in args.seeds:
-            for _, recipe, base in COMPARISONS:
-                train(base, seed, args.out, overrides)
-                train(recipe, seed, args.out, overrides)
+        todo = list(dict.fromkeys((arm, s) for st in chosen.values() for s in (st.seeds or args.seeds)
+                                  for arm in st.arms))
+        threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
+        with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+            for f in [pool.submit(produce, arm, s, args.out, threads) for arm, s in todo]:
+                f.result()
     try:
-        print(report(args.seeds, args.out))
+        for name, study in chosen.items():
+            print(report(name, study, list(study.seeds or args.seeds), args.out), end="\n\n")
     except MoectlError as e:
         sys.exit(e.render())
 

@@ -51,8 +51,9 @@ def test_gpu_check_script_dry_run(tmp_path):
 
 @pytest.mark.slow
 def test_experiments_report_is_built_by_compare(tmp_path):
-    """--report-only on finished runs (their files written here, not trained): the table's mean,
-    sd and paired difference are those of `moectl compare`."""
+    """--report-only on finished runs (their files written here, not trained): the study's table is
+    `moectl compare`'s (mean, sd and paired difference of the eval losses), and the robustness
+    table is each arm's perplexity with and without the top-1 expert."""
     import json
 
     sys.path.insert(0, str(REPO / "bench"))
@@ -60,30 +61,38 @@ def test_experiments_report_is_built_by_compare(tmp_path):
         import experiments
     finally:
         sys.path.remove(str(REPO / "bench"))
+    from moectl.eval.compare import EVAL_FORMAT as FORMAT
+    from moectl.eval.compare import EVAL_VERSION as VERSION
     from moectl.recipe.load import dump_recipe, load_recipe
 
-    losses = {}
-    for i, (_, recipe, base) in enumerate(experiments.COMPARISONS):
-        for j, r in enumerate((base, recipe)):
-            for seed in (0, 1):
-                run = experiments.run_dir(tmp_path, r, seed)
-                (run / "logs").mkdir(parents=True)
-                (run / "config.yaml").write_text(dump_recipe(load_recipe(r, [f"seed={seed}"])))
-                losses[r, seed] = 3.0 + 0.1 * i + 0.05 * j + 0.01 * seed * (1 + j)
-                (run / "logs" / "summary.json").write_text(json.dumps(
-                    {"steps": 400, "tokens": 819200, "final_val_loss": losses[r, seed]}))
-                record = {"type": "train", "step": 400, "loss": 3.0, "imbalance_max": 1.5 + j,
-                          "layers": {"L0": {"entropy": 2.0}, "L1": {"entropy": 2.2}}}
-                (run / "logs" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-    proc = subprocess.run([sys.executable, "bench/experiments.py", "--report-only", "--seeds", "0", "1",
+    study = experiments.STUDIES["cartesian"]
+    for j, arm in enumerate(study.arms):
+        for seed in (0, 1):
+            run = experiments.run_dir(tmp_path, arm, seed)
+            (run / "eval").mkdir(parents=True)
+            (run / "logs").mkdir()
+            (run / "config.yaml").write_text(dump_recipe(load_recipe(arm.recipe, [f"seed={seed}", *arm.overrides])))
+            loss = 3.0 + 0.05 * j + 0.01 * seed * (1 + j)
+            (run / "logs" / "summary.json").write_text(json.dumps({"steps": 400, "tokens": 819200,
+                                                                   "final_val_loss": loss + 1}))
+            record = {"type": "train", "step": 400, "loss": 3.0, "imbalance_max": 1.5 + j,
+                      "layers": {"L0": {"entropy": 2.0}, "L1": {"entropy": 2.2}}}
+            (run / "logs" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+            (run / "eval" / "results.json").write_text(json.dumps({
+                "format": FORMAT, "version": VERSION, "step": 400, "loss": loss, "perplexity": 20.0 + j + seed,
+                "bits_per_byte": 1.0, "robustness": {"defined": True, "perplexity": 40.0 * (j + 1) + seed}}))
+    proc = subprocess.run([sys.executable, "bench/experiments.py", "cartesian", "--report-only", "--seeds", "0", "1",
                            "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == 6 and rows[0][0] == "| CartesianMoE" and rows[1][0] == "| top-K SMoE"
-    assert rows[0][3] == "3.0600 ± 0.0141"    # 3.05 and 3.07
-    assert rows[0][4] == "3.0500, 3.0700"
-    assert rows[0][5] == "+0.0550 ± 0.0071"   # +0.05 and +0.06, paired by seed
-    assert rows[1][5] == "–" and rows[0][6:] == ["2.100", "2.50 |"]
+    tables = [[line.split(" | ") for line in block.splitlines() if line.startswith("| ")]
+              for block in proc.stdout.split("\n\n") if block.startswith("| ")]
+    compare, robust = tables
+    assert len(compare) == 4 and "moectl eval" in proc.stdout   # header and three arms
+    header = [h.strip("| ") for h in compare[0]]
+    row = dict(zip(header, [c.strip("| ") for c in compare[2]], strict=True))   # CartesianMoE (second arm)
+    assert row["val loss"] == "3.0600 ± 0.0141" and row["per seed"] == "3.0500, 3.0700"
+    assert row["Δ val loss"] == "+0.0550 ± 0.0071 (n=2)"   # +0.05 and +0.06, paired by seed
+    assert robust[1][0] == "| SMoE-Share" and robust[2][1:] == ["21.50 ± 0.71", "80.50 ± 0.71", "3.75 ± 0.09 |"]
 
 
 @pytest.mark.slow

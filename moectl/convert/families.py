@@ -68,6 +68,8 @@ def misfits(family: Family, m: ModelConfig) -> list[str]:
         why.append(f"attention_bias {m.attention_bias}")
     if family is OLMOE and m.head_dim is not None and m.head_dim * m.n_heads != m.d_model:
         why.append("a head_dim other than d_model / n_heads")
+    if m.ffn_hidden == 0 and (m.moe is None or m.moe.layer_indices(m.n_layers) != list(range(m.n_layers))):
+        why.append("attention-only dense layers (ffn_hidden 0)")
     if m.moe is None or not family.moe:
         return why
     e = m.moe
@@ -90,6 +92,8 @@ def misfits(family: Family, m: ModelConfig) -> list[str]:
     if family is QWEN2_MOE:
         if not e.shared_experts or e.shared_mix != "sigmoid":
             why.append("no shared expert with a sigmoid gate (shared_mix: sigmoid)")
+        elif e.shared_reduce == "mean" and e.shared_experts > 1:
+            why.append("averaged shared experts (shared_reduce: mean)")
     elif e.shared_experts:
         why.append("shared experts")
     if family in (MIXTRAL, OLMOE) and e.layer_indices(m.n_layers) != list(range(m.n_layers)):

@@ -52,6 +52,8 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
         raise MoectlError(f"{src} is already an MoE model", hint="upcycle a dense model (no model.moe section)")
     F_hidden, n_layers = model["ffn_hidden"], model["n_layers"]
     problems = []
+    if not F_hidden:
+        problems.append("the model has no dense FFN to copy (ffn_hidden 0)")
     if experts < 2:
         problems.append("--experts must be at least 2")
     if not 1 <= top_k <= experts:

@@ -7,10 +7,13 @@ other step routes with the router as usual. Competition runs only on scheduled (
 pairs during training, never in evaluation.
 
     o_i = E_i(x) for all experts            s_i = mean(softplus(o_i))  (or ||o_i||_2)
+                                            (combine_gate: s_i = (s_i + router logit_i) / 2)
     win = top-K of s                        w_i = s_i / sum_win s     (or softmax over winners)
     y   = sum_win w_i o_i
     L_rt  = MSE(p_R, p_C) + theta * MSE(p_R[win], p_C[win])   p_R = softmax(router logits),
                                                               p_C = softmax(s), detached
+                                                              (target winners: softmax over
+                                                              the winners' s, 0 elsewhere)
     L_div = mean over tokens of the winners' pairwise cosine similarities (diagonal zeroed, / K^2)
     L_bal = E * sum_e f_e * P_e, f from each token's first choice, P = mean softmax(s)
 """
@@ -48,6 +51,12 @@ class CompetitionOptions:
         "mean_softplus", "An expert's response to a token: mean softplus of its output (2025) or its L2 norm (2024).")
     gate: Literal["linear", "softmax"] = option(
         "linear", "Winners' weights: responses divided by their sum (2025) or their softmax (2024).")
+    target: Literal["all", "winners"] = option(
+        "all", "Router distillation target: the softmax of every expert's response (2025) or the softmax over "
+        "the winners' responses only, 0 for the other experts (the 2024 code).")
+    combine_gate: bool = option(
+        False, "Score experts by the mean of their response and the router's logit (the 2024 code's "
+        "combine_gate, used for enwik8 size L); needs gate 'softmax'.")
     theta: float = option(0.2, "Weight of the winners-only term of the router loss.", ge=0)
     router_loss_weight: float = option(0.001, "Weight of the router distillation loss.", ge=0)
     diversity_weight: float = option(0.005, "Weight of the winners' diversity loss.", ge=0)
@@ -69,6 +78,25 @@ def competition_gates(s_TE: Tensor, top_k: int, gate: str) -> tuple[Tensor, Tens
     else:
         w = s_win.softmax(-1)
     return win, w
+
+
+def competition_target(s_TE: Tensor, win_TK: Tensor, target: str) -> Tensor:
+    """p_C, the distribution the router learns to predict: softmax of every response ("all") or of
+    the winners' responses alone, zero for the rest ("winners")."""
+    if target == "all":
+        return s_TE.softmax(-1)
+    masked = torch.full_like(s_TE, -math.inf).scatter(-1, win_TK, s_TE.gather(-1, win_TK))
+    return masked.softmax(-1)
+
+
+def agreement(router_ids_TK: Tensor, win_TK: Tensor) -> dict[str, Tensor]:
+    """How far the router agrees with the competition on these tokens, as counts for the training log:
+    tokens whose most probable router expert is the competition's first winner, and the sum over tokens
+    of |router's K experts ∩ winners| / K. `RoutingAccumulator.summary` turns them into shares."""
+    same_top1 = (router_ids_TK[:, 0] == win_TK[:, 0]).sum()
+    overlap = (router_ids_TK.unsqueeze(-1) == win_TK.unsqueeze(-2)).any(-1).float().mean(-1).sum()
+    return {"compete_tokens": torch.tensor(float(win_TK.shape[0]), device=win_TK.device),
+            "compete_agree_top1": same_top1.float(), "compete_agree_overlap": overlap}
 
 
 def router_distillation_loss(p_router_TE: Tensor, p_comp_TE: Tensor, win_TK: Tensor, theta: float) -> Tensor:
@@ -113,6 +141,10 @@ class CompeteFFN(RoutedFFN):
         if not (router.fixed_k and router.learned):
             return [("competition", "competition distils into a learned router that gives every token top_k "
                                     f"experts (such as topk or recurrent), not {moe.router.kind!r}")]
+        c = getattr(moe, "competition", None)
+        if c is not None and c.combine_gate and c.gate != "softmax":
+            return [("competition.combine_gate", "a combined score (response + router logit) can be negative, so its "
+                     "winners' weights need gate: softmax, not 'linear'")]
         if getattr(moe.router, "bias_update_rate", 0) > 0:
             return [("router.bias_update_rate", "aux-loss-free balancing does not combine with competition: on "
                      "competition steps the loads are the competition's choices, not the router's; set it to 0")]
@@ -137,11 +169,18 @@ class CompeteFFN(RoutedFFN):
         a training forward with gradients (never in evaluation)."""
         return self.training and torch.is_grad_enabled() and ctx.plan is not None and self.index in ctx.plan
 
+    def scores(self, o_ETD: Tensor, router_logits_TE: Tensor | None) -> Tensor:
+        """The competition's score of each expert for each token, [T, E] fp32: its response, or with
+        `combine_gate` the mean of the response and the router's logit."""
+        s_TE = responses(o_ETD, self.competition.response)
+        if self.competition.combine_gate and router_logits_TE is not None:
+            s_TE = 0.5 * s_TE + 0.5 * router_logits_TE.float()
+        return s_TE
+
     @torch.no_grad()
-    def competition_choice(self, x_TD: Tensor) -> Tensor:
+    def competition_choice(self, x_TD: Tensor, out) -> Tensor:
         """The experts a competition would pick for these tokens (every expert is evaluated)."""
-        s_TE = responses(self.experts.forward_all(x_TD), self.competition.response)
-        return s_TE.topk(self.top_k, dim=-1).indices
+        return self.scores(self.experts.forward_all(x_TD), out.logits_TE).topk(self.top_k, dim=-1).indices
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         if not self.competes(ctx):
@@ -152,14 +191,14 @@ class CompeteFFN(RoutedFFN):
         with record_stage("experts"):
             o_ETD = self.experts.forward_all(x_TD)
         with record_stage("router"):   # the competition decides
-            s_TE = responses(o_ETD, c.response)
+            s_TE = self.scores(o_ETD, out.logits_TE)
             win_TK, w_TK = competition_gates(s_TE, self.top_k, c.gate)
         T = x_TD.shape[0]
         with record_stage("combine"):
             o_TED = o_ETD.transpose(0, 1)
             o_win_TKD = o_TED.gather(1, win_TK.unsqueeze(-1).expand(-1, -1, o_TED.shape[-1]))
             y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
-        p_comp = s_TE.softmax(-1)
+        p_comp = competition_target(s_TE, win_TK, c.target)
         # The router's own balance and z losses are left out: on a competition step the router
         # learns from the distillation loss alone.
         losses = {
@@ -169,7 +208,8 @@ class CompeteFFN(RoutedFFN):
             "compete_balance": load_balance_loss(p_comp, win_TK[:, :1], reduce=ctx.reduce_counts),
         }
         load_E = torch.bincount(win_TK.reshape(-1), minlength=self.num_experts)
-        record = self.record(losses, out.probs_TE, win_TK, None, None, load_E, counters={"competitions": 1},
+        counters = {"competitions": 1, **agreement(out.expert_ids_TK.detach(), win_TK)}
+        record = self.record(losses, out.probs_TE, win_TK, None, None, load_E, counters=counters,
                              extra_flops=self.extra_flops_per_token() * T)
         return self.mix_shared(y_TD, x_TD), out.state, record
 

@@ -33,6 +33,7 @@ class MoEArgs:
     shared_experts: int = 0
     shared_hidden: int | None = None       # default: expert_hidden
     shared_mix: str = "add"                # "add" | "gate" | "sigmoid"
+    shared_reduce: str = "sum"             # "sum" | "mean" of several shared experts
     capacity_factor: float | None = None   # None = dropless
     backend: str = "auto"                  # "auto" | "loop" | "grouped_mm" | "triton" (moectl.core.experts)
     init: str | None = None                # scheme of routers, experts, shared experts (moectl.core.init)

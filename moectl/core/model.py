@@ -37,19 +37,26 @@ NewRouted = Callable[[str], RoutedFFN]
 
 
 class DenseMLP(nn.Module):
+    """A dense layer's MLP part, h + FFN(RMSNorm(h)); with ffn_hidden 0 nothing (attention only)."""
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
+        self.empty = args.ffn_hidden == 0
+        if self.empty:
+            return
         self.norm = RMSNorm(args.d_model, eps=args.norm_eps)
         self.ffn = FeedForward(args.d_model, args.ffn_hidden, args.activation)
 
     def forward(self, h_BSD: Tensor, ctx: RouteContext, state: Any) -> MLPResult:
+        if self.empty:
+            return h_BSD, state, []
         with record_stage("norms"):
             u = self.norm(h_BSD)
         with record_stage("dense_ffn"):
             return h_BSD + self.ffn(u), state, []
 
     def flops_per_token(self) -> int:
-        return self.ffn.flops_per_token()
+        return 0 if self.empty else self.ffn.flops_per_token()
 
 
 class MoEBlock(nn.Module):

@@ -167,6 +167,8 @@ class RoutedFFN(nn.Module):
             width = moe.shared_experts * (moe.shared_hidden or moe.expert_hidden)
             self.shared = FeedForward(args.d_model, width, args.activation)
             self.shared.component = "shared_experts"
+        # "mean": the average of the shared experts rather than their sum
+        self.shared_scale = 1.0 / moe.shared_experts if moe.shared_reduce == "mean" and moe.shared_experts else 1.0
         self.shared_gate = None
         if moe.shared_experts and moe.shared_mix != "add":
             # "gate": a 2-way softmax between routed and shared output; "sigmoid": the shared
@@ -240,6 +242,8 @@ class RoutedFFN(nn.Module):
 
     def _mix_shared(self, routed_TD: Tensor, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared(x_TD)
+        if self.shared_scale != 1.0:
+            shared_TD = shared_TD * self.shared_scale
         if self.shared_gate is None:
             return routed_TD + shared_TD
         gate = self.shared_gate
@@ -276,10 +280,11 @@ class RoutedFFN(nn.Module):
         logits = out.logits_TE.detach() if out.logits_TE is not None else None
         ctx.observer(RouteObservation(self, out.expert_ids_TK.detach(), out.weights_TK.detach(), valid,
                                       out.probs_TE.detach(), logits, ctx.token_ids_T,
-                                      self.competition_choice(x_TD) if ctx.observe_competition else None))
+                                      self.competition_choice(x_TD, out) if ctx.observe_competition else None))
 
-    def competition_choice(self, x_TD: Tensor) -> Tensor | None:
-        """What a competing variant's competition would choose for these tokens (None: no competition)."""
+    def competition_choice(self, x_TD: Tensor, out: RouterOutput) -> Tensor | None:
+        """What a competing variant's competition would choose for these tokens, given the router's
+        output for them (None: no competition)."""
         return None
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:

@@ -93,10 +93,15 @@ class RoutingAccumulator:
         out["diversity_min"] = min(v["diversity"] for v in layers.values())
         out["dead_max"] = max(v["dead"] for v in layers.values())
         names = sorted(self.counters)
-        totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(self.counters[k] for k in names)],
+        totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(float(self.counters[k]) for k in names)],
                                      dtype=torch.float64, device=loads.device)).tolist()
         for k, v in zip(names, totals[2:], strict=True):
             out[k] = v / world     # events per process (every process sees the same plan)
+        if out.get("compete_tokens"):
+            # CompeteSMoE: how often the router agreed with the competitions of this window (shares)
+            n = out.pop("compete_tokens")
+            out["compete_agree_top1"] = out["compete_agree_top1"] / n
+            out["compete_agree_overlap"] = out["compete_agree_overlap"] / n
         if totals[0]:
             # Extra work (forward + backward) per training token, reported apart from model FLOPs and MFU.
             out["extra_flops_per_token"] = 3 * totals[0] / max(totals[1], 1)

@@ -78,6 +78,12 @@ class MoEConfig(Section):
         description="How shared and routed outputs combine: 'add' (sum), 'gate' (learned "
         "per-token 2-way softmax) or 'sigmoid' (routed + sigmoid(w . x) * shared, as Qwen2-MoE).",
     )
+    shared_reduce: Literal["sum", "mean"] = Field(
+        "sum",
+        description="How several shared experts combine: 'sum' (one always-on FFN of their total "
+        "width) or 'mean' (that FFN's output divided by shared_experts: their average, as the "
+        "CartesianMoE code's fine-grained baseline).",
+    )
     capacity_factor: PosFloat | None = Field(
         None,
         description="Token-choice capacity: each expert takes at most ceil(c * T * k / N) slots per "
@@ -133,7 +139,9 @@ class ModelConfig(Section):
     n_kv_heads: PosInt | None = Field(
         None, description="Key/value heads for grouped-query attention (default: n_heads)."
     )
-    ffn_hidden: PosInt = Field(..., description="Hidden width of the dense FFN layers.")
+    ffn_hidden: NonNegInt = Field(
+        ..., description="Hidden width of the dense FFN layers; 0: dense layers are attention only (no FFN), "
+        "as the odd layers of the CompeteSMoE 2024 enwik8 L model.")
     activation: Literal["swiglu", "gelu", "relu"] = Field(
         "swiglu", description="FFN and expert activation; swiglu has three matrices, the others two."
     )

@@ -45,6 +45,7 @@ def test_top3_matches_total(cli):
     ["model.moe.shared_experts=2", "model.moe.shared_mix=gate", "model.tie_embeddings=true"],
     ["model.moe.router.kind=hash", "model.n_kv_heads=2", "model.activation=gelu"],
     ["model.moe.router.kind=topp", "model.moe.layers=[1]"],
+    ["model.ffn_hidden=0", "model.moe.layers=[1]", "model.moe.shared_experts=2", "model.moe.shared_reduce=mean"],
     ["model.moe.router.kind=expert_choice", "model.moe.shared_experts=1", "model.moe.shared_hidden=48"],
 ])
 def test_count_equals_instantiated_model(cli, tiny_recipe, overrides):

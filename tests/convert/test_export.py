@@ -31,6 +31,8 @@ MODELS = {
     "kitchen-sink": dict(n_kv_heads=2, head_dim=12, attention_bias="qkv", qk_norm="head", qkv_clip=0.4,
                          tie_embeddings=True, moe=dict(MOE, shared_experts=2, shared_hidden=8, shared_mix="add",
                                                        router=dict(kind="topk", renormalize=False))),
+    "attention-only-dense-mean-shared": dict(ffn_hidden=0, moe=dict(MOE, shared_experts=2, shared_reduce="mean",
+                                                                     shared_mix="gate", layers=[0, 2])),
     "gelu-dense": dict(activation="gelu", qk_norm="projection", attention_bias="all",
                        rope_scaling=dict(kind="llama3", factor=8.0, original_context=16)),
 }

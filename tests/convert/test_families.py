@@ -107,12 +107,16 @@ def test_sharded_and_bf16_round_trip(tmp_path, tokens):
     (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, router=dict(jitter_eps=0.1))), "Mixtral"),
     (dict(activation="gelu"), None),
     (dict(attention_bias="qkv"), None),
+    (dict(ffn_hidden=0), None),   # attention-only layers: no family has them
+    (dict(ffn_hidden=0, moe=dict(num_experts=4, top_k=2, expert_hidden=16)), "Mixtral"),   # every layer MoE: unused
+    (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=2, shared_reduce="mean",
+                   shared_mix="sigmoid")), None),
 ])
 def test_native_family_only_where_exact(model, family):
     from moectl.convert.families import native_family
     from moectl.recipe.load import validate
 
-    m = validate({"model": dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48, **model)}, {}, "t").model
+    m = validate({"model": {**dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48), **model}}, {}, "t").model
     found, reasons = native_family(m)
     assert (found.name if found else None) == family, reasons
     if family is None:

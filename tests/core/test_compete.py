@@ -44,7 +44,6 @@ def test_competition_matches_hand_computation(response, gate):
     layer = _layer(response=response, gate=gate, theta=0.2)
     x = torch.randn(T, D, requires_grad=True)
     y, _, rec = layer(x, COMPETE)
-    assert rec.counters == {"competitions": 1}
     ref, ref_losses = [], {"distill": 0.0, "div": 0.0}
     outs = torch.stack([_expert(layer, e, x) for e in range(E)], 1)                  # [T, E, D]
     s = F.softplus(outs).mean(-1) if response == "mean_softplus" else outs.norm(dim=-1)
@@ -65,6 +64,13 @@ def test_competition_matches_hand_computation(response, gate):
     f = torch.bincount(win[:, 0], minlength=E).float() / T
     torch.testing.assert_close(rec.losses["compete_balance"], (E * (f * s.softmax(-1).mean(0)).sum()).detach())
     assert set(rec.losses) == {"router_distill", "diversity", "compete_balance"}
+    # Agreement counts: the router's own top-K for the same tokens against the winners.
+    chosen = p_router.topk(K, -1).indices
+    top1 = float((chosen[:, 0] == win[:, 0]).sum())
+    overlap = sum(len(set(chosen[t].tolist()) & set(win[t].tolist())) / K for t in range(T))
+    assert rec.counters["competitions"] == 1 and float(rec.counters["compete_tokens"]) == T
+    assert float(rec.counters["compete_agree_top1"]) == top1
+    assert float(rec.counters["compete_agree_overlap"]) == pytest.approx(overlap)
     # Gradients reach the experts through both outputs and responses, as in the reference.
     g = torch.randn_like(ref)
     ours = torch.autograd.grad((y * g).sum(), [x, layer.experts.w1, layer.experts.w2])
@@ -119,7 +125,7 @@ def test_competition_balance_loss_trains_the_experts():
 def test_never_competes_in_eval_or_without_grad():
     layer = _layer()
     x = torch.randn(T, D)
-    assert layer(x, COMPETE)[2].counters == {"competitions": 1}
+    assert layer(x, COMPETE)[2].counters["competitions"] == 1
     with torch.no_grad():
         assert not layer(x, COMPETE)[2].counters
     layer.eval()
@@ -220,3 +226,41 @@ def test_extra_flops_reported_apart():
     _, _, rec = layer(torch.randn(T, D), COMPETE)
     assert rec.extra_flops == T * (E - K) * 3 * 2 * D * H
     assert layer.flops_per_token() == 2 * D * E + K * 3 * 2 * D * H   # model FLOPs stay nominal
+
+
+def test_winners_target_is_the_softmax_over_the_winners_alone():
+    """The 2024 code's distillation target: softmax of the winners' scores, 0 for every other expert."""
+    layer = _layer(response="l2_norm", gate="softmax", target="winners", theta=0.0)
+    x = torch.randn(T, D)
+    _, _, rec = layer(x, COMPETE)
+    outs = torch.stack([_expert(layer, e, x) for e in range(E)], 1)
+    s = outs.norm(dim=-1)
+    win = s.topk(K, -1).indices
+    target = torch.zeros(T, E).scatter(1, win, s.gather(1, win).softmax(-1))
+    assert torch.allclose(target.sum(-1), torch.ones(T)) and (target > 0).sum() == T * K
+    p_router = (x @ layer.router.weight.t()).softmax(-1)
+    torch.testing.assert_close(rec.losses["router_distill"], F.mse_loss(p_router, target).detach())
+
+
+def test_combined_gate_scores_with_the_router_logit():
+    """combine_gate: score = (response + router logit) / 2 picks the winners and weighs them."""
+    layer = _layer(response="l2_norm", gate="softmax", combine_gate=True, theta=0.0, target="winners")
+    x = torch.randn(T, D)
+    y, _, rec = layer(x, COMPETE)
+    outs = torch.stack([_expert(layer, e, x) for e in range(E)], 1)
+    score = 0.5 * outs.norm(dim=-1) + 0.5 * (x @ layer.router.weight.t())
+    val, win = score.topk(K, -1)
+    ref = (val.softmax(-1)[..., None] * outs.gather(1, win[..., None].expand(-1, -1, D))).sum(1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    # The response alone would pick other winners for some token here, so the logit matters.
+    assert not torch.equal(outs.norm(dim=-1).topk(K, -1).indices.sort(-1).values, win.sort(-1).values)
+
+
+def test_combined_gate_needs_softmax_gates(write):
+    from moectl.errors import MoectlError
+    from moectl.recipe.load import load_recipe
+    from tests.conftest import REPO
+
+    with pytest.raises(MoectlError, match="gate: softmax"):
+        load_recipe(REPO / "recipes/papers/competesmoe/competesmoe-154m-tiny.yaml",
+                    ["model.moe.competition.combine_gate=true"])

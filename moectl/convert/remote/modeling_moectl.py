@@ -243,6 +243,7 @@ class RoutedFFN(nn.Module):
         self.shared = self.shared_gate = None
         if n_shared:
             self.shared = FFN(d, n_shared * (moe.get("shared_hidden") or moe["expert_hidden"]), act)
+            self.shared_scale = 1.0 / n_shared if moe.get("shared_reduce", "sum") == "mean" else 1.0
             mix = moe.get("shared_mix", "add")
             if mix != "add":
                 self.shared_gate = nn.Linear(d, 2 if mix == "gate" else 1, bias=mix == "gate")
@@ -255,6 +256,8 @@ class RoutedFFN(nn.Module):
         if self.shared is None:
             return y, state
         s = self.shared(x)
+        if self.shared_scale != 1.0:
+            s = s * self.shared_scale
         if self.shared_gate is None:
             return y + s, state
         g = _linear32(x, self.shared_gate.weight, self.shared_gate.bias)
@@ -267,10 +270,14 @@ class RoutedFFN(nn.Module):
 class DenseMLP(nn.Module):
     def __init__(self, m):
         super().__init__()
-        self.norm = nn.RMSNorm(m["d_model"], eps=m.get("norm_eps", 1e-5))
-        self.ffn = FFN(m["d_model"], m["ffn_hidden"], m.get("activation", "swiglu"))
+        self.empty = m["ffn_hidden"] == 0   # attention-only layer
+        if not self.empty:
+            self.norm = nn.RMSNorm(m["d_model"], eps=m.get("norm_eps", 1e-5))
+            self.ffn = FFN(m["d_model"], m["ffn_hidden"], m.get("activation", "swiglu"))
 
     def forward(self, h, token_ids, shared, state):
+        if self.empty:
+            return h, state
         return h + self.ffn(self.norm(h)), state
 
 
