@@ -151,7 +151,8 @@ def robustness_table(study: Study, seeds: list[int], out: Path) -> list[str]:
         for s in seeds:
             r = _results(run_dir(out, arm, s))
             ppl.append(r["perplexity"])
-            rob.append(r["robustness"]["perplexity"] if r["robustness"].get("defined") else None)
+            robust = r.get("robustness") or {}
+            rob.append(robust.get("perplexity") if robust.get("defined") else None)
         ratio = [b / a for a, b in zip(ppl, rob, strict=True) if b is not None]
         lines.append(f"| {arm.label} | {_stat(ppl, 2)} | {_stat(rob, 2)} | {_stat(ratio, 2)} |")
     return lines
@@ -183,7 +184,7 @@ def agreement_table(study: Study, seeds: list[int], out: Path) -> list[str]:
     """How often the router agreed with the competition: while training (on the competition steps,
     the router's choice for the same tokens; from logs/metrics.jsonl) and at the end (moectl eval
     runs the competition on the validation tokens)."""
-    lines = ["| arm | competitions (layer-steps) | training: router top-1 = first winner | training: overlap "
+    lines = ["| arm | competitions (layer-forwards) | training: router top-1 = first winner | training: overlap "
              "| end: router top-1 = first winner | end: overlap |", "|---|---|---|---|---|---|"]
     for arm in study.arms:
         n, t_top1, t_over, e_top1, e_over = [], [], [], [], []
@@ -256,8 +257,13 @@ def main() -> None:
                                   for arm in st.arms))
         threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
         with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
-            for f in [pool.submit(produce, arm, s, args.out, threads) for arm, s in todo]:
-                f.result()
+            futures = [pool.submit(produce, arm, s, args.out, threads) for arm, s in todo]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)   # a failed run stops the queue
+                raise
     try:
         for name, study in chosen.items():
             print(report(name, study, list(study.seeds or args.seeds), args.out), end="\n\n")

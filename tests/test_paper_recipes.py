@@ -195,3 +195,24 @@ def test_every_paper_recipe_names_its_sources():
         head = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
         assert any(w in head for w in ("paper", "Paper", "code", "scripts", "spec")), path
         assert statistics.mean(len(line) for line in head.splitlines()) > 20, path
+
+
+def _without(d, *keys):
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+@pytest.mark.parametrize("method, base", [
+    *[(f"competesmoe/competesmoe-{s}-tiny", f"competesmoe/smoe-{s}-tiny") for s in ("154m", "enwik8-s", "enwik8-m",
+                                                                                   "enwik8-l")],
+    *[(f"competesmoe/competesmoe-{s}", f"competesmoe/smoe-{s}") for s in ("154m", "enwik8-s", "enwik8-m", "enwik8-l")],
+    ("rmoe/rmoe-enwik8-tiny", "rmoe/smoe-enwik8-tiny"), ("rmoe/rmoe-wt103-tiny", "rmoe/smoe-wt103-tiny"),
+    ("rmoe/rmoe-enwik8", "rmoe/smoe-enwik8"), ("rmoe/rmoe-0.9b", "rmoe/smoe-0.9b"),
+])
+def test_method_differs_from_its_baseline_only_in_the_method(method, base):
+    """A method recipe and its SMoE baseline are the same model, data and training but for the
+    method's own keys (competition; the router), so the comparison isolates the method."""
+    a, b = _recipe(method).model_dump(), _recipe(base).model_dump()
+    assert _without(a, "name", "description", "model") == _without(b, "name", "description", "model")
+    ma, mb = a["model"], b["model"]
+    assert _without(ma, "moe") == _without(mb, "moe")
+    assert _without(ma["moe"], "competition", "router") == _without(mb["moe"], "competition", "router")

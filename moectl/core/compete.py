@@ -95,8 +95,8 @@ def agreement(router_ids_TK: Tensor, win_TK: Tensor) -> dict[str, Tensor]:
     of |router's K experts ∩ winners| / K. `RoutingAccumulator.summary` turns them into shares."""
     same_top1 = (router_ids_TK[:, 0] == win_TK[:, 0]).sum()
     overlap = (router_ids_TK.unsqueeze(-1) == win_TK.unsqueeze(-2)).any(-1).float().mean(-1).sum()
-    return {"compete_tokens": torch.tensor(float(win_TK.shape[0]), device=win_TK.device),
-            "compete_agree_top1": same_top1.float(), "compete_agree_overlap": overlap}
+    return {"compete_tokens": float(win_TK.shape[0]), "compete_agree_top1": same_top1.float(),
+            "compete_agree_overlap": overlap}
 
 
 def router_distillation_loss(p_router_TE: Tensor, p_comp_TE: Tensor, win_TK: Tensor, theta: float) -> Tensor:
@@ -200,12 +200,13 @@ class CompeteFFN(RoutedFFN):
             y_TD = (o_win_TKD * w_TK.to(o_win_TKD.dtype).unsqueeze(-1)).sum(1)
         p_comp = competition_target(s_TE, win_TK, c.target)
         # The router's own balance and z losses are left out: on a competition step the router
-        # learns from the distillation loss alone.
+        # learns from the distillation loss (and, with combine_gate, through its logits in the
+        # winners' scores and weights, as in the 2024 code).
         losses = {
             "router_distill": router_distillation_loss(out.probs_TE, p_comp, win_TK, c.theta),
             "diversity": diversity_loss(o_win_TKD),
             # f from each token's first choice; P = mean softmax(s), not detached (see docs/methods.md)
-            "compete_balance": load_balance_loss(p_comp, win_TK[:, :1], reduce=ctx.reduce_counts),
+            "compete_balance": load_balance_loss(s_TE.softmax(-1), win_TK[:, :1], reduce=ctx.reduce_counts),
         }
         load_E = torch.bincount(win_TK.reshape(-1), minlength=self.num_experts)
         counters = {"competitions": 1, **agreement(out.expert_ids_TK.detach(), win_TK)}

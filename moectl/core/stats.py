@@ -97,11 +97,14 @@ class RoutingAccumulator:
                                      dtype=torch.float64, device=loads.device)).tolist()
         for k, v in zip(names, totals[2:], strict=True):
             out[k] = v / world     # events per process (every process sees the same plan)
-        if out.get("compete_tokens"):
+        if "compete_tokens" in out:
             # CompeteSMoE: how often the router agreed with the competitions of this window (shares)
             n = out.pop("compete_tokens")
-            out["compete_agree_top1"] = out["compete_agree_top1"] / n
-            out["compete_agree_overlap"] = out["compete_agree_overlap"] / n
+            for k in ("compete_agree_top1", "compete_agree_overlap"):
+                if n:
+                    out[k] = out[k] / n
+                else:
+                    out.pop(k, None)
         if totals[0]:
             # Extra work (forward + backward) per training token, reported apart from model FLOPs and MFU.
             out["extra_flops_per_token"] = 3 * totals[0] / max(totals[1], 1)
