@@ -6,6 +6,7 @@ ablations that explain the result, several seeds each, on the built-in corpus, t
     python bench/experiments.py rmoe rmoe-init --seeds 0      # some studies, one seed
     python bench/experiments.py --report-only                 # the tables again from finished runs
     python bench/experiments.py --list                        # the studies and the commands of their rows
+    python bench/experiments.py competesmoe --arm "router loss 0.1"   # one row (and its baseline), every seed
 
 A run is `moectl train RECIPE seed=S [OVERRIDES] --run-dir OUT/<arm>/seedS -q`, then
 `moectl eval OUT/<arm>/seedS --no-plots -q`; finished runs and evaluations are kept. Each study's
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moectl.errors import MoectlError
@@ -244,6 +245,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (each with cores / jobs threads)")
     ap.add_argument("--report-only", action="store_true", help="print the tables from finished runs")
     ap.add_argument("--list", action="store_true", help="print the studies and their rows' commands")
+    ap.add_argument("--arm", default=None, help="only this arm (its label, as --list prints it) and the study's "
+                                                "baseline, in the one study given")
     args = ap.parse_args()
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:
@@ -252,6 +255,14 @@ def main() -> None:
         print(list_studies(args.seeds, args.out))
         return
     chosen = {n: STUDIES[n] for n in (args.studies or STUDIES)}
+    if args.arm is not None:
+        if len(chosen) != 1:
+            sys.exit("--arm needs exactly one study")
+        (name, study), = chosen.items()
+        arms = [a for a in study.arms[1:] if a.label == args.arm]
+        if not arms:
+            sys.exit(f"study {name} has no arm {args.arm!r}; its arms: {', '.join(a.label for a in study.arms[1:])}")
+        chosen = {name: replace(study, arms=(study.arms[0], *arms))}
     if not args.report_only:
         todo = list(dict.fromkeys((arm, s) for st in chosen.values() for s in (st.seeds or args.seeds)
                                   for arm in st.arms))

@@ -93,6 +93,13 @@ def test_experiments_report_is_built_by_compare(tmp_path):
     assert row["val loss"] == "3.0600 ± 0.0141" and row["per seed"] == "3.0500, 3.0700"
     assert row["Δ val loss"] == "+0.0550 ± 0.0071 (n=2)"   # +0.05 and +0.06, paired by seed
     assert robust[1][0] == "| SMoE-Share" and robust[2][1:] == ["21.50 ± 0.71", "80.50 ± 0.71", "3.75 ± 0.09 |"]
+    # One row and its baseline: --arm
+    proc = subprocess.run([sys.executable, "bench/experiments.py", "cartesian", "--arm", "SMoE-Top3", "--report-only",
+                           "--seeds", "0", "1", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| cartesianmoe-")]
+    assert len(rows) == 2 and "smoe-share" in rows[0] and "top3" in rows[1]
 
 
 @pytest.mark.slow
