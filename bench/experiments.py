@@ -27,11 +27,11 @@ import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moectl.errors import MoectlError
-from moectl.eval.compare import compare_paths, to_markdown
+from moectl.eval.compare import compare_paths, fmt_stat, mean_sd, to_markdown
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,6 @@ class Study:
     title: str
     arms: tuple[Arm, ...]           # the first is the baseline
     measures: tuple[str, ...] = ()  # extra tables: "robustness", "balance", "agreement"
-    seeds: tuple[int, ...] | None = None   # None: the command line's seeds
-    notes: tuple[str, ...] = field(default=())
 
 
 CART = "papers/cartesianmoe/"
@@ -122,13 +120,9 @@ def produce(arm: Arm, seed: int, out: Path, threads: int) -> None:
 # ----------------------------------------------------------------------------- measures
 
 
-def _stat(values: list[float], digits: int) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def _stat(values: list[float | None], digits: int) -> str:
+    """"mean ± sd" of the finite values, as `moectl compare` prints them."""
+    return fmt_stat(mean_sd([v for v in values if v is not None and math.isfinite(v)]), digits)
 
 
 def _results(target: Path) -> dict:
@@ -264,7 +258,7 @@ def main() -> None:
             sys.exit(f"study {name} has no arm {args.arm!r}; its arms: {', '.join(a.label for a in study.arms[1:])}")
         chosen = {name: replace(study, arms=(study.arms[0], *arms))}
     if not args.report_only:
-        todo = list(dict.fromkeys((arm, s) for st in chosen.values() for s in (st.seeds or args.seeds)
+        todo = list(dict.fromkeys((arm, s) for st in chosen.values() for s in args.seeds
                                   for arm in st.arms))
         threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
         with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
@@ -277,7 +271,7 @@ def main() -> None:
                 raise
     try:
         for name, study in chosen.items():
-            print(report(name, study, list(study.seeds or args.seeds), args.out), end="\n\n")
+            print(report(name, study, args.seeds, args.out), end="\n\n")
     except MoectlError as e:
         sys.exit(e.render())
 

@@ -105,8 +105,10 @@ def render(report: BuildReport, console) -> None:
     table.add_section()
     table.add_row("[bold]total", f"[bold]{report.total:,}", f"[bold]{round(report.active):,}", "100%")
     console.print(table)
+    head = report.rows.get("lm_head", (0, 0))[0]
+    body = f" ({human(report.total - report.embedding - head)} without the LM head)" if head else ""
     console.print(f"[bold]parameters[/]  total {human(report.total)}   active/token {human(report.active)}   "
-                  f"embedding {human(report.embedding)}   non-embedding {human(report.total - report.embedding)}")
+                  f"embedding {human(report.embedding)}   non-embedding {human(report.total - report.embedding)}{body}")
     if report.moe:
         m = report.moe
         where = f"{len(m['layers'])} MoE layer(s) {m['layers']}"

@@ -79,6 +79,8 @@ def test_competesmoe_154m_is_the_authors_model(cli, name):
     p = _params(cli, name)
     body = p["total"] - p["components"]["embedding"]["total"] - p["components"]["lm_head"]["total"]
     assert abs(body / 154e6 - 1) < 0.02, body
+    text = cli("build", f"papers/{name}")
+    assert text.exit_code == 0 and f"({body / 1e6:.1f}M without the LM head)" in text.stdout, text.stdout
     if "competesmoe" in name.split("/")[1]:
         c = m.moe.competition
         assert (c.warmup, c.rate, c.max_layers, c.response, c.gate, c.target) == (

@@ -92,11 +92,11 @@ def competition_target(s_TE: Tensor, win_TK: Tensor, target: str) -> Tensor:
 def agreement(router_ids_TK: Tensor, win_TK: Tensor) -> dict[str, Tensor]:
     """How far the router agrees with the competition on these tokens, as counts for the training log:
     tokens whose most probable router expert is the competition's first winner, and the sum over tokens
-    of |router's K experts ∩ winners| / K. `RoutingAccumulator.summary` turns them into shares."""
+    of |router's K experts ∩ winners| / K, each over the competing tokens (shares in the log)."""
     same_top1 = (router_ids_TK[:, 0] == win_TK[:, 0]).sum()
     overlap = (router_ids_TK.unsqueeze(-1) == win_TK.unsqueeze(-2)).any(-1).float().mean(-1).sum()
-    return {"compete_tokens": float(win_TK.shape[0]), "compete_agree_top1": same_top1.float(),
-            "compete_agree_overlap": overlap}
+    return {"compete_tokens": float(win_TK.shape[0]), "compete_agree_top1/compete_tokens": same_top1.float(),
+            "compete_agree_overlap/compete_tokens": overlap}
 
 
 def router_distillation_loss(p_router_TE: Tensor, p_comp_TE: Tensor, win_TK: Tensor, theta: float) -> Tensor:

@@ -31,7 +31,9 @@ class RoutingRecord:
 
     `losses` are unweighted; `loss` is their weighted sum (what the objective adds). Statistics are
     detached and stay on the device until someone reads them. `counters` are events a layer kind
-    counts (summed over a logging window and reported under their names); `extra_flops` is forward
+    counts (summed over a logging window and reported under their names; a counter named
+    "name/den" is reported as the share name = its sum / the sum of counter "den", which is then
+    not reported itself); `extra_flops` is forward
     work beyond routing to top_k experts (hardware FLOPs, kept apart from model FLOPs and MFU)."""
 
     name: str

@@ -95,16 +95,16 @@ class RoutingAccumulator:
         names = sorted(self.counters)
         totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(float(self.counters[k]) for k in names)],
                                      dtype=torch.float64, device=loads.device)).tolist()
-        for k, v in zip(names, totals[2:], strict=True):
-            out[k] = v / world     # events per process (every process sees the same plan)
-        if "compete_tokens" in out:
-            # CompeteSMoE: how often the router agreed with the competitions of this window (shares)
-            n = out.pop("compete_tokens")
-            for k in ("compete_agree_top1", "compete_agree_overlap"):
-                if n:
-                    out[k] = out[k] / n
-                else:
-                    out.pop(k, None)
+        counts = {k: v / world for k, v in zip(names, totals[2:], strict=True)}   # events per process
+        shares = {k: k.split("/", 1) for k in names if "/" in k}
+        denominators = {den for _, den in shares.values()}
+        for k, v in counts.items():
+            if k in shares:        # "name/den": reported as name = its sum / the sum of counter den
+                name, den = shares[k]
+                if counts.get(den):
+                    out[name] = v / counts[den]
+            elif k not in denominators:
+                out[k] = v
         if totals[0]:
             # Extra work (forward + backward) per training token, reported apart from model FLOPs and MFU.
             out["extra_flops_per_token"] = 3 * totals[0] / max(totals[1], 1)

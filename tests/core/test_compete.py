@@ -69,8 +69,8 @@ def test_competition_matches_hand_computation(response, gate):
     top1 = float((chosen[:, 0] == win[:, 0]).sum())
     overlap = sum(len(set(chosen[t].tolist()) & set(win[t].tolist())) / K for t in range(T))
     assert rec.counters["competitions"] == 1 and float(rec.counters["compete_tokens"]) == T
-    assert float(rec.counters["compete_agree_top1"]) == top1
-    assert float(rec.counters["compete_agree_overlap"]) == pytest.approx(overlap)
+    assert float(rec.counters["compete_agree_top1/compete_tokens"]) == top1
+    assert float(rec.counters["compete_agree_overlap/compete_tokens"]) == pytest.approx(overlap)
     # Gradients reach the experts through both outputs and responses, as in the reference.
     g = torch.randn_like(ref)
     ours = torch.autograd.grad((y * g).sum(), [x, layer.experts.w1, layer.experts.w2])

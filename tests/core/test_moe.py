@@ -67,3 +67,21 @@ def test_weighted_loss_uses_recipe_weights():
     layer = _layer(aux_loss_weight=0.5, z_loss_weight=0.0)
     _, _, rec = layer(torch.randn(8, 16), RouteContext())
     torch.testing.assert_close(rec.loss, 0.5 * rec.losses["load_balance"])
+
+
+def test_counters_sum_over_forwards_and_shares_divide_by_their_denominator():
+    """Counters are summed over a window; "name/den" is reported as name = sum / sum of den, and
+    den itself is not reported; a share whose denominator is 0 is left out."""
+    from dataclasses import replace
+
+    from moectl.core.stats import RoutingAccumulator
+
+    layer = _layer()
+    _, _, rec = layer(torch.randn(6, layer.experts.d_model), RouteContext())
+    acc = RoutingAccumulator()
+    for hits, n in ((3.0, 10.0), (1.0, 30.0)):
+        acc.add([replace(rec, counters={"events": 1, "hits/n": torch.tensor(hits), "n": n, "miss/none": 1.0,
+                                        "none": 0.0})])
+    out = acc.summary(lambda t: t)
+    assert out["events"] == 2 and out["hits"] == 4 / 40
+    assert not {"n", "hits/n", "none", "miss", "miss/none"} & set(out)
