@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -15,10 +16,47 @@ os.environ["MOECTL_CACHE"] = tempfile.mkdtemp(prefix="moectl-test-cache-")
 # before anything imports moectl.core.triton_experts). MOECTL_TEST_TRITON_GPU=1 keeps them compiled.
 if os.environ.get("MOECTL_TEST_TRITON_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Several pytest-xdist workers share the cores: one thread each (spinning OpenMP threads of two
+# processes slow both down many times over). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# The tiers. `pytest` runs the fast tier: every test not marked with one of these. `pytest --full`
+# runs everything (what CI runs). A test that trains or starts a process without its marker fails,
+# so the fast tier stays fast.
+SLOW_TIERS = {
+    "train": "runs the training loop, or needs a trained run",
+    "processes": "starts processes (moectl launches, subprocesses)",
+    "triton": "runs Triton kernels in Triton's interpreter",
+    "slow": "takes more than a few seconds for another reason (benchmarks, large registries)",
+}
+# Fixtures that train: a test using one is in the train tier without saying so.
+TRAINING_FIXTURES = {"trained_run", "dense_run", "scratch"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run every tier: also the tests marked " + ", ".join(SLOW_TIERS))
+
+
+def pytest_configure(config):
+    for name, what in SLOW_TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what} (not in the fast tier; run with --full)")
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is present (they are numerics checks, not timings)."""
+    """Mark the tests that use a training fixture; leave the slow tiers out unless --full (or -m)
+    asks for them; skip GPU tests where CUDA is absent (they are numerics checks, not timings)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("train")
+    if not config.getoption("--full") and not config.option.markexpr:
+        kept, left = [], []
+        for item in items:
+            (left if SLOW_TIERS.keys() & {m.name for m in item.iter_markers()} else kept).append(item)
+        if left:
+            config.hook.pytest_deselected(items=left)
+            items[:] = kept
     import torch
 
     if torch.cuda.is_available():
@@ -27,6 +65,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request, monkeypatch):
+    """Fail a test that trains or starts a process without the marker that keeps it out of the
+    fast tier."""
+    marks = {m.name for m in request.node.iter_markers()}
+    if "processes" not in marks:
+        real_init = subprocess.Popen.__init__
+
+        def popen(self, *args, **kwargs):
+            pytest.fail("this test starts a process: mark it @pytest.mark.processes", pytrace=False)
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+        del real_init
+    if "train" not in marks:
+        from moectl.train.trainer import Trainer
+
+        def run(self):
+            pytest.fail("this test trains: mark it @pytest.mark.train", pytrace=False)
+
+        monkeypatch.setattr(Trainer, "run", run)
 
 
 @pytest.fixture

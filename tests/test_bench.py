@@ -10,6 +10,9 @@ import pytest
 from tests.conftest import REPO
 
 
+pytestmark = [pytest.mark.processes]
+
+
 def test_expert_backends_bench_runs():
     proc = subprocess.run([sys.executable, "bench/experts.py", "--tokens", "256", "--d-model", "64", "--hidden", "64",
                            "--experts", "4", "--top-k", "2", "--reps", "1"], cwd=REPO, capture_output=True, text=True,

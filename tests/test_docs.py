@@ -170,6 +170,7 @@ def test_most_cheap_commands_run():
     assert len(RUNNABLE) >= 20 and len(RUNNABLE) >= 0.8 * len(cheap), [c[1] for c in cheap if c not in RUNNABLE]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("doc, line, env, args", RUNNABLE, ids=[f"{d}: {line}" for d, line, *_ in RUNNABLE])
 def test_cheap_command_runs(doc, line, env, args, scratch, monkeypatch):
     monkeypatch.chdir(scratch)
@@ -191,6 +192,7 @@ def test_the_docs_have_snippets():
     assert len(SNIPPETS) >= 3
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("doc, text", SNIPPETS, ids=[f"{d}#{i}" for i, (d, _) in enumerate(SNIPPETS)])
 def test_python_snippet_runs(doc, text, scratch):
     compile(text, doc, "exec")

@@ -51,6 +51,7 @@ def test_every_paper_recipe_has_a_tiny_variant():
         assert p.with_name(p.stem + "-tiny.yaml").is_file(), p
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
 def test_tiny_recipe_trains(cli, path, tmp_path):
     result = cli("train", path, "train.max_steps=2", "train.warmup_steps=0", "train.eval_batches=1", "train.batch_size=2",
@@ -71,6 +72,7 @@ COMBOS = {
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", sorted(COMBOS))
 def test_methods_combine(name, corpus, write, tmp_path):
     path = write("r.yaml", train_recipe_text(corpus, max_steps=4, eval_every="null"))
@@ -83,6 +85,7 @@ def test_methods_combine(name, corpus, write, tmp_path):
         assert all(r["competitions"] >= 1 and r["extra_flops_per_token"] > 0 for r in steps)
 
 
+@pytest.mark.train
 def test_competition_schedule_resumes_identically(corpus, write, tmp_path):
     """A run resumed from a checkpoint competes at the same (layer, step) pairs: per-step losses
     after the resume equal the uninterrupted run's."""

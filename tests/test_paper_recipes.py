@@ -101,6 +101,7 @@ def test_competesmoe_154m_init_statistics():
     assert 0.07 < out.pow(2).mean().sqrt().item() < 0.11
 
 
+@pytest.mark.train
 def test_competesmoe_at_rate_zero_is_its_baseline_bit_for_bit(cli, tmp_path):
     """With rate 0 the competition layer never competes: training losses, validation losses and the
     final weights equal the top-K SMoE baseline's exactly."""
@@ -124,6 +125,7 @@ def test_competesmoe_at_rate_zero_is_its_baseline_bit_for_bit(cli, tmp_path):
     assert val(tmp_path / "smoe") == val(tmp_path / "rate0") and val(tmp_path / "smoe")
 
 
+@pytest.mark.train
 def test_competition_agreement_is_logged(cli, tmp_path):
     result = cli("train", "papers/competesmoe/competesmoe-enwik8-s-tiny", "train.max_steps=3", "train.warmup_steps=0",
                  "train.log_every=1", "train.eval_batches=1", "train.batch_size=2", "data.max_documents=200",

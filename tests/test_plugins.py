@@ -129,6 +129,8 @@ def _recipe(corpus, write, router="kind: scaled_topk\n      temperature: 2.0", b
     return write("plugin.yaml", f"plugins: {plugins}\n{text}")
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_plugin_router_and_block_train_resume_and_build(plugin_dir, corpus, write, tmp_path):
     path = _recipe(corpus, write, max_steps=4, checkpoint_every=2, lr_schedule="constant")
     build = moectl(plugin_dir, "build", path, "--json")
@@ -158,6 +160,8 @@ def test_plugin_router_and_block_train_resume_and_build(plugin_dir, corpus, writ
     assert loaded.stdout.split()[:2] == ["ScaledTopK", "0.5"]
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_plugin_options_are_validated_like_built_in_ones(plugin_dir, corpus, write):
     typo = moectl(plugin_dir, "build", _recipe(corpus, write, router="kind: scaled_topk\n      temperatur: 2.0"))
     builtin = moectl(plugin_dir, "build", _recipe(corpus, write, router="kind: topk\n      jitter_epss: 0.1"))
@@ -176,6 +180,8 @@ def test_plugin_options_are_validated_like_built_in_ones(plugin_dir, corpus, wri
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_schema_lists_plugin_parts(plugin_dir):
     plain = moectl(plugin_dir, "recipes", "schema")
     loaded = moectl(plugin_dir, "recipes", "schema", "--plugin", "mylab.routers", "--plugin", "mylab.blocks")
@@ -187,6 +193,8 @@ def test_schema_lists_plugin_parts(plugin_dir):
     assert props["exclusiveMinimum"] == 0 and "Divide the router logits" in props["description"]
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_entry_point_plugins_load_without_a_recipe_key(plugin_dir):
     """A package that advertises `moectl.plugins` entry points is imported on every recipe load."""
     info = plugin_dir / "mylab-0.1.dist-info"
@@ -208,6 +216,8 @@ def test_entry_point_plugins_load_without_a_recipe_key(plugin_dir):
     ("mylab.imports_missing", "plugin 'mylab.imports_missing' failed to import"),
     ("mylab.not_a_router", "must be a subclass of moectl.core.routers.Router"),
 ])
+@pytest.mark.processes
+@pytest.mark.train
 def test_broken_plugins_are_named(plugin_dir, corpus, write, plugin, message):
     result = moectl(plugin_dir, "build", _recipe(corpus, write, plugins=f"[{plugin}]", router="kind: topk",
                                                  block="standard"))
@@ -215,6 +225,8 @@ def test_broken_plugins_are_named(plugin_dir, corpus, write, plugin, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_router_that_breaks_the_contract_is_named(plugin_dir, corpus, write, tmp_path):
     path = _recipe(corpus, write, plugins="[mylab.bad_output]", router="kind: bad_output", block="standard",
                    max_steps=2)
@@ -224,6 +236,8 @@ def test_router_that_breaks_the_contract_is_named(plugin_dir, corpus, write, tmp
     assert "weights_TK must have the shape of expert_ids_TK" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_a_router_failing_on_one_process_stops_the_run_with_its_message(plugin_dir, corpus, write, tmp_path):
     """The contract breaks on the second process only: that process says so, the first stops too
     (no hang), and the launcher exits with the failing process's code."""

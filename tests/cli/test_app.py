@@ -20,6 +20,7 @@ def test_help_lists_commands(cli):
     assert {"build", "train", "data", "recipes"} <= commands
 
 
+@pytest.mark.processes
 def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "moectl", "--help"],
                           capture_output=True, text=True, cwd=REPO, check=True)

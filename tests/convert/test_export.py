@@ -92,6 +92,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.processes
 def test_generated_code_matches_in_a_fresh_process(tmp_path):
     from safetensors.torch import save_file
 

@@ -9,7 +9,8 @@ import torch
 from moectl.core import triton_experts
 from moectl.core.experts import ExpertBank, run_experts, triton_usable
 
-pytestmark = pytest.mark.skipif(not triton_experts.AVAILABLE, reason="triton is not installed")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.skipif(not triton_experts.AVAILABLE, reason="triton is not installed")]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not triton_experts.interpreted() else "cpu")
 
 

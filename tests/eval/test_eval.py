@@ -154,6 +154,7 @@ def test_bad_input_exits_2_and_writes_nothing(case, trained_run, tmp_path, cli_m
     assert not (run / "eval").exists()
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("kind", ["expert_choice", "competition"])
 def test_router_specific_sections(kind, corpus, tmp_path, cli_module):
     overrides = (["model.moe.router.kind=expert_choice"] if kind == "expert_choice"

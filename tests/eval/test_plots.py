@@ -111,6 +111,7 @@ def test_without_matplotlib(tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.processes
 def test_importing_plots_does_not_import_matplotlib():
     import subprocess
 

@@ -11,6 +11,9 @@ from tests.conftest import train_recipe_text
 from tests.train.helpers import losses
 
 
+pytestmark = [pytest.mark.train, pytest.mark.processes]   # torch.compile starts its worker processes
+
+
 def _train(cli, corpus, write, tmp_path, name, **settings):
     recipe = write(f"{name}.yaml", train_recipe_text(corpus, max_steps=3, eval_every="null",
                                                      checkpoint_every="null", **settings))

@@ -19,6 +19,9 @@ from tests.conftest import REPO, train_recipe_text
 from tests.train.helpers import evals, losses
 
 
+pytestmark = [pytest.mark.processes, pytest.mark.train]
+
+
 def _start(args, env=None):
     return subprocess.Popen([sys.executable, "-m", "moectl", "train", *map(str, args), "-q"], cwd=REPO,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

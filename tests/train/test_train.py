@@ -23,6 +23,7 @@ def recipe_path(corpus, write):
     return make
 
 
+@pytest.mark.train
 def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     result = cli("train", recipe_path(), "--run-dir", run, "--quiet")
@@ -51,6 +52,7 @@ def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     assert torch.isfinite(next(loaded.model.parameters())).all()
 
 
+@pytest.mark.train
 def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
     """Without --quiet the run ends with a summary: final validation loss beside the validation
     tokens' unigram entropy, and the difference."""
@@ -66,12 +68,14 @@ def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
     assert f"below unigram entropy {gap:.4f} nats" in out
 
 
+@pytest.mark.train
 def test_keep_last(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     assert cli("train", recipe_path(max_steps=8, checkpoint_every=2, keep_last=2), "--run-dir", run, "-q").exit_code == 0
     assert [p.name for p in CheckpointDir(run / "checkpoints").steps()] == ["step-00000006", "step-00000008"]
 
 
+@pytest.mark.train
 def test_resume_is_exact(recipe_path, tmp_path):
     """2N steps straight equal N steps, resume, N steps: identical per-step losses and validation,
     with routing jitter and aux-loss-free biases (RNG and router state restored)."""
@@ -93,6 +97,7 @@ def test_resume_is_exact(recipe_path, tmp_path):
         assert torch.equal(st["exp_avg"], sb["state"][name]["exp_avg"]), name
 
 
+@pytest.mark.train
 def test_resume_refuses_other_model(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     path = recipe_path(max_steps=3)
@@ -109,6 +114,7 @@ def test_resume_refuses_other_model(cli, recipe_path, tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.train
 def test_resume_from_another_models_checkpoint(cli, recipe_path, tmp_path):
     """--resume PATH from a run of a different model: a clear error (exit 2), not a traceback, and
     the new run folder is not created."""
@@ -126,6 +132,7 @@ def test_resume_from_another_models_checkpoint(cli, recipe_path, tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.train
 def test_resume_from_older_checkpoint_rewrites_history(recipe_path, tmp_path):
     """Resuming a run from an older checkpoint of its own: the log keeps each step once (the later
     steps of the abandoned attempt are dropped), and replacing a checkpoint of the same step never
@@ -144,6 +151,7 @@ def test_resume_from_older_checkpoint_rewrites_history(recipe_path, tmp_path):
     assert ckpts.latest().name == "step-00000006"
 
 
+@pytest.mark.train
 def test_token_budget(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     assert cli("train", recipe_path(max_steps="null", max_tokens=500), "--run-dir", run, "-q").exit_code == 0
@@ -155,6 +163,7 @@ def test_no_budget_is_a_recipe_error(cli, recipe_path, tmp_path):
     assert result.exit_code == 2 and "train.max_steps" in result.stderr
 
 
+@pytest.mark.train
 def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
     path = recipe_path(max_steps=4, checkpoint_every=2, grad_clip=0, eval_every="null")
@@ -174,6 +183,7 @@ def test_nonfinite_stops_and_keeps_last_good(cli, recipe_path, tmp_path):
         assert torch.isfinite(p).all()
 
 
+@pytest.mark.train
 def test_nonfinite_skip(recipe_path, tmp_path, monkeypatch):
     """on_nonfinite: skip drops the bad step (no update) and the run goes on to the end."""
     import moectl.train.parallel as parallel
@@ -194,6 +204,7 @@ def test_nonfinite_skip(recipe_path, tmp_path, monkeypatch):
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.train
 def test_nonfinite_skip_gives_up(cli, recipe_path, tmp_path):
     """A run whose every step is non-finite stops after 20 skips in a row instead of spinning."""
     path = recipe_path(max_steps=30, grad_clip=0, on_nonfinite="skip", eval_every="null")
@@ -227,6 +238,7 @@ def _write(path, text):
     return f"['{path}']"
 
 
+@pytest.mark.train
 def test_activation_checkpointing_trains_the_same(recipe_path, tmp_path):
     path = recipe_path(max_steps=3, eval_every="null")
     train(load_recipe(path), run_dir=tmp_path / "a", resume="never", show_progress=False)
@@ -238,6 +250,7 @@ def test_activation_checkpointing_trains_the_same(recipe_path, tmp_path):
         assert abs(a[step] - b[step]) < 1e-5
 
 
+@pytest.mark.train
 def test_tensorboard(recipe_path, tmp_path):
     pytest.importorskip("tensorboard")
     path = recipe_path(max_steps=2, eval_every="null", tensorboard="true")
@@ -252,6 +265,7 @@ def test_tensorboard(recipe_path, tmp_path):
         assert tag in tags, tag
 
 
+@pytest.mark.train
 def test_cheap_routing_measures_are_logged(recipe_path, tmp_path):
     train(load_recipe(recipe_path(max_steps=2, eval_every=2)), run_dir=tmp_path / "a", resume="never",
           show_progress=False)
@@ -277,6 +291,7 @@ class _Evil:
         return os.mkdir, (self.marker,)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("target", ["optimizer.pt", "rng/rank-0.pt", "plan.pt"])
 def test_crafted_checkpoint_files_never_run(cli, recipe_path, tmp_path, target):
     """A pickle with code in it, in any .pt file of a checkpoint, is refused (exit 2) and never

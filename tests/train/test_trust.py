@@ -47,6 +47,7 @@ def lrs(run):
 # --------------------------------------------------------------------------- finished runs and budgets
 
 
+@pytest.mark.train
 def test_rerunning_a_finished_run_changes_nothing(cli, recipe_path, tmp_path):
     path, run = recipe_path(), tmp_path / "run"
     assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
@@ -59,6 +60,7 @@ def test_rerunning_a_finished_run_changes_nothing(cli, recipe_path, tmp_path):
     assert "NaN" not in (run / "logs" / "summary.json").read_text()
 
 
+@pytest.mark.train
 def test_extending_a_run_continues_the_learning_rate(cli, recipe_path, tmp_path):
     """The rule (docs/training.md): from the resume step the schedule starts at the learning rate
     the run had reached and follows its shape over the new remaining steps."""
@@ -98,6 +100,8 @@ def test_the_data_order_depends_on_the_global_batch_only():
         assert step_set(4, 2, 1, step) == step_set(4, 1, 2, step) == step_set(2, 2, 2, step)
 
 
+@pytest.mark.processes
+@pytest.mark.train
 @pytest.mark.slow
 def test_another_process_count_keeps_the_global_batch(recipe_path, tmp_path):
     path, run = recipe_path(max_steps=2, batch_size=2, grad_accum=2), tmp_path / "run"
@@ -118,6 +122,7 @@ def test_another_process_count_keeps_the_global_batch(recipe_path, tmp_path):
 # --------------------------------------------------------------------------- tokenizer and lock
 
 
+@pytest.mark.train
 def test_the_tokenizer_of_a_run_is_never_replaced(cli, corpus, write, tmp_path):
     run = tmp_path / "run"
     changed = tmp_path / "more"
@@ -138,6 +143,7 @@ def test_the_tokenizer_of_a_run_is_never_replaced(cli, corpus, write, tmp_path):
     assert r.exit_code == 2 and "is not the tokenizer of train.init_from" in r.output, r.output
 
 
+@pytest.mark.train
 def test_init_from_takes_build_save_and_another_run(cli, recipe_path, tmp_path):
     path = recipe_path(max_steps=2)
     assert cli("build", path, "--save", tmp_path / "init").exit_code == 0
@@ -152,6 +158,8 @@ def test_init_from_takes_build_save_and_another_run(cli, recipe_path, tmp_path):
     assert not torch.equal(a["embed.weight"], init["embed.weight"])   # it trained from there
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_a_run_folder_is_locked_while_it_trains(cli, recipe_path, tmp_path):
     from moectl.train.lock import RunLock
 
@@ -179,6 +187,7 @@ def test_a_run_folder_is_locked_while_it_trains(cli, recipe_path, tmp_path):
 # --------------------------------------------------------------------------- hostile checkpoints
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("target", ["optimizer.pt", "rng/rank-0.pt", "plan.pt"])
 def test_crafted_files_never_run_from_elsewhere_or_init_from(cli, recipe_path, tmp_path, target):
     """--resume PATH from another run and init_from never execute a checkpoint's pickles either."""
@@ -222,6 +231,7 @@ DAMAGE = [(f, k) for f in ("model.safetensors", "optimizer.pt", "rng/rank-0.pt")
     ("model.safetensors", "missing"), ("optimizer.pt", "missing")]
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("file,kind", DAMAGE, ids=[f"{f}-{k}" for f, k in DAMAGE])
 def test_a_damaged_checkpoint_names_the_older_intact_one(cli, recipe_path, tmp_path, file, kind):
     path, run = recipe_path(), tmp_path / "run"
@@ -235,6 +245,7 @@ def test_a_damaged_checkpoint_names_the_older_intact_one(cli, recipe_path, tmp_p
     assert "--resume" in r.output
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("content", ["", "garbage\x00\xff", "step-00000099", "../../etc", "step-00000004\nmore"])
 def test_a_bad_latest_file_names_a_complete_checkpoint(cli, recipe_path, tmp_path, content):
     path, run = recipe_path(), tmp_path / "run"
@@ -266,11 +277,13 @@ def test_run_names_cannot_escape_runs(cli, recipe_path, name):
     assert r.exit_code == 2 and "cannot name a run folder" in r.output, r.output
 
 
+@pytest.mark.train
 def test_quiet_prints_nothing_on_success(cli, recipe_path, tmp_path):
     r = cli("train", recipe_path(max_steps=2), "--run-dir", tmp_path / "run", "-q")
     assert r.exit_code == 0 and r.output == "", r.output
 
 
+@pytest.mark.train
 def test_non_causal_routers_are_said_to_be_so(cli, recipe_path, tmp_path):
     r = cli("train", recipe_path(max_steps=1), "model.moe.router.kind=expert_choice", "--run-dir", tmp_path / "r")
     assert r.exit_code == 0 and "router is not causal" in r.output, r.output
@@ -305,6 +318,8 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_a_full_disk_is_a_message(cli, recipe_path, tiny_disk, tmp_path):
     path = recipe_path(max_steps=2)
     r = cli("train", path, "--run-dir", tiny_disk / "run", "-q")
@@ -343,6 +358,8 @@ def test_impossible_paths_are_messages(cli, recipe_path, tmp_path, args):
     assert "Traceback" not in r.output and ("cannot" in r.output or "not a directory" in r.output.lower()), r.output
 
 
+@pytest.mark.processes
+@pytest.mark.train
 def test_stale_temporaries_are_cleaned(tmp_path):
     from moectl.fsutil import atomic_dir
 
@@ -399,6 +416,7 @@ def test_override_order_keeps_options():
     assert a.model.moe.router.p == b.model.moe.router.p == 0.6
 
 
+@pytest.mark.train
 def test_a_checkpoint_missing_a_tensor_is_refused(cli, recipe_path, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -412,6 +430,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused(cli, recipe_path, tmp_path):
     assert r.exit_code == 2 and "missing: layers.1.attn.wq.weight" in r.output and "step-00000002" in r.output, r.output
 
 
+@pytest.mark.train
 def test_a_run_from_before_a_new_key_resumes(cli, recipe_path, tmp_path):
     """Keys a newer moectl adds (with defaults) are not differences; real ones are named."""
     import yaml
