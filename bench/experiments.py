@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moectl.errors import MoectlError
-from moectl.eval.compare import compare_paths, fmt_stat, mean_sd, to_markdown
+from moectl.compare.comparison import compare_paths, fmt_stat, mean_sd, to_markdown
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
-"""Writing files so that they are complete or absent: temp name, fsync, rename."""
+"""Writing files so that they are complete or absent: temp name, fsync, rename. JSON that moectl
+writes follows one rule for numbers JSON cannot hold: NaN and infinities are written as null."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def fsync_tree(path: Path) -> None:
@@ -127,3 +131,25 @@ def _atomic_file(path: Path, fill) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, infinities) replaced by None, recursively: what
+    moectl writes to JSON (which has no such numbers) and prints with --json."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """Indented JSON of `value` under the non-finite rule (`json_safe`), with a final newline."""
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write `value` as JSON (`json_text`), complete or not at all."""
+    atomic_write_text(path, json_text(value))

@@ -19,9 +19,9 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without allocating the model."""  # noqa: E501
+    from moectl.build import build_report, render
     from moectl.errors import MoectlError
     from moectl.recipe.load import load_recipe
-    from moectl.report import build_report, render
 
     rec = load_recipe(recipe, overrides or [])
     if save is not None and save.exists():

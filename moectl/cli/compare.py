@@ -37,7 +37,7 @@ def compare(
     """Compare finished runs: validation loss, perplexity (and bits per byte and robustness from `moectl eval`, when every run has eval/results.json), routing entropy and imbalance, as mean ± sample sd per recipe, and each recipe's difference to the baseline paired by seed.
 
     Exit codes: 0 done, 2 bad input (a folder that is not a finished run, a damaged file, a run given twice, an unknown --baseline); nothing is written then."""  # noqa: E501
-    from moectl.eval.compare import compare_paths
+    from moectl.compare.comparison import compare_paths
 
     result = compare_paths(runs or [], group_by.value, baseline)
     if out is not None:
@@ -65,9 +65,9 @@ def _write(result, out: Path, console) -> str | None:
     curves file name or None."""
     from rich.markup import escape
 
+    from moectl.compare import plots
+    from moectl.compare.comparison import to_markdown
     from moectl.errors import MoectlError
-    from moectl.eval import plots
-    from moectl.eval.compare import to_markdown
     from moectl.fsutil import atomic_write_text
 
     curves = "curves.png" if plots.plots_available() else None
@@ -92,7 +92,7 @@ def _render(result, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from moectl.eval.compare import explanation, table
+    from moectl.compare.comparison import explanation, table
 
     header, rows = table(result)
     n_runs = sum(len(g.runs) for g in result.groups)

@@ -33,9 +33,20 @@ def generate(
     """Continue a prompt with a trained run's model and print the prompt and its continuation. Writes nothing.
 
     Routers that look at the whole batch (expert_choice) are refused; a capacity limit is off while generating (a note says so). Exit codes: 0 done, 2 bad run, prompt or option."""  # noqa: E501
+    from moectl.core.generation import GenerationError
     from moectl.errors import MoectlError
-    from moectl.eval.generate import capacity_note, check_generatable
-    from moectl.eval.generate import generate as sample
+
+    try:
+        _generate(run, prompt, max_new_tokens, temperature, top_k, top_p, seed, step, device, num_samples)
+    except GenerationError as e:
+        raise MoectlError(e.message, hint=e.hint) from None
+
+
+def _generate(run: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+              top_p: float | None, seed: int, step: int | None, device: str, num_samples: int) -> None:
+    from moectl.core.generation import capacity_note, check_generatable
+    from moectl.core.generation import generate as sample
+    from moectl.errors import MoectlError
     from moectl.runs import load_run
 
     single_process("generate")

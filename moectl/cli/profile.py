@@ -44,7 +44,7 @@ def profile(
 
     from moectl.errors import MoectlError
     from moectl.factory import build_model
-    from moectl.profiler import run_profile, write_json
+    from moectl.profile.run import run_profile, write_profile
     from moectl.recipe.load import load_recipe
     from moectl.train.optim import make_optimizer
     from moectl.train.trainer import resolve_precision
@@ -77,7 +77,7 @@ def profile(
                            seed=rec.seed)
     render(prof, out, weights, note)
     if json_out is not None:
-        write_json(prof, json_out)
+        write_profile(prof, json_out)
         out.print(f"numbers written to {json_out}")
     if trace is not None:
         out.print(f"trace written to {trace}")

@@ -77,7 +77,7 @@ def _interrupted(run_dir: Path) -> None:
 def _summary(r, console) -> None:
     from rich.table import Table
 
-    from moectl.report import human, human_bytes
+    from moectl.build import human, human_bytes
 
     t = Table(title=f"run summary ({r.run_dir})", title_justify="left", show_header=False)
     t.add_column(justify="left")

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+# Training FLOPs per forward FLOP: the backward pass costs twice the forward (docs/accounting.md).
+TRAIN_FLOPS_FACTOR = 3
+
 COMPONENT_ORDER = ("embedding", "attention", "norm", "dense_ffn", "router", "experts",
                    "shared_experts", "lm_head", "other")
 

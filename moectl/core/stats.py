@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from moectl.core.accounting import TRAIN_FLOPS_FACTOR
 from moectl.core.moe import RoutingRecord
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]   # sums a tensor over data-parallel processes
@@ -107,5 +108,5 @@ class RoutingAccumulator:
                 out[k] = v
         if totals[0]:
             # Extra work (forward + backward) per training token, reported apart from model FLOPs and MFU.
-            out["extra_flops_per_token"] = 3 * totals[0] / max(totals[1], 1)
+            out["extra_flops_per_token"] = TRAIN_FLOPS_FACTOR * totals[0] / max(totals[1], 1)
         return out

@@ -16,7 +16,7 @@ How requests become forwards:
 * loglikelihood_rolling(text): the text's tokens after an end-of-text token, in disjoint windows
   of seq_len predictions (the last window keeps a full context), every token scored once.
 * generate_until(context, kwargs): greedy decoding with the KV cache
-  (`moectl.eval.generate.generate_ids`), stopping at end-of-text, at an `until` string (cut from
+  (`moectl.core.generation.generate_ids`), stopping at end-of-text, at an `until` string (cut from
   the answer) or after `max_gen_toks` tokens (default 256). The context is left-truncated to leave
   room for them in the seq_len positions, keeping at least half of them (a small window then
   generates fewer tokens). Sampling settings of a task are ignored.
@@ -50,6 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moectl.core.generation import (
+    GenerationError,
+    check_generatable,
+    generate_ids,
+    non_causal_routers,
+)
 from moectl.errors import MoectlError, RuntimeFailure
 
 try:  # lm-eval is an extra (`pip install 'moectl[eval]'`); without it this module still imports
@@ -104,8 +110,6 @@ def score_windows(tokens: list[int], start: int, seq_len: int) -> list[tuple[lis
 def forward_mode(model: torch.nn.Module) -> tuple[dict[str, Any], str | None]:
     """(keyword arguments of every scoring forward, why requests may not share a padded forward or
     None when they may). See the module docstring."""
-    from moectl.eval.generate import non_causal_routers
-
     layers = model.routed_layers() if hasattr(model, "routed_layers") else []
     capped = any(getattr(layer, "capacity_factor", None) is not None for layer in layers)
     decodes = "decoding" in inspect.signature(model.forward).parameters
@@ -189,21 +193,23 @@ class MoectlLM(LM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        generate_ids, check_generatable = _generator()
-        check_generatable(self.model)
+        try:
+            check_generatable(self.model)
+        except GenerationError as e:
+            raise MoectlError(e.message, hint=e.hint) from None
         out = []
         bar, task = _progress(self.log is not None and not disable_tqdm, len(requests), "generate")
         with bar:
             for req in requests:
                 context, kwargs = req.args
-                out.append(self.generate_one(generate_ids, context, dict(kwargs or {})))
+                out.append(self.generate_one(context, dict(kwargs or {})))
                 self.cache_hook.add_partial("generate_until", req.args, out[-1])
                 bar.advance(task)
         return out
 
     # ----------------------------------------------------------------- the work
 
-    def generate_one(self, generate_ids, context: str, kwargs: dict[str, Any]) -> str:
+    def generate_one(self, context: str, kwargs: dict[str, Any]) -> str:
         """Greedy continuation of `context`, cut at the first `until` string."""
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else [u for u in until if u]
@@ -269,13 +275,6 @@ class MoectlLM(LM):
             target = torch.tensor(w.targets, dtype=torch.long, device=logp.device)
             total = logp.gather(-1, target[:, None]).double().sum().item()
             yield w.request, total, bool((logp.argmax(-1) == target).all())
-
-
-def _generator() -> tuple[Callable[..., list[int]], Callable[[Any], Any]]:
-    """moectl's decoder: (generate_ids, check_generatable)."""
-    from moectl.eval.generate import check_generatable, generate_ids
-
-    return generate_ids, check_generatable
 
 
 # --------------------------------------------------------------------------- tasks

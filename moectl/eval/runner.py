@@ -262,7 +262,7 @@ def write_results(results: dict[str, Any], target: Path, run_dir: Path | None, *
 
 
 def _plots(results: dict[str, Any], target: Path, run_dir: Path | None, log) -> list[Path]:
-    from moectl.eval import plots
+    from moectl.compare import plots
 
     if not plots.plots_available():
         log(f"no plots: matplotlib is not installed ({plots.PLOT_HINT}); results.json and the tables are complete")

@@ -1,15 +1,12 @@
-"""Where a run's measurements go: logs/metrics.jsonl and TensorBoard; the device's peak FLOP/s
-(the MFU denominator) and peak memory. The routing statistics themselves are `moectl.core.stats`."""
+"""Where a run's measurements go: logs/metrics.jsonl and TensorBoard. The routing statistics
+themselves are `moectl.core.stats`; the device's peaks are `moectl.profile.measure`."""
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from moectl.errors import MoectlError
 from moectl.fsutil import atomic_write_text
@@ -74,30 +71,3 @@ class MetricsLog:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matrix product on this device and dtype: the MFU denominator, measured
-    rather than taken from a datasheet."""
-    n = 4096 if device.type == "cuda" else 1024
-    g = torch.Generator(device=device).manual_seed(0)   # leaves the global generators untouched
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    reps = 20 if device.type == "cuda" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -46,12 +46,13 @@ from moectl.errors import Issue, MoectlError, RecipeError, RuntimeFailure
 from moectl.eval.validation import evaluate
 from moectl.factory import build_model
 from moectl.fsutil import atomic_copy, atomic_write_text
+from moectl.profile import measure
 from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
 from moectl.runs import check_same_run, resume_point
 from moectl.train import parallel
 from moectl.train.lock import RunLock
-from moectl.train.metrics import MetricsLog, measure_peak_flops, peak_memory_bytes
+from moectl.train.metrics import MetricsLog
 from moectl.train.optim import Schedule, apply_hyperparameters, make_optimizer, set_lr
 from moectl.train.progress import Progress
 
@@ -272,7 +273,7 @@ class Trainer:
             from moectl.train.compiling import compile_model
 
             compile_model(self.core, lambda m: self.log(f"warning: {m}"))
-        self.flops_per_token = 3 * self.core.flops_per_token()
+        self.flops_per_token = measure.train_flops_per_token(self.core)
         self.aliases = tied_aliases(self.core)   # before sharding, which hides them
         self.model = parallel.wrap(self.core, self.cfg.parallel, procs)
         self.core.count_reducer = parallel.all_reduce_sum if procs.world > 1 else None
@@ -485,7 +486,9 @@ class Trainer:
             self.log(f"{self.run_dir} has already run {self.state.step} of {self.total_steps} steps; nothing to do")
             return self._finished_summary()
         self.metrics = MetricsLog(self.run_dir, self.procs.main, self.cfg.tensorboard, resume_step=self.state.step)
-        self.peak_flops = measure_peak_flops(self.procs.device, torch.bfloat16 if self.bf16 else torch.float32)
+        # a small matmul: measured at every start, it must be quick (a profile measures a larger one)
+        self.peak_flops = measure.peak_flops(self.procs.device, torch.bfloat16 if self.bf16 else torch.float32,
+                                             size=4096 if self.procs.device.type == "cuda" else 1024, reps=5)
         self.window = LogWindow()
         self.progress = Progress(self.show_progress, self.total_steps, self.state.step, self.console)
         t_start, first_step = time.perf_counter(), self.state.step
@@ -647,7 +650,7 @@ class Trainer:
         result = TrainResult(
             run_dir=str(self.run_dir), steps=self.total_steps, tokens=self.state.tokens, seconds=seconds,
             tokens_per_s=steps_run * self.tokens_per_step / max(seconds, 1e-9),
-            peak_memory_bytes=peak_memory_bytes(self.procs.device), final_val_loss=self.state.val_loss,
+            peak_memory_bytes=measure.peak_memory(self.procs.device)[0] or 0, final_val_loss=self.state.val_loss,
             val_unigram_entropy=self.data.index["val_unigram_entropy"], skipped_steps=self.state.skipped,
             steps_run=steps_run)
         if self.procs.main:

@@ -211,7 +211,6 @@ def test_score_windows_cover_every_target_once():
 
 
 def test_generate_until_is_greedy_and_stops(run):
-    pytest.importorskip("moectl.eval.generate", reason="moectl.eval.generate is not available")
     tok, model = run.tokenizer, run.model
     context = "def add(a, b):\n    "
     ids = tok.encode(context)

@@ -10,7 +10,6 @@ from moectl.train import compiling
 from tests.conftest import train_recipe_text
 from tests.train.helpers import losses
 
-
 pytestmark = [pytest.mark.train, pytest.mark.processes]   # torch.compile starts its worker processes
 
 

@@ -18,7 +18,6 @@ from moectl.train.trainer import train
 from tests.conftest import REPO, train_recipe_text
 from tests.train.helpers import evals, losses
 
-
 pytestmark = [pytest.mark.processes, pytest.mark.train]
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from moectl.compare import plots
 from moectl.errors import MoectlError
-from moectl.eval import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -115,6 +115,6 @@ def test_without_matplotlib(tmp_path, monkeypatch):
 def test_importing_plots_does_not_import_matplotlib():
     import subprocess
 
-    code = "import sys, moectl.eval.plots, moectl.eval.compare; print('matplotlib' in sys.modules)"
+    code = "import sys, moectl.compare.plots, moectl.compare.comparison; print('matplotlib' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"

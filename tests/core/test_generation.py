@@ -1,4 +1,4 @@
-"""`moectl generate` and `moectl.eval.generate`: KV-cache parity, sampling, limits and refusals."""
+"""`moectl generate` and `moectl.core.generation`: KV-cache parity, sampling, limits and refusals."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ import torch
 
 from moectl.core import MoETransformer
 from moectl.core.compete import CompetitionOptions
-from moectl.errors import MoectlError
-from moectl.eval.generate import check_generatable, generate, generate_ids, next_token
+from moectl.core.generation import (
+    GenerationError,
+    check_generatable,
+    generate,
+    generate_ids,
+    next_token,
+)
 from tests.conftest import train_recipe_text
 from tests.core.helpers import tiny_args
 
@@ -151,7 +156,7 @@ def test_generation_stops_at_seq_len():
     assert len(result.ids) == 6 and result.stopped == "seq_len"
     assert generate(model, list(range(10)), 6).stopped == "max_new_tokens"
     assert generate_ids(model, list(range(16)), 5) == []
-    with pytest.raises(MoectlError, match="longer than the model's 16 positions"):
+    with pytest.raises(GenerationError, match="longer than the model's 16 positions"):
         generate_ids(model, list(range(17)), 5)
 
 
@@ -170,18 +175,18 @@ def test_bad_settings_are_refused():
     model = tiny_model()
     for kwargs in (dict(temperature=-1.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=0.0),
                    dict(temperature=1.0, top_p=1.5)):
-        with pytest.raises(MoectlError):
+        with pytest.raises(GenerationError):
             generate_ids(model, [1], 3, **kwargs)
-    with pytest.raises(MoectlError, match="prompt is empty"):
+    with pytest.raises(GenerationError, match="prompt is empty"):
         generate_ids(model, [], 3)
 
 
 def test_expert_choice_is_refused():
     model = tiny_model(router_kind="expert_choice")
-    with pytest.raises(MoectlError, match="expert_choice: it is not causal") as err:
+    with pytest.raises(GenerationError, match="expert_choice: it is not causal") as err:
         check_generatable(model)
-    assert err.value.exit_code == 2
-    with pytest.raises(MoectlError, match="not causal"):
+    assert err.value.hint
+    with pytest.raises(GenerationError, match="not causal"):
         generate_ids(model, [1, 2], 3)
     check_generatable(tiny_model())
 

@@ -1,4 +1,4 @@
-"""`moectl compare` and moectl.eval.compare: grouping by recipe, mean / sample sd / paired
+"""`moectl compare` and moectl.compare.comparison: grouping by recipe, mean / sample sd / paired
 differences checked by hand against the runs' summaries, the files written, and bad input
 refused with exit code 2 and nothing written."""
 
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moectl.eval import compare as C
-from moectl.eval.plots import PLOT_HINT
+from moectl.compare.plots import PLOT_HINT
+from moectl.compare import comparison as C
 from tests.eval.conftest import train_run
-from tests.eval.test_plots import read_png
+from tests.compare.test_plots import read_png
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_kernel_shares_and_attribution_on_a_known_graph():
     """Forward ops inside a label and their backward nodes land in that label's stage."""
     from torch.profiler import profile, record_function
 
-    from moectl.profiler import attribute
+    from moectl.profile.attribution import attribute
 
     x = torch.randn(64, 64, requires_grad=True)
     w = torch.randn(64, 64, requires_grad=True)
@@ -109,7 +109,7 @@ def test_profile_takes_a_folder_weights_and_refuses_damaged_ones(cli, tmp_path):
 
 def test_profile_leaves_the_weights_as_they_were_and_json_has_no_nan(tmp_path):
     from moectl.factory import build_model
-    from moectl.profiler import run_profile, write_json
+    from moectl.profile.run import run_profile, write_profile
     from moectl.recipe.load import load_recipe
     from moectl.train.optim import make_optimizer
 
@@ -122,13 +122,13 @@ def test_profile_leaves_the_weights_as_they_were_and_json_has_no_nan(tmp_path):
         assert torch.equal(v, before[k]), k
     prof.backends = []
     prof.kernel_share["other"] = float("nan")
-    write_json(prof, tmp_path / "p.json")
+    write_profile(prof, tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())["kernel_share"]["other"] is None
 
 
 def test_a_trace_the_profiler_could_not_write_is_an_error(tmp_path):
     from moectl.errors import MoectlError
-    from moectl.profiler import export_trace
+    from moectl.profile.run import export_trace
 
     class Silent:   # torch.profiler only logs a failed export
         def export_chrome_trace(self, path):
@@ -140,13 +140,13 @@ def test_a_trace_the_profiler_could_not_write_is_an_error(tmp_path):
 
 
 def test_out_of_memory_is_a_message(cli, monkeypatch):
-    import moectl.profiler
+    import moectl.profile.run
 
     def no_memory(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 1099511627776 bytes.")
 
-    monkeypatch.setattr(moectl.profiler, "run_profile", no_memory)
+    monkeypatch.setattr(moectl.profile.run, "run_profile", no_memory)
     result = cli("profile", "quickstart", *SMALL)
     assert result.exit_code == 2 and "out of memory" in result.stderr and "--batch-size" in result.stderr
     assert "Traceback" not in result.output

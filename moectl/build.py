@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from moectl.core.accounting import TRAIN_FLOPS_FACTOR
 from moectl.recipe.schema import Recipe
 
 
@@ -37,7 +38,7 @@ class BuildReport:
 
     @property
     def flops_train(self) -> int:
-        return 3 * self.flops_forward
+        return TRAIN_FLOPS_FACTOR * self.flops_forward
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,7 +73,7 @@ def build_report(recipe: Recipe) -> BuildReport:
             for note in getattr(module, "build_notes", lambda: [])():
                 if note not in notes:
                     notes.append(note)
-        extra = 3 * sum(layer.expected_extra_flops_per_token(len(layers)) for layer in layers)
+        extra = TRAIN_FLOPS_FACTOR * sum(layer.expected_extra_flops_per_token(len(layers)) for layer in layers)
         if extra:
             moe_info["extra_train_flops_per_token"] = round(extra)
             notes.append(f"about {human(extra)} extra training FLOPs per token on average, beyond routing to top_k "

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from moectl.errors import MoectlError
+from moectl.fsutil import json_safe
 
 FORMAT = "moectl.compare"
 VERSION = 1
@@ -416,7 +417,7 @@ class Comparison:
     def to_dict(self, curves: str | None = None) -> dict[str, Any]:
         """The compare.json document (format moectl.compare, version 1; docs/compare.md); `curves`:
         the file name of the validation-curve plot written next to it, if any."""
-        return _finite({
+        return json_safe({
             "format": FORMAT, "version": VERSION, "group_by": self.group_by, "source": self.source,
             "baseline": self.baseline,
             "metrics": [{"key": m.key, "label": m.label, "unit": m.unit} for m in self.metrics()],
@@ -435,17 +436,6 @@ def _group_dict(g: Group) -> dict[str, Any]:
                  for r, m in zip(g.runs, g.metrics, strict=True)],
         "stats": g.stats, "paired": g.paired, "differs_from_baseline": g.differs,
     }
-
-
-def _finite(x: Any) -> Any:
-    """JSON-safe: non-finite floats become null."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def compare_runs(runs: list[RunData], group_by: str = "recipe", baseline: str | None = None) -> Comparison:

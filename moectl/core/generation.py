@@ -7,7 +7,9 @@ gets the logits it would get in one forward over the whole sequence with `decodi
 
 Sampling runs on the CPU in fp32 with its own `torch.Generator` seeded from `seed`: the same
 seed gives the same tokens on every call (and the global random generators are never touched).
-Generation never goes past the model's trained `seq_len` positions: it stops there.
+Generation never goes past the model's trained `seq_len` positions: it stops there. A request
+that cannot be served (an empty or too long prompt, bad sampling settings, a router that is not
+causal) raises `GenerationError`, which the command line prints as a message.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from moectl.errors import MoectlError
+import torch
 
 if TYPE_CHECKING:
-    import torch
-
-    from moectl.core import MoETransformer
+    from moectl.core.model import MoETransformer
 
 StopReason = Literal["max_new_tokens", "stop_id", "stop", "seq_len"]
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot be served, with a hint on what to change."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
 
 
 @dataclass
@@ -44,11 +52,11 @@ def non_causal_routers(model: MoETransformer) -> list[str]:
 
 
 def check_generatable(model: MoETransformer) -> None:
-    """Refuse (MoectlError, exit code 2) a model whose routing looks at the whole batch: decoding
+    """Refuse (GenerationError) a model whose routing looks at the whole batch: decoding
     one token at a time would route it differently from training and give wrong text."""
     kinds = non_causal_routers(model)
     if kinds:
-        raise MoectlError(
+        raise GenerationError(
             f"cannot generate with router {', '.join(kinds)}: it is not causal (a token's experts depend on "
             "the other tokens of the batch, later ones included), so a token decoded alone would be routed "
             "unlike in training and the text would be wrong",
@@ -68,19 +76,19 @@ def capacity_note(model: MoETransformer) -> str | None:
 def _check_settings(prompt_ids: list[int], max_new_tokens: int, seq_len: int, temperature: float,
                     top_k: int | None, top_p: float | None) -> None:
     if not prompt_ids:
-        raise MoectlError("the prompt is empty: generation continues a prompt of at least one token",
+        raise GenerationError("the prompt is empty: generation continues a prompt of at least one token",
                           hint="give some prompt text")
     if len(prompt_ids) > seq_len:
-        raise MoectlError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's {seq_len} positions "
+        raise GenerationError(f"the prompt is {len(prompt_ids)} tokens, longer than the model's {seq_len} positions "
                           f"(model.seq_len)", hint=f"shorten the prompt to at most {seq_len - 1} tokens")
     if max_new_tokens < 0:
-        raise MoectlError(f"max_new_tokens must be at least 0, not {max_new_tokens}")
+        raise GenerationError(f"max_new_tokens must be at least 0, not {max_new_tokens}")
     if not temperature >= 0:
-        raise MoectlError(f"temperature must be at least 0 (0 = greedy), not {temperature}")
+        raise GenerationError(f"temperature must be at least 0 (0 = greedy), not {temperature}")
     if top_k is not None and top_k < 1:
-        raise MoectlError(f"top_k must be at least 1, not {top_k}", hint="leave it unset to sample from every token")
+        raise GenerationError(f"top_k must be at least 1, not {top_k}", hint="leave it unset to sample from every token")
     if top_p is not None and not 0 < top_p <= 1:
-        raise MoectlError(f"top_p must lie in (0, 1], not {top_p}", hint="leave it unset to sample from every token")
+        raise GenerationError(f"top_p must lie in (0, 1], not {top_p}", hint="leave it unset to sample from every token")
 
 
 def next_token(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -88,8 +96,6 @@ def next_token(logits_V: torch.Tensor, temperature: float, top_k: int | None, to
     """One token from next-token logits: the most probable at temperature 0, else a draw from
     softmax(logits / temperature) restricted to the top_k most probable tokens and then to the
     smallest set of most probable ones whose probability reaches top_p (at least one)."""
-    import torch
-
     logits = logits_V.detach().float().cpu()
     if temperature == 0:
         return int(logits.argmax())
@@ -112,8 +118,6 @@ def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, 
              stop: Callable[[list[int]], bool] | None = None) -> Generation:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens (see `generate_ids`); also says why
     it stopped. The model is run in eval mode under inference mode and left as it was."""
-    import torch
-
     check_generatable(model)
     seq_len = model.args.seq_len
     _check_settings(prompt_ids, max_new_tokens, seq_len, temperature, top_k, top_p)
@@ -151,7 +155,7 @@ def generate_ids(model: MoETransformer, prompt_ids: list[int], max_new_tokens: i
     probability `top_p`, with a generator seeded from `seed` (the same seed, the same tokens).
     Generation stops early when it samples one of `stop_ids` (which is not returned), when
     `stop(new_ids)` is true (the ids that made it true are returned), or when prompt and new
-    tokens fill the model's `seq_len` positions. Refuses (MoectlError, exit code 2) a model with a
+    tokens fill the model's `seq_len` positions. Refuses (GenerationError) a model with a
     non-causal router, an empty prompt, a prompt longer than seq_len, and bad settings."""
     return generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stop_ids=stop_ids, stop=stop).ids

@@ -264,7 +264,7 @@ def _tokens_per_step(curves: list[tuple[list[int], list[float], list[Any]]]) -> 
 def training_curves(runs: list[tuple[str, Path]], path: str | Path) -> Path:
     """Training loss (left; smoothed, the raw values faint, when there are many points) and
     validation loss (right) against step, one colour per run (label, run folder)."""
-    from moectl.eval.compare import read_metrics, validation_curve
+    from moectl.compare.comparison import read_metrics, validation_curve
 
     fig = _figure(11, 4.4)
     ax_train, ax_val = fig.subplots(1, 2)
@@ -303,7 +303,7 @@ def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int],
 def compare_curves(groups: dict[str, list[tuple[str, Path]]], path: str | Path) -> Path:
     """Validation loss against step for groups of runs ({group label: [(run label, run folder)]}):
     one colour per group, each run thin, the group's mean over its runs bold."""
-    from moectl.eval.compare import read_metrics, validation_curve
+    from moectl.compare.comparison import read_metrics, validation_curve
 
     fig = _figure(8.5, 5.2)
     ax = fig.add_subplot()
