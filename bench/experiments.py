@@ -19,7 +19,6 @@ cores / N threads (a run's numbers depend on its thread count: docs/experiments.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,8 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moectl.errors import MoectlError
 from moectl.compare.comparison import compare_paths, fmt_stat, mean_sd, to_markdown
+from moectl.errors import MoectlError
+from moectl.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,10 @@ def _run(cmd: list[str], threads: int) -> None:
 def produce(arm: Arm, seed: int, out: Path, threads: int) -> None:
     """Train (unless finished) and evaluate (unless evaluated) one run."""
     target = run_dir(out, arm, seed)
-    if not (target / "logs" / "summary.json").is_file():
+    run = RunDir(target)
+    if not run.summary.is_file():
         _run(train_cmd(arm, seed, target), threads)
-    if not (target / "eval" / "results.json").is_file():
+    if not run.eval_results.is_file():
         _run(eval_cmd(target), threads)
 
 
@@ -126,11 +127,11 @@ def _stat(values: list[float | None], digits: int) -> str:
 
 
 def _results(target: Path) -> dict:
-    return json.loads((target / "eval" / "results.json").read_text())
+    return RunDir(target).read_eval_results()
 
 
 def _records(target: Path) -> list[dict]:
-    return [json.loads(line) for line in (target / "logs" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return RunDir(target).read_metrics()
 
 
 def _mean_offdiag(matrix: list[list[float]], adjacent: bool) -> float:

@@ -17,7 +17,6 @@ reference), then again in another folder, killing the process with SIGKILL at a 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import signal
@@ -29,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from moectl.rundir import RunDir, step_of  # noqa: E402  (the repository's moectl, put on the path above)
 
 RECIPE = """\
 name: sigkill
@@ -61,28 +62,19 @@ def start(recipe: Path, run: Path) -> subprocess.Popen:
 
 
 def complete_steps(run: Path) -> set[int]:
-    from moectl.checkpoint import CheckpointDir, step_of
-
     try:
-        return {step_of(p) for p in CheckpointDir(run / "checkpoints").steps()}
+        return {step_of(p) for p in RunDir(run).checkpoints.steps()}
     except OSError:
         return set()
 
 
 def latest_step(run: Path) -> int | None:
-    from moectl.checkpoint import CheckpointDir, step_of
-
-    latest = CheckpointDir(run / "checkpoints").latest()   # raises if it names a broken folder
+    latest = RunDir(run).checkpoints.latest()   # raises if it names a broken folder
     return step_of(latest) if latest is not None else None
 
 
 def losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "logs" / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["type"] == "train":
-            out[rec["step"]] = rec["loss"]
-    return out
+    return {rec["step"]: rec["loss"] for rec in RunDir(run).read_metrics() if rec["type"] == "train"}
 
 
 def main() -> int:
@@ -125,7 +117,7 @@ def main() -> int:
         now = complete_steps(run)
         lost += len(seen - now)
         seen |= now
-        if list((run / "checkpoints").glob(".step-*")) if (run / "checkpoints").is_dir() else []:
+        if RunDir(run).checkpoints.temporaries():
             mid_write += 1
         step = latest_step(run)
         if step is not None:

@@ -1,12 +1,22 @@
-"""`moectl build`: what a recipe's model costs, computed on the meta device (nothing allocated)."""
+"""`moectl build`: what a recipe's model costs, computed on the meta device (nothing allocated), and
+an initialised model folder (`--save`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from moectl.core.accounting import TRAIN_FLOPS_FACTOR
+from rich.table import Table
+from safetensors.torch import save_model
+
+from moectl.core.accounting import TRAIN_FLOPS_FACTOR, count_parameters, training_memory
+from moectl.core.init import describe
+from moectl.factory import build_model
+from moectl.fsutil import atomic_dir
+from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
+from moectl.rundir import ModelFolder
 
 
 def human(n: float, unit: str = "") -> str:
@@ -53,9 +63,6 @@ class BuildReport:
 
 
 def build_report(recipe: Recipe) -> BuildReport:
-    from moectl.core import count_parameters, training_memory
-    from moectl.factory import build_model
-
     model = build_model(recipe, device="meta")
     counts = count_parameters(model)
     mem = training_memory(counts.total)
@@ -78,8 +85,6 @@ def build_report(recipe: Recipe) -> BuildReport:
             moe_info["extra_train_flops_per_token"] = round(extra)
             notes.append(f"about {human(extra)} extra training FLOPs per token on average, beyond routing to top_k "
                          "experts; not part of the FLOPs or MFU above.")
-    from moectl.core.init import describe
-
     cfg = recipe.model
     notes.append(describe(cfg.init, m.init if m else None, m.router_init if m else None, cfg.init_std,
                           cfg.scale_residual_init) + ".")
@@ -94,8 +99,6 @@ def build_report(recipe: Recipe) -> BuildReport:
 
 
 def render(report: BuildReport, console) -> None:
-    from rich.table import Table
-
     table = Table(title=f"{report.name}: parameters", title_justify="left")
     table.add_column("component")
     table.add_column("total", justify="right")
@@ -126,3 +129,13 @@ def render(report: BuildReport, console) -> None:
                   f"{human_bytes(mem['total'])}")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
+
+
+def save_initial(recipe: Recipe, target: Path) -> None:
+    """An initialised model (from the recipe's seed) and its resolved recipe, written atomically as
+    a model folder that `moectl train --resume`, `train.init_from`, `eval` and `profile` read."""
+    model = build_model(recipe)
+    with atomic_dir(Path(target)) as tmp:
+        folder = ModelFolder(tmp)
+        save_model(model, str(folder.weights))
+        folder.write_recipe(dump_recipe(recipe))

@@ -1,6 +1,6 @@
 """Checkpoints: complete or absent, and nothing in them can execute code when read.
 
-A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` (its file names are `moectl.rundir`'s) holding
   model.safetensors   full model state (weights and persistent buffers such as router biases)
   optimizer.pt        full optimizer state, keyed by parameter name (any process count can load it)
   trainer.json        step, tokens seen, skipped steps, data position
@@ -20,117 +20,33 @@ and trainer state too; what resuming a run needs).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
 from moectl.errors import MoectlError
-from moectl.fsutil import atomic_dir, atomic_write_text, fsync_dir, fsync_tree
-from moectl.recipe.load import dump_recipe
-from moectl.recipe.schema import Recipe
+from moectl.fsutil import fsync_dir, fsync_tree
+from moectl.rundir import CheckpointDir, ModelFolder
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-MODEL_FILE, OPTIMIZER_FILE, TRAINER_FILE, PLAN_FILE, META_FILE = (
-    "model.safetensors", "optimizer.pt", "trainer.json", "plan.pt", "meta.json")
 SAME_MODEL_HINT = "the recipe's model section must be the one the checkpoint was trained with"
-
-
-def save_initial(recipe: Recipe, target: Path) -> None:
-    """An initialised model (from the recipe's seed) and its resolved recipe, written atomically."""
-    from safetensors.torch import save_model
-
-    from moectl.factory import build_model
-
-    model = build_model(recipe)
-    with atomic_dir(Path(target)) as tmp:
-        save_model(model, str(tmp / MODEL_FILE))
-        (tmp / "config.yaml").write_text(dump_recipe(recipe))
-
-
-# --------------------------------------------------------------------------- folders
-
-
-@dataclass
-class CheckpointDir:
-    """The checkpoints/ folder of a run."""
-
-    root: Path
-
-    @property
-    def latest_file(self) -> Path:
-        return self.root / "latest"
-
-    def step_dir(self, step: int) -> Path:
-        return self.root / f"step-{step:08d}"
-
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, following `latest`."""
-        if not self.latest_file.is_file():
-            return None
-        try:
-            name = self.latest_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise MoectlError(f"{self.latest_file} cannot be read ({type(e).__name__})",
-                              hint=self.recovery_hint()) from None
-        path = self.root / name
-        if not STEP_DIR.match(name) or not (path / META_FILE).is_file():
-            raise MoectlError(f"{self.latest_file} names {name[:80]!r}, which is not a complete checkpoint",
-                              hint=self.recovery_hint())
-        return path
-
-    def recovery_hint(self, damaged: Path | None = None) -> str:
-        """How to go on when a checkpoint (`damaged`) or `latest` cannot be used: name the newest
-        other complete checkpoint, if there is one."""
-        try:
-            others = [p for p in self.steps() if damaged is None or p.resolve() != Path(damaged).resolve()]
-        except OSError:
-            others = []
-        if not others:
-            return "no other complete checkpoint exists: start again with --resume never (in a new --run-dir)"
-        return (f"the newest other complete checkpoint is {others[-1]}: resume from it with --resume {others[-1]}, "
-                f"or write {others[-1].name} into {self.latest_file}")
-
-    def steps(self) -> list[Path]:
-        return sorted(p for p in self.root.glob("step-*") if STEP_DIR.match(p.name) and (p / META_FILE).is_file())
-
-    def clean_temporaries(self) -> None:
-        """Remove half-written checkpoints left by a killed process."""
-        for p in self.root.glob(".step-*.tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
-
-    def release(self, path: Path) -> None:
-        """Before `path` is replaced: if `latest` names it, point `latest` at the newest other
-        complete checkpoint (or remove it when there is none), so it never names a missing folder."""
-        if not self.latest_file.is_file() or self.latest_file.read_text().strip() != path.name:
-            return
-        others = [p for p in self.steps() if p != path]
-        if others:
-            atomic_write_text(self.latest_file, others[-1].name + "\n")
-        else:
-            self.latest_file.unlink()
-        fsync_dir(self.root)
-
-    def prune(self, keep_last: int) -> None:
-        latest = self.latest()
-        for p in self.steps()[:-keep_last]:
-            if p != latest:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def is_checkpoint(path: Path) -> bool:
-    return (path / META_FILE).is_file() and (path / MODEL_FILE).is_file()
-
-
-def step_of(path: Path) -> int | None:
-    """The step of a step-NNNNNNNN folder (None for any other folder)."""
-    m = STEP_DIR.match(Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------- random generators
@@ -138,9 +54,6 @@ def step_of(path: Path) -> int | None:
 
 def rng_state() -> dict[str, Any]:
     """This process's random generators, as tensors and numbers only (safe to read back)."""
-    import numpy as np
-    import torch
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -151,9 +64,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
@@ -164,10 +74,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _load_pt(path: Path) -> Any:
     """A checkpoint's .pt file: tensors, numbers and strings only; never executes code."""
-    import pickle
-
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -188,50 +94,42 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
     """Collective: every process calls it. Rank 0 writes model, optimizer and trainer state; every
     rank writes its RNG state; rank 0 then publishes the folder and moves `latest`. `aliases`
     (tied weights, see `tied_aliases` of the unwrapped model) are stored once, under their first name."""
-    import torch
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
     for alias in aliases or {}:      # a sharded model gathers tied weights as separate copies
         model_state.pop(alias, None)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
     final = ckpts.step_dir(step)
-    tmp = ckpts.root / f".{final.name}.tmp-shared"
+    tmp = ModelFolder(ckpts.temporary(step))
     if rank == 0:
         ckpts.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        tmp.rng_dir.mkdir(parents=True)
     barrier()
-    torch.save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
+    torch.save(rng_state(), tmp.rng(rank))
     barrier()
     if rank == 0:
         try:
-            save_file(_dedupe_shared(model_state), str(tmp / MODEL_FILE))
-            torch.save(optim_state, tmp / OPTIMIZER_FILE)
-            (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=2))
+            save_file(_dedupe_shared(model_state), str(tmp.weights))
+            torch.save(optim_state, tmp.optimizer)
+            tmp.trainer.write_text(json.dumps(trainer, indent=2))
             if plan_state is not None:
-                torch.save(plan_state, tmp / PLAN_FILE)
+                torch.save(plan_state, tmp.plan)
             delay = float(os.environ.get("MOECTL_CHECKPOINT_DELAY", "0"))  # fault-injection for tests
             if delay:
                 time.sleep(delay)
-            (tmp / META_FILE).write_text(json.dumps({**meta, "step": step, "world_size": world_size,
-                                                     "time": time.time()}, indent=2))
-            fsync_tree(tmp)
+            tmp.meta.write_text(json.dumps({**meta, "step": step, "world_size": world_size, "time": time.time()},
+                                           indent=2))
+            fsync_tree(tmp.path)
             if final.exists():  # a checkpoint of this step from an earlier attempt
                 ckpts.release(final)
                 shutil.rmtree(final)
-            os.rename(tmp, final)
+            os.rename(tmp.path, final)
             fsync_dir(ckpts.root)
-            atomic_write_text(ckpts.latest_file, final.name + "\n")
+            ckpts.publish(final)
             ckpts.prune(keep_last)
         except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp.path, ignore_errors=True)
             problem = _write_failure(e, ckpts.root, model_state, optim_state)
             if problem is not None:
                 raise problem from None
@@ -243,8 +141,6 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
 def _write_failure(e: BaseException, root: Path, *states: Any) -> MoectlError | None:
     """A clear error for a checkpoint that could not be written (a full disk, a folder gone
     read-only); None for anything else. torch.save reports a full disk as a RuntimeError."""
-    import errno
-
     text = str(e)
     full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
         isinstance(e, RuntimeError) and "failed writing" in text)
@@ -305,12 +201,9 @@ def tied_aliases(model) -> dict[str, str]:
 
 def read_weights(path: Path, device: Any = "cpu") -> dict[str, Any]:
     """The tensors of a checkpoint's model.safetensors, with a clear error for a missing or damaged file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(path) / MODEL_FILE
+    file = ModelFolder(path).weights
     if not file.is_file():
-        raise MoectlError(f"{path} holds no {MODEL_FILE}", hint="give a complete checkpoint (a step-* folder)")
+        raise MoectlError(f"{path} holds no {file.name}", hint="give a complete checkpoint (a step-* folder)")
     try:
         state = load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -366,47 +259,31 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
     state, this process's random generators. Returns trainer.json, plus the routing plan's state
     under "plan" when the checkpoint has one. `core` is the unwrapped model, `aliases` its tied
     weights (taken before sharding, which may hide them)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    if not is_checkpoint(path):
-        raise MoectlError(f"{path} is not a complete checkpoint (no {META_FILE} / {MODEL_FILE})")
+    folder = ModelFolder(path)
+    if not folder.complete():
+        raise MoectlError(f"{path} is not a complete checkpoint (no {folder.meta.name} / {folder.weights.name})")
     aliases = tied_aliases(core) if aliases is None else aliases
     state = read_weights(path)
     check_weights(core, state, path, aliases)
     for alias, name in aliases.items():
         state[alias] = state[name]
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    optim_state = _load_pt(path / OPTIMIZER_FILE)
+    optim_state = _load_pt(folder.optimizer)
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError) as e:
-        raise MoectlError(f"{path / OPTIMIZER_FILE} does not fit the model's optimizer ({type(e).__name__}: {e})",
+        raise MoectlError(f"{folder.optimizer} does not fit the model's optimizer ({type(e).__name__}: {e})",
                           hint=SAME_MODEL_HINT) from None
-    rng_file = path / "rng" / f"rank-{rank}.pt"
+    rng_file = folder.rng(rank)
     if not rng_file.is_file():
-        rng_file = path / "rng" / "rank-0.pt"
+        rng_file = folder.rng(0)
     if rng_file.is_file():
         try:
             set_rng_state(_load_pt(rng_file))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
             raise MoectlError(f"{rng_file} does not hold moectl's random generator states ({type(e).__name__})",
                               hint="resume from another checkpoint of the run") from None
-    trainer = read_trainer_state(path)
-    if (path / PLAN_FILE).is_file():
-        trainer["plan"] = _load_pt(path / PLAN_FILE)
+    trainer = folder.read_trainer_state()
+    if folder.plan.is_file():
+        trainer["plan"] = _load_pt(folder.plan)
     return trainer
-
-
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((Path(path) / TRAINER_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MoectlError(f"{Path(path) / TRAINER_FILE} cannot be read ({type(e).__name__}: {e})",
-                          hint="resume from another checkpoint of the run") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise MoectlError(f"{Path(path) / TRAINER_FILE} is not a moectl trainer state")
-    return state

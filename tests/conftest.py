@@ -30,8 +30,19 @@ SLOW_TIERS = {
     "triton": "runs Triton kernels in Triton's interpreter",
     "slow": "takes more than a few seconds for another reason (benchmarks, large registries)",
 }
-# Fixtures that train: a test using one is in the train tier without saying so.
-TRAINING_FIXTURES = {"trained_run", "dense_run", "scratch"}
+
+
+def trains(fixture):
+    """Mark a fixture function that trains (put it under @pytest.fixture): every test using it,
+    directly or through another fixture, is in the train tier without saying so."""
+    fixture.trains = True
+    return fixture
+
+
+def _uses_training_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else ()
+    return any(getattr(d.func, "trains", False) for chain in defs for d in chain)
 
 
 def pytest_addoption(parser):
@@ -48,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
     """Mark the tests that use a training fixture; leave the slow tiers out unless --full (or -m)
     asks for them; skip GPU tests where CUDA is absent (they are numerics checks, not timings)."""
     for item in items:
-        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if _uses_training_fixture(item):
             item.add_marker("train")
     if not config.getoption("--full") and not config.option.markexpr:
         kept, left = [], []
@@ -67,26 +78,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def _tier_guard(request, monkeypatch):
+# The markers of the test being set up or run: a fixture that trains (even a session-scoped one,
+# set up for its first test) is checked against the test it is set up for.
+_current_marks: set[str] = set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current_marks.clear()
+    _current_marks.update(m.name for m in item.iter_markers())
+
+
+def _guarded(marker: str, what: str, real):
+    def guard(*args, **kwargs):
+        if marker not in _current_marks:
+            pytest.fail(f"this test {what}: mark it @pytest.mark.{marker}", pytrace=False)
+        return real(*args, **kwargs)
+
+    return guard
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tier_guard():
     """Fail a test that trains or starts a process without the marker that keeps it out of the
-    fast tier."""
-    marks = {m.name for m in request.node.iter_markers()}
-    if "processes" not in marks:
-        real_init = subprocess.Popen.__init__
+    fast tier (its fixtures' work included)."""
+    from moectl.train.trainer import Trainer
 
-        def popen(self, *args, **kwargs):
-            pytest.fail("this test starts a process: mark it @pytest.mark.processes", pytrace=False)
-
-        monkeypatch.setattr(subprocess.Popen, "__init__", popen)
-        del real_init
-    if "train" not in marks:
-        from moectl.train.trainer import Trainer
-
-        def run(self):
-            pytest.fail("this test trains: mark it @pytest.mark.train", pytrace=False)
-
-        monkeypatch.setattr(Trainer, "run", run)
+    real_popen, real_run = subprocess.Popen.__init__, Trainer.run
+    subprocess.Popen.__init__ = _guarded("processes", "starts a process", real_popen)
+    Trainer.run = _guarded("train", "trains", real_run)
+    yield
+    subprocess.Popen.__init__, Trainer.run = real_popen, real_run
 
 
 @pytest.fixture
@@ -179,3 +201,24 @@ data:
 train:
 {train_yaml}
 """
+
+
+def train_run(corpus: Path, root: Path, name: str, overrides: list[str] | None = None, **train_settings) -> Path:
+    """Train a tiny run on the test corpus into root/name (in-process) and return its folder."""
+    from moectl.recipe.load import load_recipe
+    from moectl.train.trainer import train
+
+    path = root / f"{name}.yaml"
+    settings = dict(max_steps=6, checkpoint_every=6, eval_every=None)
+    settings.update(train_settings)
+    path.write_text(train_recipe_text(corpus, **{k: ("null" if v is None else v) for k, v in settings.items()}))
+    train(load_recipe(path, overrides or []), run_dir=root / name, resume="never", show_progress=False)
+    return root / name
+
+
+@pytest.fixture(scope="session")
+@trains
+def trained_run(corpus, tmp_path_factory) -> Path:
+    """The one tiny trained top-2 MoE run (6 steps, one checkpoint, a tokenizer) that every test
+    needing a trained run shares. Tests read it; one that changes a run copies it first."""
+    return train_run(corpus, tmp_path_factory.mktemp("trained"), "run")

@@ -63,8 +63,8 @@ def test_experiments_report_is_built_by_compare(tmp_path):
         import experiments
     finally:
         sys.path.remove(str(REPO / "bench"))
-    from moectl.compare.comparison import EVAL_FORMAT as FORMAT
-    from moectl.compare.comparison import EVAL_VERSION as VERSION
+    from moectl.rundir import RESULTS_FORMAT as FORMAT
+    from moectl.rundir import RESULTS_VERSION as VERSION
     from moectl.recipe.load import dump_recipe, load_recipe
 
     study = experiments.STUDIES["cartesian"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from click.testing import CliRunner as ClickRunner
 from typer.testing import CliRunner
 
 from moectl.cli.app import app
-from tests.conftest import REPO, train_recipe_text
+from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
@@ -130,11 +131,8 @@ def test_command_parses(doc, line, env, args):
 
 
 @pytest.fixture(scope="module")
-def scratch(corpus, tmp_path_factory):
+def scratch(trained_run, tmp_path_factory):
     """A folder with every file the docs define, and a small trained run at runs/quickstart."""
-    from moectl.recipe.load import load_recipe
-    from moectl.train.trainer import train
-
     root = tmp_path_factory.mktemp("docs")
     for _, _, text in _blocks():
         first = text.splitlines()[0] if text.strip() else ""
@@ -142,9 +140,7 @@ def scratch(corpus, tmp_path_factory):
         if m:
             (root / m.group(1)).parent.mkdir(parents=True, exist_ok=True)
             (root / m.group(1)).write_text(text)
-    recipe = root / "tiny-quickstart.yaml"
-    recipe.write_text(train_recipe_text(corpus, max_steps=2, eval_every="null").replace("name: tiny-train", "name: quickstart"))
-    train(load_recipe(recipe), run_dir=root / "runs" / "quickstart", resume="never", show_progress=False)
+    shutil.copytree(trained_run, root / "runs" / "quickstart")
     return root
 
 

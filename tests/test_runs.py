@@ -17,13 +17,14 @@ from moectl.factory import build_model
 from moectl.recipe.load import load_recipe
 from moectl.runs import find_checkpoint, load_run
 from moectl.train.trainer import train
-from tests.conftest import train_recipe_text
+from tests.conftest import train_recipe_text, trains
 
 # Tied embeddings (an alias stored once) and aux-loss-free biases (a persistent buffer) on purpose.
 OVERRIDES = ["model.tie_embeddings=true", "model.moe.router.bias_update_rate=0.01", "train.eval_every=null"]
 
 
 @pytest.fixture(scope="module")
+@trains
 def run(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     path = root / "recipe.yaml"
@@ -167,15 +168,16 @@ def test_same_run_check_ignores_what_is_off_or_spelled_short(tmp_path, tiny_reci
     import yaml
 
     from moectl.recipe.load import dump_recipe
-    from moectl.runs import check_same_run
+    from moectl.rundir import RunDir
+    from moectl.train.resume import check_same_run
 
     recipe = load_recipe(tiny_recipe)
     assert "competition" not in dump_recipe(recipe)
     data = yaml.safe_load(dump_recipe(recipe))
     data["model"]["moe"].update(competition=None, block="standard")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
-    check_same_run(tmp_path, recipe)
+    check_same_run(RunDir(tmp_path), recipe)
     data["model"]["moe"]["top_k"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(MoectlError, match="model: differs"):
-        check_same_run(tmp_path, recipe)
+        check_same_run(RunDir(tmp_path), recipe)

@@ -19,7 +19,7 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without allocating the model."""  # noqa: E501
-    from moectl.build import build_report, render
+    from moectl.build import build_report, render, save_initial
     from moectl.errors import MoectlError
     from moectl.recipe.load import load_recipe
 
@@ -32,8 +32,6 @@ def build(
     else:
         render(report, stdout_console())
     if save is not None:
-        from moectl.checkpoint import save_initial
-
         save_initial(rec, save)
         if not as_json:
             stdout_console().print(f"saved initialised model to {save}")

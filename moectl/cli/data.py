@@ -25,15 +25,13 @@ def prepare(
     rec = load_recipe(recipe, overrides or [])
     console = stdout_console()
     data = prepare_data(rec, show_progress=not quiet, log=console.print if not quiet else (lambda *a: None))
-    idx = data.index
     t = Table(title="prepared data", title_justify="left", show_header=False)
     t.add_column()
     t.add_column()
-    t.add_row("source", idx["source"])
-    t.add_row("tokenizer", f"{data.tokenizer_path} ({idx['vocab_size']} tokens, end-of-text id {idx['eot_id']})")
-    for split in ("train", "val"):
-        s = idx["splits"][split]
-        t.add_row(split, f"{s['documents']:,} documents, {s['tokens']:,} tokens")
-    t.add_row("shards", f"{data.dir} ({idx['dtype']})")
-    t.add_row("validation unigram entropy", f"{idx['val_unigram_entropy']:.4f} nats")
+    t.add_row("source", data.source)
+    t.add_row("tokenizer", f"{data.tokenizer_path} ({data.vocab_size} tokens, end-of-text id {data.eot_id})")
+    for name, split in data.splits.items():
+        t.add_row(name, f"{split.documents:,} documents, {split.tokens:,} tokens")
+    t.add_row("shards", f"{data.dir} ({data.dtype})")
+    t.add_row("validation unigram entropy", f"{data.val_unigram_entropy:.4f} nats")
     console.print(t)

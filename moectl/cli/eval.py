@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,15 @@ def eval_run(
 
     Exit codes: 0 done, 2 bad input (not a run, no checkpoint, unknown task, too little data, ...)."""
     from moectl.eval import runner
+    from moectl.fsutil import json_text
+    from moectl.rundir import RunDir
     from moectl.runs import load_run
 
     single_process("eval")
     dev = pick_device(device)
     autocast, dtype_name = runner.autocast_for(dev, dtype)
     loaded = load_run(run, step=step, device=dev)
-    target = out if out is not None else (loaded.run_dir or loaded.checkpoint) / "eval"
+    target = out if out is not None else RunDir(loaded.run_dir or loaded.checkpoint).eval_dir
     _check_writable(target)
     err = stderr_console()
     log = (lambda msg: None) if quiet or as_json else (lambda msg: err.print(f"[dim]{msg}[/]"))
@@ -85,7 +86,7 @@ def eval_run(
     results = runner.results_record(loaded, data_, dev, dtype_name, body)
     written = runner.write_results(results, target, loaded.run_dir, plots=plots, log=log)
     if as_json:
-        print(json.dumps(results, indent=2, allow_nan=True))
+        print(json_text(results), end="")
     elif not quiet:
         from moectl.eval.report import print_results
 

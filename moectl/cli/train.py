@@ -60,11 +60,11 @@ def train(
 
 def _interrupted(run_dir: Path) -> None:
     """Exit 130 when the run can continue from a checkpoint, else 1 (nothing was saved)."""
-    from moectl.checkpoint import CheckpointDir
     from moectl.errors import MoectlError
+    from moectl.rundir import RunDir
 
     try:
-        latest = CheckpointDir(run_dir / "checkpoints").latest()
+        latest = RunDir(run_dir).checkpoints.latest()
     except MoectlError:
         latest = None
     if latest is not None:

@@ -21,11 +21,10 @@ from typing import Any
 
 from moectl.errors import MoectlError
 from moectl.fsutil import json_safe
+from moectl.rundir import RunDir, damaged
 
 FORMAT = "moectl.compare"
 VERSION = 1
-EVAL_FORMAT = "moectl.eval"
-EVAL_VERSION = 1
 
 # Keys that say where a run lives, not what it trains: never part of a group's identity.
 LOCATION_KEYS = ("train.run_dir", "data.cache_dir")
@@ -79,83 +78,11 @@ class RunData:
 # --------------------------------------------------------------------------- reading runs
 
 
-def _damaged(path: Path, why: str) -> MoectlError:
-    return MoectlError(f"{path} is damaged ({why})",
-                       hint="restore the file, or leave that run out of the comparison")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; a clear error if it cannot be read or is not an object."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise _damaged(path, type(e).__name__) from None
-    except json.JSONDecodeError as e:
-        raise _damaged(path, f"not JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(data, dict):
-        raise _damaged(path, "not a JSON object")
-    return data
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's logs/metrics.jsonl ([] without one). A last line cut short by a
-    run still writing is left out; a damaged line anywhere else is an error."""
-    path = Path(run_dir) / "logs" / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as e:
-        raise _damaged(path, type(e).__name__) from None
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) and not line.endswith("\n"):
-                break
-            raise _damaged(path, f"line {i} is not JSON") from None
-        if not isinstance(record, dict):
-            raise _damaged(path, f"line {i} is not a JSON object")
-        records.append(record)
-    return records
-
-
 def validation_curve(records: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
     """(steps, validation losses) of a run's evaluation records, non-finite losses left out."""
     points = [(r["step"], r["val_loss"]) for r in records if r.get("type") == "eval"
               and isinstance(r.get("step"), int) and _num(r.get("val_loss")) is not None]
     return [s for s, _ in points], [v for _, v in points]
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise _damaged(path, type(e).__name__) from None
-    if not isinstance(config, dict):
-        raise _damaged(path, "not a recipe")
-    return config
-
-
-def _read_results(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "eval" / "results.json"
-    if not path.exists():
-        return None
-    results = read_json(path)
-    if results.get("format") != EVAL_FORMAT:
-        raise _damaged(path, f"its format is {results.get('format')!r}, not {EVAL_FORMAT!r}")
-    version = results.get("version")
-    if not isinstance(version, int) or version > EVAL_VERSION:
-        raise MoectlError(f"{path} has format version {version!r}; this moectl reads version {EVAL_VERSION}",
-                          hint="compare with the moectl that wrote it, or rerun `moectl eval` on the run")
-    if _num(results.get("loss")) is None:
-        raise _damaged(path, "no finite loss")
-    return results
 
 
 def read_run(path: str | Path) -> RunData:
@@ -165,17 +92,21 @@ def read_run(path: str | Path) -> RunData:
         raise MoectlError(f"no such run folder: {path}", hint=RUN_HINT)
     if not p.is_dir():
         raise MoectlError(f"{path} is a file, not a run folder", hint=RUN_HINT)
-    if not (p / "config.yaml").is_file():
+    run = RunDir(p)
+    if not run.config.is_file():
         raise MoectlError(f"{path} is not a run folder (no config.yaml)", hint=RUN_HINT)
-    config = _read_config(p / "config.yaml")
-    summary_path = p / "logs" / "summary.json"
-    if not summary_path.is_file():
+    config = run.read_config()
+    summary = run.read_summary()
+    if summary is None:
         raise MoectlError(f"{path} has not finished training (no logs/summary.json)",
                           hint=f"finish it first (`moectl train {path}` continues it), or leave it out")
-    summary = read_json(summary_path)
     if "final_val_loss" not in summary:
-        raise _damaged(summary_path, "no final_val_loss")
-    return RunData(p, config, summary, read_metrics(p), _read_results(p))
+        raise damaged(run.summary, "no final_val_loss")
+    records = run.read_metrics()
+    results = run.read_eval_results()
+    if results is not None and _num(results.get("loss")) is None:
+        raise damaged(run.eval_results, "no finite loss")
+    return RunData(p, config, summary, records, results)
 
 
 def load_runs(paths: list[str | Path]) -> list[RunData]:

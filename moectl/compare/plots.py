@@ -15,8 +15,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moectl.compare.comparison import validation_curve
 from moectl.errors import MoectlError
 from moectl.fsutil import atomic_write_bytes
+from moectl.rundir import RunDir
 
 PLOT_HINT = "pip install 'moectl[plot]'"
 DPI = 110
@@ -264,13 +266,12 @@ def _tokens_per_step(curves: list[tuple[list[int], list[float], list[Any]]]) -> 
 def training_curves(runs: list[tuple[str, Path]], path: str | Path) -> Path:
     """Training loss (left; smoothed, the raw values faint, when there are many points) and
     validation loss (right) against step, one colour per run (label, run folder)."""
-    from moectl.compare.comparison import read_metrics, validation_curve
 
     fig = _figure(11, 4.4)
     ax_train, ax_val = fig.subplots(1, 2)
     curves = []
     for i, (label, run_dir) in enumerate(runs):
-        records = read_metrics(Path(run_dir))
+        records = RunDir(run_dir).read_metrics()
         steps, losses, tokens = _train_curve(records)
         curves.append((steps, losses, tokens))
         color = f"C{i % 10}"
@@ -303,13 +304,12 @@ def _mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int],
 def compare_curves(groups: dict[str, list[tuple[str, Path]]], path: str | Path) -> Path:
     """Validation loss against step for groups of runs ({group label: [(run label, run folder)]}):
     one colour per group, each run thin, the group's mean over its runs bold."""
-    from moectl.compare.comparison import read_metrics, validation_curve
 
     fig = _figure(8.5, 5.2)
     ax = fig.add_subplot()
     for i, (label, runs) in enumerate(groups.items()):
         color = f"C{i % 10}"
-        curves = [validation_curve(read_metrics(Path(p))) for _, p in runs]
+        curves = [validation_curve(RunDir(p).read_metrics()) for _, p in runs]
         if len(curves) > 1:
             for steps, losses in curves:
                 ax.plot(steps, losses, color=color, alpha=0.45, lw=1.1)

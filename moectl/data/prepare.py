@@ -27,6 +27,7 @@ from moectl.data.sources import DataError, Document, content_hash, open_source
 from moectl.data.tokenizer import EOT, eot_id_of, load_tokenizer, train_bpe
 from moectl.fsutil import atomic_dir
 from moectl.recipe.schema import BPETokenizer, DataConfig, Recipe
+from moectl.rundir import TOKENIZER
 
 FORMAT_VERSION = 2   # 2: a corpus of one document is split inside it
 
@@ -90,25 +91,38 @@ def _split_by_document(docs: Iterator[Document], seed: int, fraction: float,
         yield ("train" if any_val else "val"), held
 
 
-@dataclass
+@dataclass(frozen=True)
+class SplitCounts:
+    documents: int
+    tokens: int      # end-of-text tokens included
+
+
+@dataclass(frozen=True)
 class PreparedData:
+    """Where a recipe's prepared data is, and what its index.json says about it."""
+
     dir: Path
     tokenizer_path: Path
-    index: dict[str, Any]
+    source: str                  # the source, described
+    dtype: str                   # of the token ids: uint16 or uint32
+    vocab_size: int              # of the tokenizer
+    eot_id: int
+    splits: dict[str, SplitCounts]
+    val_unigram_entropy: float   # nats: the loss of a model that knows only token frequencies
+    index: dict[str, Any]        # index.json as written (a run's data.json copies it)
+
+    @classmethod
+    def read(cls, shard_dir: Path, tokenizer_path: Path) -> PreparedData:
+        index = json.loads((shard_dir / "index.json").read_text())
+        splits = {name: SplitCounts(int(c["documents"]), int(c["tokens"])) for name, c in index["splits"].items()}
+        return cls(shard_dir, tokenizer_path, index["source"], index["dtype"], index["vocab_size"], index["eot_id"],
+                   splits, index["val_unigram_entropy"], index)
 
     def tokens(self, split: str) -> np.ndarray:
-        n = self.index["splits"][split]["tokens"]
+        n = self.splits[split].tokens
         if n == 0:
-            return np.zeros(0, dtype=self.index["dtype"])
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.index["dtype"], mode="r", shape=(n,))
-
-    @property
-    def eot_id(self) -> int:
-        return self.index["eot_id"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.index["vocab_size"]
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -194,7 +208,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print, for_trai
         except OSError:
             if not (shard_dir / "index.json").is_file():  # someone else may have published it first
                 raise
-    return PreparedData(shard_dir, tok_path, json.loads((shard_dir / "index.json").read_text()))
+    return PreparedData.read(shard_dir, tok_path)
 
 
 def _tokenizer(job: _Job, log) -> tuple[Any, Path, int]:
@@ -206,7 +220,7 @@ def _tokenizer(job: _Job, log) -> tuple[Any, Path, int]:
     tok_key = content_hash("bpe", job.fingerprint, job.split_key, job.vocab_limit, cfg.tokenizer.train_bytes,
                            FORMAT_VERSION)
     tok_dir = job.root / "tokenizers" / tok_key
-    if not (tok_dir / "tokenizer.json").is_file():
+    if not (tok_dir / TOKENIZER).is_file():
         log(f"training a {job.vocab_limit}-token byte-level BPE on {job.source.describe()}")
         seen = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
 
@@ -221,9 +235,9 @@ def _tokenizer(job: _Job, log) -> tuple[Any, Path, int]:
         _check_training_text(job.source, seen)   # before anything is cached
         try:
             with atomic_dir(tok_dir) as tmp:
-                tok.save(str(tmp / "tokenizer.json"))
+                tok.save(str(tmp / TOKENIZER))
         except OSError:
-            if not (tok_dir / "tokenizer.json").is_file():
+            if not (tok_dir / TOKENIZER).is_file():
                 raise
     tok, tok_path = load_tokenizer(tok_dir)
     return tok, tok_path, eot_id_of(tok, EOT)

@@ -2,7 +2,7 @@
 
 `Tokenizer` wraps a Hugging Face `tokenizers` tokenizer with what moectl needs of it: encode,
 decode, the end-of-text id and the vocabulary size. `load_run_tokenizer` reads the tokenizer a run
-was trained with (`<run>/tokenizer.json`) without touching the data or its cache.
+was trained with (its tokenizer.json) without touching the data or its cache.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moectl.data.sources import DataError
+from moectl.rundir import TOKENIZER
 
 EOT = "<|endoftext|>"
 EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
@@ -24,7 +25,7 @@ def load_tokenizer(path: str | Path, what: str = "data.tokenizer.path"):
 
     p = Path(path)
     if p.is_dir():
-        p = p / "tokenizer.json"
+        p = p / TOKENIZER
     if not p.is_file():
         raise DataError(f"{what}: no tokenizer at {path}",
                         hint="give a tokenizer.json or a folder that contains one")
@@ -99,7 +100,7 @@ class Tokenizer:
         return out
 
 
-def load_run_tokenizer(run_dir: Path, eot_token: str | None = None) -> Tokenizer:
-    """The tokenizer a run was trained with (`<run>/tokenizer.json`); no data is read."""
-    inner, path = load_tokenizer(Path(run_dir) / "tokenizer.json", what=str(run_dir))
+def load_run_tokenizer(path: Path, eot_token: str | None = None) -> Tokenizer:
+    """The tokenizer a run was trained with (its tokenizer.json, `path`); no data is read."""
+    inner, path = load_tokenizer(path, what=str(Path(path).parent))
     return Tokenizer(inner, eot_id_of(inner, eot_token), path)

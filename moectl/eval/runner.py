@@ -3,7 +3,8 @@ routed those tokens, and how it fares when every router loses each token's top-1
 
 The forward passes are the validation code training uses (`moectl.eval.validation.evaluate`);
 the routing analysis watches them (`moectl.eval.routing.RoutingAnalysis`). `results.json` is
-described in docs/eval.md (format "moectl.eval", version RESULTS_VERSION).
+described in docs/eval.md (its format and version are `moectl.rundir`'s RESULTS_FORMAT and
+RESULTS_VERSION).
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from moectl.data.sources import DataError
 from moectl.errors import MoectlError
+from moectl.rundir import (
+    EVAL_PLOTS,
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    RunDir,
+    results_file,
+    write_eval_results,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -25,10 +34,7 @@ if TYPE_CHECKING:
     from moectl.data.loader import PackedSequences
     from moectl.runs import Run
 
-RESULTS_FORMAT = "moectl.eval"
-RESULTS_VERSION = 1
 SPLITS = ("val", "train", "all")
-PLOT_NAMES = {"expert_load.png", "router_entropy.png", "mutual_information.png", "curves.png"}
 
 
 @dataclass
@@ -69,7 +75,7 @@ def _source_of(spec: str):
 
 def _is_recipe(spec: str) -> bool:
     p = Path(spec)
-    if spec.endswith((".yaml", ".yml")) or (p / "config.yaml").is_file():
+    if spec.endswith((".yaml", ".yml")) or RunDir(p).config.is_file():
         return True
     return not p.exists() and spec != "stdlib" and not spec.startswith("hf:") and not glob.glob(spec, recursive=True)
 
@@ -89,7 +95,7 @@ def _data_config(run: Run, spec: str | None, overrides: list[str]):
     if bad:
         raise MoectlError(f"{bad[0]}: only data.* settings can change at evaluation (the model is the run's)",
                           hint="e.g. data.max_documents=200 or data.val_fraction=0.05")
-    base: Path | str = (run.run_dir or run.checkpoint) / "config.yaml"
+    base: Path | str = RunDir(run.run_dir or run.checkpoint).config
     if spec is not None and _is_recipe(spec):
         try:
             base = find_recipe(spec)
@@ -241,22 +247,16 @@ def results_record(run: Run, data: EvalData, device: torch.device, dtype: str, b
 def write_results(results: dict[str, Any], target: Path, run_dir: Path | None, *, plots: bool,
                   log=print) -> list[Path]:
     """results.json and (with matplotlib) the PNG plots into `target`; returns what was written."""
-    import json
-
-    from moectl.fsutil import atomic_write_text
-
     try:
         target.mkdir(parents=True, exist_ok=True)
-        path = target / "results.json"
-        atomic_write_text(path, json.dumps(results, indent=2, allow_nan=True) + "\n")
+        written = [write_eval_results(target, results)]
     except OSError as e:
-        raise MoectlError(f"cannot write {target}/results.json ({e.strerror or e})",
+        raise MoectlError(f"cannot write {results_file(target)} ({e.strerror or e})",
                           hint="free some space or choose another place with --out") from None
-    written = [path]
     if plots:
         written += _plots(results, target, run_dir, log)
     else:
-        for stale in PLOT_NAMES:
+        for stale in EVAL_PLOTS.values():
             (target / stale).unlink(missing_ok=True)
     return written
 
@@ -270,13 +270,13 @@ def _plots(results: dict[str, Any], target: Path, run_dir: Path | None, log) -> 
     jobs: list[tuple[str, Callable[[Path], Any]]] = []
     routing = results.get("routing")
     if routing:
-        jobs.append(("expert_load.png", lambda p: plots.expert_load_heatmap(results, p)))
-        jobs.append(("router_entropy.png", lambda p: plots.entropy_histograms(results, p)))
+        jobs.append((EVAL_PLOTS["expert_load"], lambda p: plots.expert_load_heatmap(results, p)))
+        jobs.append((EVAL_PLOTS["router_entropy"], lambda p: plots.entropy_histograms(results, p)))
         if routing.get("mutual_information") and len(routing["layer_order"]) > 1:
-            jobs.append(("mutual_information.png", lambda p: plots.mutual_information_heatmap(results, p)))
-    if run_dir is not None and (run_dir / "logs" / "metrics.jsonl").is_file():
-        jobs.append(("curves.png", lambda p: plots.training_curves([(results["recipe"], run_dir)], p)))
-    for stale in PLOT_NAMES - {name for name, _ in jobs}:   # an earlier report's, not redrawn
+            jobs.append((EVAL_PLOTS["mutual_information"], lambda p: plots.mutual_information_heatmap(results, p)))
+    if run_dir is not None and RunDir(run_dir).metrics.is_file():
+        jobs.append((EVAL_PLOTS["curves"], lambda p: plots.training_curves([(results["recipe"], run_dir)], p)))
+    for stale in set(EVAL_PLOTS.values()) - {name for name, _ in jobs}:   # an earlier report's, not redrawn
         (target / stale).unlink(missing_ok=True)
     written = []
     for name, job in jobs:

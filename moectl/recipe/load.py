@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from moectl.errors import Issue, MoectlError, RecipeError
 from moectl.recipe.schema import Recipe
+from moectl.rundir import RunDir
 
 Key = tuple[Any, ...]
 Sources = dict[Key, str]
@@ -99,7 +100,7 @@ def find_recipe(ref: str | Path) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        cfg = p / "config.yaml"
+        cfg = RunDir(p).config
         if cfg.is_file():
             return cfg
         raise MoectlError(

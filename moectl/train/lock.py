@@ -1,4 +1,5 @@
-"""One training per run folder: an advisory lock on `<run>/.lock`, held while a training writes.
+"""One training per run folder: an advisory lock on the run's lock file (`RunDir.lock_file`), held
+while a training writes.
 
 The lock is an `flock` on the open file, so the kernel drops it when its process dies however it
 dies: a lock left by a killed training is stale by construction and the next one takes it over.
@@ -7,6 +8,7 @@ The file records who holds it (pid, host, start time) for the message another tr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -14,19 +16,16 @@ import time
 from pathlib import Path
 
 from moectl.errors import MoectlError
-
-LOCK_FILE = ".lock"
+from moectl.rundir import RunDir
 
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = RunDir(run_dir).lock_file
         self._fd: int | None = None
         self._times: tuple[int, int] | None = None
 
     def acquire(self) -> RunLock:
-        import fcntl
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             before = self.path.stat() if self.path.exists() else None
@@ -56,8 +55,6 @@ class RunLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        import fcntl
-
         try:
             os.ftruncate(self._fd, 0)
             if self._times is not None:

@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from moectl.errors import MoectlError
-from moectl.fsutil import atomic_write_text
-
-
-def _records_up_to(path: Path, step: int) -> list[str]:
-    """The lines of a metrics log that belong to steps <= `step` (a torn last line is dropped)."""
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    return kept
+from moectl.fsutil import json_safe
+from moectl.rundir import RunDir
 
 
 class MetricsLog:
     """logs/metrics.jsonl (one JSON object per line) and optionally TensorBoard. Rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, resume_step: int = 0):
         """`resume_step`: the step training continues from. Records of later steps, left by an
         attempt that did not reach a checkpoint (killed, stopped, or resumed from an older one), are
         dropped, so the log holds each step once and matches the run that continues."""
@@ -36,11 +23,8 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        path = run_dir / "logs" / "metrics.jsonl"
-        if path.is_file():
-            atomic_write_text(path, "".join(_records_up_to(path, resume_step)))
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        run_dir.keep_metrics_up_to(resume_step)
+        self.file = run_dir.open_metrics()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -48,12 +32,12 @@ class MetricsLog:
                 raise MoectlError("train.tensorboard needs the tensorboard package",
                                   hint="pip install 'moectl[tb]', or set train.tensorboard=false") from None
             # purge_step hides TensorBoard events past the resume point, like the JSON log.
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(run_dir.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(json_safe(record)) + "\n")   # NaN and infinities as null
         self.file.flush()
         if self.tb is not None:
             prefix = "eval" if record.get("type") == "eval" else "train"

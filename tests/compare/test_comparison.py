@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moectl.compare.plots import PLOT_HINT
 from moectl.compare import comparison as C
-from tests.eval.conftest import train_run
+from moectl.compare.plots import PLOT_HINT
 from tests.compare.test_plots import read_png
+from tests.conftest import train_run, trains
 
 
 @pytest.fixture(scope="module")
+@trains
 def runs(corpus, tmp_path_factory) -> dict[str, Path]:
     """Two recipes (top-2 and top-1 routing), seeds 0 and 1 each: 4 tiny runs with validation
     every 3 steps."""

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import train_run, trains
+
 transformers = pytest.importorskip("transformers")
 
 SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -79,16 +81,7 @@ def tokens():
 
 
 @pytest.fixture(scope="session")
-def trained_run(corpus, tmp_path_factory) -> Path:
-    """A tiny trained top-2 MoE run with a tokenizer."""
-    from tests.eval.conftest import train_run
-
-    return train_run(corpus, tmp_path_factory.mktemp("convert-runs"), "run")
-
-
-@pytest.fixture(scope="session")
+@trains
 def dense_run(corpus, tmp_path_factory) -> Path:
     """A tiny trained dense run with a tokenizer."""
-    from tests.eval.conftest import train_run
-
     return train_run(corpus, tmp_path_factory.mktemp("convert-dense"), "dense", ["model.moe=null"])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moectl.data.loader import PackedSequences
 from moectl.data.prepare import prepare_data
 from moectl.runs import load_run
-from tests.eval.conftest import train_run
+from tests.conftest import train_run
 
 BATCHES = 6
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from moectl.checkpoint import CheckpointDir
 from moectl.recipe.load import load_recipe
+from moectl.rundir import CheckpointDir
 from moectl.runs import load_run
 from moectl.train.trainer import train
 from tests.conftest import REPO, train_recipe_text

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from moectl.checkpoint import CheckpointDir
 from moectl.recipe.load import load_recipe
+from moectl.rundir import CheckpointDir
 from moectl.runs import load_run
 from moectl.train.trainer import train
 from tests.conftest import train_recipe_text

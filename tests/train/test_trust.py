@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from moectl.checkpoint import CheckpointDir
+from moectl.rundir import CheckpointDir
 from tests.conftest import REPO, train_recipe_text
 from tests.train.test_train import _Evil
 
