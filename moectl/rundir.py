@@ -50,7 +50,7 @@ WEIGHTS, OPTIMIZER, TRAINER, PLAN, META, RNG = (
 CONVERT_INFO = "convert.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # eval/results.json: its format name, and the newest version this moectl writes and reads
-RESULTS_FORMAT, RESULTS_VERSION = "moectl.eval", 1
+RESULTS_FORMAT, RESULTS_VERSION = "moectl.eval", 2   # 2: variant_agreement; non-finite numbers as null
 
 RUN_HINT = ("give a run folder written by `moectl train` (runs/<name>), one of its checkpoints/step-* folders, "
             "or its checkpoints/latest file")

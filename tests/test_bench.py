@@ -63,9 +63,9 @@ def test_experiments_report_is_built_by_compare(tmp_path):
         import experiments
     finally:
         sys.path.remove(str(REPO / "bench"))
+    from moectl.recipe.load import dump_recipe, load_recipe
     from moectl.rundir import RESULTS_FORMAT as FORMAT
     from moectl.rundir import RESULTS_VERSION as VERSION
-    from moectl.recipe.load import dump_recipe, load_recipe
 
     study = experiments.STUDIES["cartesian"]
     for j, arm in enumerate(study.arms):

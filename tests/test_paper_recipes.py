@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moectl.core import RoutingMode
 from moectl.factory import build_model
 from moectl.recipe.load import load_recipe
 from tests.conftest import REPO
@@ -37,7 +38,7 @@ def _first_router_logits(name, *overrides, tokens=512):
     seen = []
     ids = torch.randint(0, rec.model.vocab_size, (4, tokens // 4), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(ids, observer=lambda obs: seen.append(obs))
+        model(ids, mode=RoutingMode(observer=lambda obs: seen.append(obs)))
     return seen[0].logits_TE, seen[0].expert_ids_TK, rec.model.moe.num_experts
 
 

@@ -74,7 +74,7 @@ def profile(
     with out.status("profiling…"):
         prof = run_profile(model, optimizer, batch_size or rec.train.batch_size, dev, bf16, steps=steps,
                            warmup=warmup, trace=trace, backends=backends and rec.model.moe is not None,
-                           seed=rec.seed)
+                           seed=rec.seed, grad_clip=rec.train.grad_clip)
     render(prof, out, weights, note)
     if json_out is not None:
         write_profile(prof, json_out)

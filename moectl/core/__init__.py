@@ -29,6 +29,7 @@ from moectl.core.routers import (
     RouteContext,
     Router,
     RouterOutput,
+    RoutingMode,
     TopKOptions,
     TopPOptions,
     make_router,
@@ -38,7 +39,7 @@ from moectl.core.routers import (
 
 __all__ = [
     "CartesianOptions", "ExpertChoiceOptions", "HashOptions", "ModelArgs", "ModelOutput", "MoEArgs", "MoEBlock",
-    "MoETransformer", "RecurrentOptions", "RouteContext", "RoutedFFN", "Router", "RouterOutput", "RoutingPlan",
-    "RoutingRecord", "StandardOptions", "TopKOptions", "TopPOptions", "count_parameters", "make_router", "option",
+    "MoETransformer", "RecurrentOptions", "RouteContext", "RoutedFFN", "Router", "RouterOutput", "RoutingMode",
+    "RoutingPlan", "RoutingRecord", "StandardOptions", "TopKOptions", "TopPOptions", "count_parameters", "make_router", "option",
     "register_block", "register_router", "register_variant", "router_registry", "training_memory",
 ]

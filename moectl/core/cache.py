@@ -4,7 +4,7 @@ A forward with a cache (`model(tokens_BS, cache=cache)`) attends its tokens to e
 cache holds, places them at positions `cache.length ...` (rotary embeddings included) and then
 appends their keys and values. Feeding a sequence in pieces through one cache gives the logits of
 one forward over the whole sequence, because every part of the model is causal and, while
-decoding, no routing step looks at other tokens of the batch (`RouteContext.decoding`).
+decoding, no routing step looks at other tokens of the batch (`RoutingMode.decoding`).
 
 Buffers are allocated on the first forward, at the cache's `max_len` positions, with the batch
 size, device and dtype of the keys they hold: later forwards must use the same batch size.

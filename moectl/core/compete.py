@@ -121,6 +121,8 @@ def diversity_loss(o_win_TKD: Tensor) -> Tensor:
 class CompeteFFN(RoutedFFN):
     """A routed FFN that competes on scheduled steps and routes with its router otherwise."""
 
+    alternative_name = "competition"
+
     def __init__(self, args, index: int = 0, name: str = ""):
         super().__init__(args, index, name)
         c = self.competition = args.moe.variant
@@ -178,7 +180,7 @@ class CompeteFFN(RoutedFFN):
         return s_TE
 
     @torch.no_grad()
-    def competition_choice(self, x_TD: Tensor, out) -> Tensor:
+    def alternative_choice(self, x_TD: Tensor, out) -> Tensor:
         """The experts a competition would pick for these tokens (every expert is evaluated)."""
         return self.scores(self.experts.forward_all(x_TD), out.logits_TE).topk(self.top_k, dim=-1).indices
 

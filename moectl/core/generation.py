@@ -1,9 +1,10 @@
 """Sampling text from a trained model, one token at a time with a KV cache.
 
 The prompt is run once (the prefill) into the model's KV cache; every new token is then a forward
-of one token against the cache. Both route as in decoding (`RouteContext.decoding`: no capacity
+of one token against the cache. Both route as in decoding (`RoutingMode.decoding`: no capacity
 limit, which would make a token's experts depend on the other tokens of its forward), so a token
-gets the logits it would get in one forward over the whole sequence with `decoding=True`.
+gets the logits it would get in one forward over the whole sequence in decoding mode
+(`RoutingMode(decoding=True)`).
 
 Sampling runs on the CPU in fp32 with its own `torch.Generator` seeded from `seed`: the same
 seed gives the same tokens on every call (and the global random generators are never touched).

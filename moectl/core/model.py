@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from moectl.core.init import MOE_ONLY, apply_scheme, moe_parts
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
 from moectl.core.losses import IGNORE_INDEX, head_cross_entropy
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
-from moectl.core.routers.base import RouteContext
+from moectl.core.routers.base import PLAIN, RouteContext, RoutingMode
 from moectl.core.stages import record_stage
 
 MLPResult = tuple[Tensor, Any, list[RoutingRecord]]
@@ -290,17 +290,13 @@ class MoETransformer(nn.Module):
         return total + 2 * self.args.d_model * self.args.vocab_size
 
     def forward(self, tokens_BS: Tensor, targets_BS: Tensor | None = None, *, step: int | None = None,
-                observer: Callable[[Any], None] | None = None, observe_competition: bool = False,
-                drop_top1: bool = False, cache: KVCache | None = None, decoding: bool = False,
-                return_logits: bool = False) -> ModelOutput:
-        """`observer`, `observe_competition` and `drop_top1` are evaluation probes (see
-        `RouteContext`): they watch the routing, or perturb it, without changing the weights.
-        With a `cache` (`new_cache`) the tokens continue the cached ones: they take the positions
-        after them, attend to them, and are added to the cache. A forward with a cache routes as in
-        decoding (`RouteContext.decoding`: no capacity limit); `decoding=True` asks for that
-        routing without a cache (the reference a cached decode matches). With targets the loss is
-        computed without materialising the logits (`head_cross_entropy`) and `logits` is None,
-        unless `return_logits=True` asks for both."""
+                mode: RoutingMode = PLAIN, cache: KVCache | None = None, return_logits: bool = False) -> ModelOutput:
+        """`mode` routes for evaluation or decoding (`RoutingMode`: decoding, the drop-top-1
+        perturbation, an observer of every layer's decisions); it changes no weight. With a `cache`
+        (`new_cache`) the tokens continue the cached ones: they take the positions after them,
+        attend to them, and are added to the cache; such a forward always routes as in decoding.
+        With targets the loss is computed without materialising the logits (`head_cross_entropy`)
+        and `logits` is None, unless `return_logits=True` asks for both."""
         B, S = tokens_BS.shape
         with record_stage("embedding"):
             x = self.embed(tokens_BS)
@@ -311,10 +307,10 @@ class MoETransformer(nn.Module):
         plan = None
         if self.plan is not None and step is not None and self.training and torch.is_grad_enabled():
             plan = self.plan.at(step)
+        if cache is not None and not mode.decoding:
+            mode = replace(mode, decoding=True)
         ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), shared=self.router_shared,
-                           reduce_counts=self.count_reducer, plan=plan, observer=observer,
-                           observe_competition=observe_competition, drop_top1=drop_top1,
-                           decoding=decoding or cache is not None)
+                           reduce_counts=self.count_reducer, plan=plan, mode=mode)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

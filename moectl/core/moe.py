@@ -51,21 +51,40 @@ class RoutingRecord:
 
 @dataclass
 class RouteObservation:
-    """One routed layer's decisions in one forward, for an evaluation probe (`RouteContext.observer`).
+    """One routed layer's decisions in one forward, for an observer (`RoutingMode.observer`).
     Tensors are detached; `valid_TK` is the validity after the capacity limit (None: every slot)."""
 
     layer: RoutedFFN
-    expert_ids_TK: Tensor
-    weights_TK: Tensor
+    x_TD: Tensor                 # the layer's input
+    router_output: RouterOutput  # what the router returned for it
     valid_TK: Tensor | None
-    probs_TE: Tensor
-    logits_TE: Tensor | None
-    token_ids_T: Tensor | None
-    competition_ids_TK: Tensor | None = None   # the competition's winners (with observe_competition)
+    token_ids_T: Tensor | None   # the forward's token ids
 
     @property
     def name(self) -> str:
         return self.layer.name
+
+    @property
+    def expert_ids_TK(self) -> Tensor:
+        return self.router_output.expert_ids_TK
+
+    @property
+    def weights_TK(self) -> Tensor:
+        return self.router_output.weights_TK
+
+    @property
+    def probs_TE(self) -> Tensor:
+        return self.router_output.probs_TE
+
+    @property
+    def logits_TE(self) -> Tensor | None:
+        return self.router_output.logits_TE
+
+    def alternative(self) -> Tensor | None:
+        """The experts [T, K] the layer's variant would choose for these tokens by its own mechanism
+        (`RoutedFFN.alternative_choice`), or None when it has none. Computed when asked."""
+        with torch.no_grad():
+            return self.layer.alternative_choice(self.x_TD, self.router_output)
 
 
 class RoutingPlan(Protocol):
@@ -147,12 +166,15 @@ def _describe(t: Any) -> str:
 class RoutedFFN(nn.Module):
     """One routed feed-forward layer on flattened tokens x_TD, configured by `args.moe`.
 
-    Class-level hooks a routed-layer variant may override: `make_plan` (per-forward routing
-    decisions), `check` (recipe cross-field checks), `build_notes` and
-    `expected_extra_flops_per_token` (what `moectl build` reports)."""
+    Hooks a routed-layer variant may override: `make_plan` (per-forward routing decisions),
+    `check` (recipe cross-field checks), `build_notes` and `expected_extra_flops_per_token` (what
+    `moectl build` reports), and `alternative_choice` with `alternative_name` (its own way of
+    choosing experts, which evaluation compares with the router's)."""
 
     component = "moe"
     kind = "routed"
+    # What a variant's own way of choosing experts is called (see `alternative_choice`).
+    alternative_name: str | None = None
 
     def __init__(self, args: ModelArgs, index: int = 0, name: str = ""):
         super().__init__()
@@ -200,6 +222,12 @@ class RoutedFFN(nn.Module):
         """Average forward FLOPs per token this layer spends beyond top_k routing over a run."""
         return 0.0
 
+    def alternative_choice(self, x_TD: Tensor, out: RouterOutput) -> Tensor | None:
+        """The K experts [T, K] a variant's own mechanism would choose for these tokens, given the
+        router's output for them, or None (the plain layer has no other mechanism). Evaluation
+        measures how often the router agrees with it (docs/eval.md)."""
+        return None
+
     # ----------------------------------------------------------------- the layer
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -222,7 +250,7 @@ class RoutedFFN(nn.Module):
         if not self._contract_checked:
             check_router_output(out, self.router, x_TD.shape[0])
             self._contract_checked = True
-        if ctx.drop_top1:
+        if ctx.mode.drop_top1:
             check_dropped_top1(out, self.router)
         return out
 
@@ -230,7 +258,7 @@ class RoutedFFN(nn.Module):
         """Router decision plus the capacity limit. Returns (output, validity mask after dropping)."""
         out = self.run_router(x_TD, ctx, state)
         valid = out.valid_TK
-        if self.capacity_factor is not None and not ctx.decoding:
+        if self.capacity_factor is not None and not ctx.mode.decoding:
             T, K = out.expert_ids_TK.shape
             cap = math.ceil(self.capacity_factor * T * self.top_k / self.num_experts)
             valid = apply_capacity(out.expert_ids_TK, valid, self.num_experts, cap)
@@ -276,18 +304,14 @@ class RoutedFFN(nn.Module):
                              mass, dict(counters or {}), extra_flops)
 
     def observe(self, ctx: RouteContext, x_TD: Tensor, out: RouterOutput, valid: Tensor | None) -> None:
-        """Hand this forward's decisions to the evaluation probe, if one is listening."""
-        if ctx.observer is None:
+        """Hand this forward's decisions to the mode's observer, if one is listening."""
+        observer = ctx.mode.observer
+        if observer is None:
             return
-        logits = out.logits_TE.detach() if out.logits_TE is not None else None
-        ctx.observer(RouteObservation(self, out.expert_ids_TK.detach(), out.weights_TK.detach(), valid,
-                                      out.probs_TE.detach(), logits, ctx.token_ids_T,
-                                      self.competition_choice(x_TD, out) if ctx.observe_competition else None))
-
-    def competition_choice(self, x_TD: Tensor, out: RouterOutput) -> Tensor | None:
-        """What a competing variant's competition would choose for these tokens, given the router's
-        output for them (None: no competition)."""
-        return None
+        detached = RouterOutput(out.expert_ids_TK.detach(), out.weights_TK.detach(), out.probs_TE.detach(),
+                                out.logits_TE.detach() if out.logits_TE is not None else None,
+                                out.valid_TK, state=out.state)
+        observer(RouteObservation(self, x_TD.detach(), detached, valid, ctx.token_ids_T))
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:
         with record_stage("router"):

@@ -25,8 +25,8 @@ Windows of many requests share a forward, longest first, padded on the right. At
 so padding changes nothing for a router that decides each token alone. Two kinds of routing are
 not like that: a capacity limit (`model.moe.capacity_factor`) drops slots according to every
 token of the forward, padding included, and a non-causal router (expert_choice) lets experts pick
-among all tokens of the forward. Every scoring forward is therefore run with `decoding=True`
-(`RouteContext.decoding`, the routing of KV-cache decoding): batch-dependent routing steps, the
+among all tokens of the forward. Every scoring forward is therefore run in decoding mode
+(`RoutingMode(decoding=True)`, the routing of KV-cache decoding): batch-dependent routing steps, the
 capacity limit among them, are skipped, so a token is routed the same however many tokens share
 its forward, as in generation. A model whose forward has no such switch and has a capacity
 limit, and any model with a non-causal router, is evaluated one window per forward, unpadded, so
@@ -56,6 +56,7 @@ from moectl.core.generation import (
     generate_ids,
     non_causal_routers,
 )
+from moectl.core.routers.base import RoutingMode
 from moectl.errors import MoectlError, RuntimeFailure
 
 try:  # lm-eval is an extra (`pip install 'moectl[eval]'`); without it this module still imports
@@ -112,8 +113,8 @@ def forward_mode(model: torch.nn.Module) -> tuple[dict[str, Any], str | None]:
     None when they may). See the module docstring."""
     layers = model.routed_layers() if hasattr(model, "routed_layers") else []
     capped = any(getattr(layer, "capacity_factor", None) is not None for layer in layers)
-    decodes = "decoding" in inspect.signature(model.forward).parameters
-    kwargs: dict[str, Any] = {"decoding": True} if decodes else {}
+    decodes = "mode" in inspect.signature(model.forward).parameters
+    kwargs: dict[str, Any] = {"mode": RoutingMode(decoding=True)} if decodes else {}
     noncausal = non_causal_routers(model) if layers else []
     if noncausal:
         return kwargs, (f"router {', '.join(noncausal)} is not causal: each request is evaluated in a "
@@ -386,7 +387,7 @@ def run_tasks(run: Run, tasks: Sequence[str] | str, *, limit: int | None = None,
         if adapter.unbatched_reason:
             log(f"note: {adapter.unbatched_reason}")
         moe = getattr(run.model.args, "moe", None)
-        if moe is not None and moe.capacity_factor is not None and adapter.forward_kwargs.get("decoding"):
+        if moe is not None and moe.capacity_factor is not None and "mode" in adapter.forward_kwargs:
             log(f"note: the capacity limit (model.moe.capacity_factor = {moe.capacity_factor}) is off while "
                 "scoring, as in generation: it would make a request's routing depend on its batch")
     with _lean(log is None), _own_random_state():

@@ -56,14 +56,15 @@ def routing_table(routing: dict[str, Any], title: str, columns: list[tuple[str, 
     t.add_column("layer")
     for _, header, _ in columns:
         t.add_column(header, justify="right")
-    agree = agreement and any(v.get("competition_agreement") for v in routing["layers"].values())
-    if agree:
-        t.add_column("= competition (top-1 / set)", justify="right")
+    variant = next((v["variant_agreement"]["with"] for v in routing["layers"].values()
+                    if v.get("variant_agreement")), None) if agreement else None
+    if variant:
+        t.add_column(f"= {variant} (top-1 / set)", justify="right")
     rows = [(name, routing["layers"][name]) for name in routing["layer_order"]] + [("mean", routing["overall"])]
     for name, v in rows:
         cells = [_fmt(fmt, v.get(key)) for key, _, fmt in columns]
-        if agree:
-            a = v.get("competition_agreement")
+        if variant:
+            a = v.get("variant_agreement")
             cells.append(f"{a['top1']:.0%} / {a['overlap']:.0%}" if a else "–")
         t.add_row(name, *cells, end_section=name == rows[-2][0])
     return t

@@ -1,7 +1,7 @@
 """Routing analysis: how a model routed the tokens of an evaluation, per layer and across layers.
 
-`RoutingAnalysis` is an observer (`MoETransformer.forward(..., observer=analysis)`): every routed
-layer hands it its decisions (`moectl.core.moe.RouteObservation`) and it keeps running sums, so
+`RoutingAnalysis` is an observer (`MoETransformer.forward(..., mode=RoutingMode(observer=analysis))`):
+every routed layer hands it its decisions (`moectl.core.moe.RouteObservation`) and it keeps running sums, so
 memory does not grow with the number of tokens except for the two medians (inner and outer
 balance) and the first `mi_tokens` tokens of the binned mutual information. `result(tokenizer)`
 gives the report that `moectl eval` prints and writes; docs/eval.md defines every measure.
@@ -84,6 +84,7 @@ class _Layer:
         self.sums = {"tokens": 0.0, "slots": 0.0, "entropy": 0.0, "topk_mass": 0.0,
                      "logit_std": 0.0, "logit_tokens": 0.0, "logit_sq": 0.0, "logit_sum": 0.0,
                      "logit_count": 0.0, "agree_top1": 0.0, "agree_overlap": 0.0, "agree_tokens": 0.0}
+        self.alternative = layer.alternative_name   # what the layer's own other choice is called
         self.ib: list[Tensor] = []
         self.ob: list[Tensor] = []
         self.mi_labels: list[Tensor] = []
@@ -124,10 +125,10 @@ class _Layer:
             s["logit_sum"] += float(lg.sum())
             s["logit_sq"] += float((lg * lg).sum())
             s["logit_count"] += lg.numel()
-        if obs.competition_ids_TK is not None:
-            win = obs.competition_ids_TK
-            s["agree_top1"] += float((p.argmax(-1) == win[:, 0]).sum())
-            s["agree_overlap"] += float(sel.gather(1, win).float().mean(-1).sum())
+        other = obs.alternative()
+        if other is not None:   # the experts the layer's variant would choose by its own mechanism
+            s["agree_top1"] += float((p.argmax(-1) == other[:, 0]).sum())
+            s["agree_overlap"] += float(sel.gather(1, other).float().mean(-1).sum())
             s["agree_tokens"] += T
         if self.mi_count < mi_tokens:
             take = min(T, mi_tokens - self.mi_count)
@@ -170,12 +171,12 @@ class _Layer:
             "logit_std": s["logit_std"] / s["logit_tokens"] if s["logit_tokens"] else None,
             "logit_std_all": _pooled_std(s) if s["logit_count"] else None,
             "bias": _bias(self.router),
-            "competition_agreement": None,
+            "variant_agreement": None,
             "preferred_tokens": self.preferred(tokenizer),
         }
         if s["agree_tokens"]:
-            out["competition_agreement"] = {"top1": s["agree_top1"] / s["agree_tokens"],
-                                            "overlap": s["agree_overlap"] / s["agree_tokens"]}
+            out["variant_agreement"] = {"with": self.alternative, "top1": s["agree_top1"] / s["agree_tokens"],
+                                        "overlap": s["agree_overlap"] / s["agree_tokens"]}
         return out
 
     def preferred(self, tokenizer: Any) -> list[list[dict[str, Any]]] | None:
@@ -283,14 +284,16 @@ OVERALL_KEYS = ("imbalance", "cv", "dead_fraction", "diversity", "entropy", "top
 
 def overall(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Means over layers of the per-layer scalars (layers where a measure is undefined left out),
-    the worst layer's imbalance, and the mean competition agreement where there is one."""
+    the worst layer's imbalance, and the mean agreement with the variant's own choice where there
+    is one."""
     out: dict[str, Any] = {}
     for key in OVERALL_KEYS:
         vals = [v[key] for v in layers.values() if isinstance(v.get(key), (int, float)) and math.isfinite(v[key])]
         out[key] = sum(vals) / len(vals) if vals else None
     imb = [v["imbalance"] for v in layers.values() if math.isfinite(v["imbalance"])]
     out["imbalance_max"] = max(imb) if imb else None
-    agree = [v["competition_agreement"] for v in layers.values() if v.get("competition_agreement")]
+    agree = [v["variant_agreement"] for v in layers.values() if v.get("variant_agreement")]
     if agree:
-        out["competition_agreement"] = {k: sum(a[k] for a in agree) / len(agree) for k in ("top1", "overlap")}
+        out["variant_agreement"] = {"with": agree[0]["with"],
+                                    **{k: sum(a[k] for a in agree) / len(agree) for k in ("top1", "overlap")}}
     return out

@@ -15,10 +15,23 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from moectl.data.sources import DataError
+import numpy as np
+import torch
+
+from moectl import __version__
+from moectl.compare import plots
+from moectl.core.moe import RouterContractError
+from moectl.core.routers.base import RoutingMode
+from moectl.data.loader import PackedSequences
+from moectl.data.prepare import prepare_data
+from moectl.data.sources import DataError, files_in
 from moectl.errors import MoectlError
+from moectl.eval.routing import RoutingAnalysis
+from moectl.eval.validation import evaluate
+from moectl.recipe.load import find_recipe, load_recipe
+from moectl.recipe.schema import FilesSource, FileTokenizer, HFSource, StdlibSource
 from moectl.rundir import (
     EVAL_PLOTS,
     RESULTS_FORMAT,
@@ -27,12 +40,7 @@ from moectl.rundir import (
     results_file,
     write_eval_results,
 )
-
-if TYPE_CHECKING:
-    import torch
-
-    from moectl.data.loader import PackedSequences
-    from moectl.runs import Run
+from moectl.runs import Run
 
 SPLITS = ("val", "train", "all")
 
@@ -51,8 +59,6 @@ class EvalData:
 def _source_of(spec: str):
     """A data source from `--data` when it is not a recipe: `stdlib`, `hf:NAME[:SPLIT]`, or local
     files (a file, a glob, or a folder of .txt/.jsonl/.json/.parquet files)."""
-    from moectl.recipe.schema import FilesSource, HFSource, StdlibSource
-
     if spec == "stdlib":
         return StdlibSource()
     if spec.startswith("hf:"):
@@ -60,8 +66,6 @@ def _source_of(spec: str):
         return HFSource(name=name, split=split or "train")
     p = Path(spec)
     if p.is_dir():
-        from moectl.data.sources import files_in
-
         files = files_in(p)
         if not files:
             raise DataError(f"--data {spec}: the folder holds no .txt, .jsonl, .json or .parquet files")
@@ -82,8 +86,6 @@ def _is_recipe(spec: str) -> bool:
 
 def _data_config(run: Run, spec: str | None, overrides: list[str]):
     """(data section, default split) for `--data` and the data.* overrides."""
-    from moectl.recipe.load import find_recipe, load_recipe
-
     if spec is not None and not spec.strip():
         raise DataError("--data is empty", hint="give a recipe, a file, a glob or a folder")
     stray = [o for o in overrides if "=" not in o]
@@ -115,8 +117,6 @@ def _data_config(run: Run, spec: str | None, overrides: list[str]):
 def _data_recipe(run: Run, spec: str | None, overrides: list[str]):
     """The run's recipe with the data section `--data` and the overrides name, tokenised with the
     run's own tokenizer (so token ids mean what the model learned). Returns (recipe, default split)."""
-    from moectl.recipe.schema import FileTokenizer
-
     if run.tokenizer is None:
         raise MoectlError(f"{run.checkpoint} holds no tokenizer.json, so no text can be tokenised for it",
                           hint="evaluate a run folder written by `moectl train`")
@@ -130,11 +130,6 @@ def eval_data(run: Run, spec: str | None, split: str | None, overrides: list[str
               log=print) -> EvalData:
     """The tokens to evaluate on: the run's validation split by default, or what `--data` names
     (a recipe: its validation split; a source: all of it), packed into seq_len + 1 windows."""
-    import numpy as np
-
-    from moectl.data.loader import PackedSequences
-    from moectl.data.prepare import prepare_data
-
     recipe, default_split = _data_recipe(run, spec, overrides)
     split = split or default_split
     if split not in SPLITS:
@@ -156,8 +151,6 @@ def eval_data(run: Run, spec: str | None, split: str | None, overrides: list[str
 
 def autocast_for(device: torch.device, dtype: str) -> tuple[Callable[[], Any], str]:
     """(autocast context factory, dtype name): bf16 where the device supports it under 'auto'."""
-    import torch
-
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype == "float32":
@@ -192,11 +185,6 @@ def _scores(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
 def evaluate_run(run: Run, data: EvalData, *, batch_size: int, max_batches: int | None, device: torch.device,
                  autocast: Callable[[], Any], robustness: bool, progress: Callable[[str, int], Any]) -> dict[str, Any]:
     """Every pass of `moectl eval`: plain (with the routing analysis), then perturbed."""
-    import torch
-
-    from moectl.eval.routing import RoutingAnalysis
-    from moectl.eval.validation import evaluate
-
     n = len(data.seqs)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)][:max_batches]
     tokens = sum(len(b) for b in batches) * data.seqs.seq_len
@@ -204,8 +192,7 @@ def evaluate_run(run: Run, data: EvalData, *, batch_size: int, max_batches: int 
                                                                      - run.tokenizer.vocab_size))
     nbytes = int(sum(int(lengths[data.seqs.batch(b)[1]].sum()) for b in batches))
     analysis = RoutingAnalysis(run.model.args.vocab_size)
-    probes = {"observer": analysis, "observe_competition": _competes(run.model)}
-    loss, _ = evaluate(run.model, data.seqs, batches, device, autocast, probes=probes,
+    loss, _ = evaluate(run.model, data.seqs, batches, device, autocast, mode=RoutingMode(observer=analysis),
                        on_batch=progress("evaluating", len(batches)))
     out: dict[str, Any] = {**_scores(loss, tokens, nbytes), "tokens_evaluated": tokens, "bytes": nbytes,
                            "sequences": sum(len(b) for b in batches)}
@@ -215,27 +202,17 @@ def evaluate_run(run: Run, data: EvalData, *, batch_size: int, max_batches: int 
         reason = robustness_refusal(run.model)
         out["robustness"] = {"defined": reason is None, "reason": reason}
         if reason is None:
-            from moectl.core.moe import RouterContractError
-
             try:
-                loss_p, _ = evaluate(run.model, data.seqs, batches, device, autocast, probes={"drop_top1": True},
+                loss_p, _ = evaluate(run.model, data.seqs, batches, device, autocast, mode=RoutingMode(drop_top1=True),
                                      on_batch=progress("perturbed (top-1 expert dropped)", len(batches)))
             except RouterContractError as e:
-                raise MoectlError(str(e), hint="a router that honours RouteContext.drop_top1 must leave out the "
+                raise MoectlError(str(e), hint="a router that honours RoutingMode.drop_top1 must leave out the "
                                   "mask Router.top1_excluded gives (docs/eval.md); --no-robustness skips the pass") from None
             out["robustness"].update(_scores(loss_p, tokens, nbytes))
     return out
 
 
-def _competes(model) -> bool:
-    from moectl.core.moe import RoutedFFN
-
-    return any(type(layer).competition_choice is not RoutedFFN.competition_choice for layer in model.routed_layers())
-
-
 def results_record(run: Run, data: EvalData, device: torch.device, dtype: str, body: dict[str, Any]) -> dict[str, Any]:
-    from moectl import __version__
-
     return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "moectl": __version__,
             "run": str(run.run_dir or run.checkpoint), "checkpoint": str(run.checkpoint), "step": run.step,
             "recipe": run.recipe.name, "device": str(device), "dtype": dtype,
@@ -262,8 +239,6 @@ def write_results(results: dict[str, Any], target: Path, run_dir: Path | None, *
 
 
 def _plots(results: dict[str, Any], target: Path, run_dir: Path | None, log) -> list[Path]:
-    from moectl.compare import plots
-
     if not plots.plots_available():
         log(f"no plots: matplotlib is not installed ({plots.PLOT_HINT}); results.json and the tables are complete")
         return []

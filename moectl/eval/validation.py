@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from moectl.core.routers.base import PLAIN, RoutingMode
 from moectl.core.stats import Reduce, RoutingAccumulator
 from moectl.data.loader import PackedSequences
 
@@ -21,15 +22,14 @@ def _no_reduce(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[int]], device: torch.device,
              autocast: Callable[[], AbstractContextManager] = nullcontext,
-             reduce: Reduce = _no_reduce, rounds: int | None = None, *,
-             probes: dict[str, Any] | None = None,
+             reduce: Reduce = _no_reduce, rounds: int | None = None, *, mode: RoutingMode = PLAIN,
              on_batch: Callable[[], None] | None = None) -> tuple[float, dict[str, Any]]:
     """(mean next-token loss, routing summary) over `batches` of sequence indices. With `reduce`
     summing over processes, each process passes its own batches and all get the global result;
     `rounds` is then the most batches any process has: every process runs that many forwards (the
     extra ones count for nothing), so a sharded model's collectives stay in step whatever the
     split. The model is evaluated in eval mode (routed as at inference) and left as it was.
-    `probes` are the model's evaluation keywords (observer, observe_competition, drop_top1);
+    `mode` routes for evaluation (an observer, the drop-top-1 perturbation; `RoutingMode`);
     `on_batch` is called after each batch (a progress bar)."""
     was_training = model.training
     model.eval()
@@ -40,7 +40,7 @@ def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[i
         for idx, weight in padded:
             x, y = seqs.batch(idx)
             with autocast():
-                out = model(x.to(device), y.to(device), **(probes or {}))
+                out = model(x.to(device), y.to(device), mode=mode)
             total += weight * torch.stack([out.loss.double() * y.numel(),
                                            torch.tensor(float(y.numel()), device=device)])
             routing.add(out.records, weight)

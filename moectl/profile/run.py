@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from moectl.core.model import MoEBlock
 from moectl.core.routers.base import RouteContext
-from moectl.core.stages import profiling_stages, record_stage
+from moectl.core.stages import profiling_stages
 from moectl.errors import MoectlError
 from moectl.fsutil import temp_tag, write_json
 from moectl.profile import measure
 from moectl.profile.attribution import StageRow, attribute, stage_flops, stage_rows, tflops_per_s
 from moectl.profile.backends import BackendRow, compare_backends
+from moectl.train.step import TrainStep
 
 
 @dataclass
@@ -69,39 +71,19 @@ class Profile:
 # --------------------------------------------------------------------------- the step
 
 
-@dataclass
-class StepSetup:
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    device: torch.device
-    bf16: bool
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def step(self) -> None:
-        with self.autocast():
-            out = self.model(self.tokens, self.targets, step=0)
-        out.total_loss.backward()
-        with record_stage("optimizer"):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
-def profile_steps(setup: StepSetup, steps: int, warmup: int, trace: Path | None = None):
+def profile_steps(one_step: Callable[[], object], device: torch.device, steps: int, warmup: int,
+                  trace: Path | None = None):
     """Time `steps` unprofiled steps (after `warmup`), then profile `steps` more."""
     for _ in range(warmup):
-        setup.step()
-    plain = measure.median_ms(setup.step, setup.device, steps)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+        one_step()
+    plain = measure.median_ms(one_step, device, steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with quiet_native_stderr(), profiling_stages(), profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             with record_function("moectl.profile.step"):
-                setup.step()
-            measure.sync(setup.device)
+                one_step()
+            measure.sync(device)
         profiled = (time.perf_counter() - t0) * 1e3 / steps   # wall clock: the backward's own thread included
     if trace is not None:
         export_trace(prof, trace)
@@ -182,18 +164,21 @@ def quiet_native_stderr():
 
 def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, device: torch.device,
                 bf16: bool, steps: int = 3, warmup: int = 2, trace: Path | None = None,
-                backends: bool = True, seed: int = 0) -> Profile:
+                backends: bool = True, seed: int = 0, grad_clip: float = 1.0) -> Profile:
+    """Profile training steps of `model` (the trainer's own step, `TrainStep`, on random tokens of
+    `batch_size` sequences), its first MoE block alone and, with `backends`, the expert backends."""
     args = model.args
     g = torch.Generator(device="cpu").manual_seed(seed)
     seq = args.seq_len
     tokens = torch.randint(0, args.vocab_size, (batch_size, seq + 1), generator=g).to(device)
-    setup = StepSetup(model.train(), optimizer, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), device, bf16)
+    batch = [(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())]
+    train_step = TrainStep(model.train(), model, optimizer, device=device, bf16=bf16, grad_clip=grad_clip)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     # The steps train (AdamW on random tokens); the block and backend tables and the caller get the
     # weights as they were.
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    plain_ms, profiled_ms, events = profile_steps(setup, steps, warmup, trace)
+    plain_ms, profiled_ms, events = profile_steps(lambda: train_step(batch, 1, 0), device, steps, warmup, trace)
     per_step, share, _ = attribute(events, device, steps)
     model.load_state_dict(saved)
     del saved

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moectl.core import MoETransformer
+from moectl.core import MoETransformer, RoutingMode
 from moectl.core.compete import CompetitionOptions
 from moectl.core.generation import (
     GenerationError,
@@ -20,6 +20,8 @@ from moectl.core.generation import (
 )
 from tests.conftest import train_recipe_text
 from tests.core.helpers import tiny_args
+
+DECODING = RoutingMode(decoding=True)
 
 CONFIGS = {
     "topk": dict(),
@@ -67,7 +69,7 @@ def test_cached_decoding_matches_one_forward(name):
     model = tiny_model(**CONFIGS[name])
     tokens = torch.randint(0, model.args.vocab_size, (1, model.args.seq_len), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model(tokens, decoding=True).logits
+        reference = model(tokens, mode=DECODING).logits
         cache = model.new_cache()
         pieces = [model(tokens[:, :5], cache=cache).logits]             # prefill
         pieces += [model(tokens[:, i:i + 1], cache=cache).logits for i in range(5, 9)]   # one at a time
@@ -80,7 +82,7 @@ def test_decoding_turns_the_capacity_limit_off():
     model = tiny_model(capacity_factor=0.5)
     tokens = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        capped, decoding = model(tokens).records, model(tokens, decoding=True).records
+        capped, decoding = model(tokens).records, model(tokens, mode=DECODING).records
     assert sum(float(r.dropped) for r in capped) > 0
     assert sum(float(r.dropped) for r in decoding) == 0
 
@@ -98,7 +100,7 @@ def _greedy_without_cache(model, prompt, n):
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]), decoding=True).logits[0, -1].argmax()))
+            ids.append(int(model(torch.tensor([ids]), mode=DECODING).logits[0, -1].argmax()))
     return ids[len(prompt):]
 
 

@@ -70,7 +70,7 @@ def test_same_numbers_as_the_training_run_validation(trained_run, tmp_path, cli_
 
 def test_report_holds_every_section(evaluated):
     results, _ = evaluated
-    assert results["format"] == "moectl.eval" and results["version"] == 1
+    assert results["format"] == "moectl.eval" and results["version"] == 2
     assert results["data"]["split"] == "val"
     routing = results["routing"]
     assert routing["layer_order"] == ["L0", "L1"]
@@ -166,8 +166,8 @@ def test_router_specific_sections(kind, corpus, tmp_path, cli_module):
     if kind == "expert_choice":
         assert not res["robustness"]["defined"] and "experts choose tokens" in res["robustness"]["reason"]
     else:
-        agree = res["routing"]["overall"]["competition_agreement"]
-        assert 0 <= agree["top1"] <= 1 and 0 <= agree["overlap"] <= 1
+        agree = res["routing"]["overall"]["variant_agreement"]
+        assert agree["with"] == "competition" and 0 <= agree["top1"] <= 1 and 0 <= agree["overlap"] <= 1
         assert res["robustness"]["defined"]
 
 

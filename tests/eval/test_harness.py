@@ -15,6 +15,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip i
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
+from moectl.core import RoutingMode  # noqa: E402
 from moectl.errors import MoectlError  # noqa: E402
 from moectl.eval import harness  # noqa: E402
 from moectl.eval.harness import MoectlLM, run_tasks, score_windows  # noqa: E402
@@ -245,7 +246,7 @@ def test_a_non_causal_router_gets_forwards_of_its_own(run):
         hook.remove()
         for router in routers:
             del router.causal
-    assert reason and "not causal" in reason and kwargs == {"decoding": True}
+    assert reason and "not causal" in reason and kwargs == {"mode": RoutingMode(decoding=True)}
     assert len(shapes) == 3 and all(b == 1 for b, _ in shapes)   # one unpadded window per forward
     assert [lp for lp, _ in alone] == pytest.approx([lp for lp, _ in together], abs=1e-5)
 

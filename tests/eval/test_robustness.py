@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moectl.core import MoETransformer
+from moectl.core import MoETransformer, RoutingMode
 from moectl.core.compete import CompetitionOptions
 from moectl.core.moe import RouterContractError
 from moectl.core.routers.topp import topp_select
@@ -57,8 +57,8 @@ def test_dropped_expert_is_never_chosen_and_k_is_kept(name):
         seen[o.name] = seen.get(o.name, 0) + 1
 
     with torch.no_grad():
-        plain = model(tokens, observer=lambda o: None)
-        perturbed = model(tokens, observer=check, drop_top1=True)
+        plain = model(tokens, mode=RoutingMode(observer=lambda o: None))
+        perturbed = model(tokens, mode=RoutingMode(observer=check, drop_top1=True))
     assert set(seen) == {layer.name for layer in model.routed_layers()}
     assert not torch.allclose(plain.logits, perturbed.logits)
 
@@ -69,7 +69,8 @@ def test_unperturbed_routing_uses_the_top1_expert():
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     hits = []
     with torch.no_grad():
-        model(tokens, observer=lambda o: hits.append(bool((o.expert_ids_TK[:, 0] == o.probs_TE.argmax(-1)).all())))
+        model(tokens, mode=RoutingMode(observer=lambda o: hits.append(
+            bool((o.expert_ids_TK[:, 0] == o.probs_TE.argmax(-1)).all()))))
     assert all(hits)
 
 
@@ -101,7 +102,7 @@ def test_a_router_that_ignores_the_perturbation_is_caught():
     try:
         with pytest.raises(RouterContractError, match="most probable expert"):
             with torch.no_grad():
-                model(torch.zeros(1, 8, dtype=torch.long), drop_top1=True)
+                model(torch.zeros(1, 8, dtype=torch.long), mode=RoutingMode(drop_top1=True))
     finally:
         type(router).top1_excluded = original
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moectl.core.moe import RouteObservation
+from moectl.core.routers.base import RouterOutput
 from moectl.eval.routing import (
     RoutingAnalysis,
     binned_mutual_information,
@@ -18,10 +19,12 @@ from moectl.eval.routing import (
 
 def layer(name: str, index: int, E: int = 4, K: int = 1, bias=None):
     return SimpleNamespace(name=name, index=index, num_experts=E, top_k=K,
-                           router=SimpleNamespace(expert_bias=bias))
+                           router=SimpleNamespace(expert_bias=bias), alternative_name=None,
+                           alternative_choice=lambda x_TD, out: None)
 
 
-def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, competition=None):
+def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, alternative=None):
+    """A layer's observation; `alternative`: the experts its variant's own mechanism chooses."""
     ids_TK = torch.as_tensor(ids_TK).long()
     if ids_TK.dim() == 1:
         ids_TK = ids_TK[:, None]
@@ -29,7 +32,11 @@ def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, compet
     if probs_TE is None:   # 0.7 on the first choice, the rest spread evenly
         probs_TE = torch.full((T, E), 0.3 / (E - 1))
         probs_TE.scatter_(1, ids_TK[:, :1], 0.7)
-    return RouteObservation(lay, ids_TK, torch.ones(ids_TK.shape), valid, probs_TE, logits, tokens, competition)
+    if alternative is not None:
+        lay = SimpleNamespace(**{**vars(lay), "alternative_name": "competition",
+                                 "alternative_choice": lambda x_TD, out: alternative})
+    out = RouterOutput(ids_TK, torch.ones(ids_TK.shape), probs_TE, logits)
+    return RouteObservation(lay, torch.zeros(T, 1), out, valid, tokens)
 
 
 def analyse(*forwards, vocab=None):
@@ -132,7 +139,7 @@ def test_invalid_slots_are_not_counted():
     assert r["experts_per_token"] == pytest.approx(1.5)
 
 
-def test_logit_scale_bias_and_competition_agreement():
+def test_logit_scale_bias_and_agreement_with_the_variants_choice():
     E = 4
     logits = torch.tensor([[1.0, -1.0, 1.0, -1.0]] * 6)
     ids = torch.tensor([[0, 2]] * 6)
@@ -140,13 +147,15 @@ def test_logit_scale_bias_and_competition_agreement():
     probs[:, 0] += 1e-3                                     # argmax expert 0
     win = torch.tensor([[0, 1]] * 3 + [[3, 2]] * 3)
     lay = layer("L0", 0, E, K=2, bias=torch.tensor([0.5, -0.5, 0.0, 0.0]))
-    r = analyse([obs(lay, ids, probs, logits=logits, competition=win)])
+    r = analyse([obs(lay, ids, probs, logits=logits, alternative=win)])
     L = r["layers"]["L0"]
     assert L["logit_std"] == pytest.approx(1.0)
     assert L["bias"] == [0.5, -0.5, 0.0, 0.0]
-    assert L["competition_agreement"]["top1"] == pytest.approx(0.5)     # first three tokens
-    assert L["competition_agreement"]["overlap"] == pytest.approx(0.5)  # one of two winners each
-    assert r["overall"]["competition_agreement"]["top1"] == pytest.approx(0.5)
+    assert L["variant_agreement"]["with"] == "competition"
+    assert L["variant_agreement"]["top1"] == pytest.approx(0.5)     # first three tokens
+    assert L["variant_agreement"]["overlap"] == pytest.approx(0.5)  # one of two winners each
+    assert r["overall"]["variant_agreement"]["top1"] == pytest.approx(0.5)
+    assert r["overall"]["variant_agreement"]["with"] == "competition"
 
 
 def test_preferred_tokens():

@@ -5,6 +5,7 @@ from moectl.core.routers.base import (  # noqa: F401
     RouteContext,
     Router,
     RouterOutput,
+    RoutingMode,
     fp32_linear,
     make_router,
     register_router,

@@ -28,6 +28,28 @@ if TYPE_CHECKING:
     from moectl.core.config import ModelArgs
 
 
+@dataclass(frozen=True)
+class RoutingMode:
+    """How a forward routes when it is not a plain forward: for evaluation and decoding. A mode
+    changes no weight. The model takes one (`MoETransformer.forward(..., mode=...)`) and hands it to
+    every layer in the `RouteContext`.
+
+    `decoding`: route every token as it would be routed alone (token-by-token decoding with a KV
+    cache): batch-dependent routing steps, the capacity limit, are skipped. A forward with a cache
+    always decodes.
+    `drop_top1`: the routing-robustness perturbation. Every router leaves out each token's most
+    probable expert and chooses its K experts from the rest (`Router.top1_excluded` gives the mask).
+    `observer`: receives every routed layer's decisions (a `moectl.core.moe.RouteObservation`);
+    `moectl.eval.routing.RoutingAnalysis` is such an observer."""
+
+    decoding: bool = False
+    drop_top1: bool = False
+    observer: Callable[[Any], None] | None = None
+
+
+PLAIN = RoutingMode()
+
+
 @dataclass
 class RouteContext:
     """Per-forward facts that some routers need. Built once by the model for all layers."""
@@ -40,16 +62,7 @@ class RouteContext:
     # What the model's routing plan decided for this training forward (None outside training);
     # its meaning belongs to the routed-layer variant that made the plan (see `RoutingPlan`).
     plan: Any = None
-    # Evaluation probes (see `moectl.eval`). `observer` receives every routed layer's decisions
-    # (a `RouteObservation`); with `observe_competition` a competing variant also works out what
-    # its competition would have chosen. `drop_top1` is the routing-robustness perturbation: every
-    # router removes each token's most probable expert and chooses its K experts from the rest.
-    observer: Callable[[Any], None] | None = None
-    observe_competition: bool = False
-    drop_top1: bool = False
-    # Token-by-token decoding with a KV cache: batch-dependent routing steps (the capacity limit)
-    # are skipped, so a token is routed the same however many tokens share its forward.
-    decoding: bool = False
+    mode: RoutingMode = PLAIN           # evaluation and decoding (see `RoutingMode`)
 
 
 @dataclass
@@ -77,10 +90,10 @@ class Router(nn.Module):
     kind = ""            # the registered name (set by `register_router`)
     fixed_k = False      # True when every token always gets exactly top_k experts
     learned = True       # False when nothing in the router is trained (hash)
-    # Why the routing-robustness perturbation (`RouteContext.drop_top1`) is not defined for this
-    # router, or None when its forward honours the flag (use `top1_excluded`).
+    # Why the routing-robustness perturbation (`RoutingMode.drop_top1`) is not defined for this
+    # router, or None when its forward honours it (use `top1_excluded`).
     drop_top1_refusal: str | None = ("it does not declare support for the drop-top-1 perturbation (a router "
-                                     "that honours RouteContext.drop_top1 sets drop_top1_refusal = None)")
+                                     "that honours RoutingMode.drop_top1 sets drop_top1_refusal = None)")
     causal = True        # False when a token's routing depends on other tokens of the batch
 
     def __init__(self, args: ModelArgs, index: int = 0):
@@ -115,7 +128,7 @@ class Router(nn.Module):
     def top1_excluded(self, probs_TE: Tensor, ctx: RouteContext) -> Tensor | None:
         """Under the drop-top-1 perturbation, a bool mask [T, E] of each token's most probable
         expert (which the router must not choose); otherwise None."""
-        if not ctx.drop_top1:
+        if not ctx.mode.drop_top1:
             return None
         mask = torch.zeros_like(probs_TE, dtype=torch.bool)
         return mask.scatter_(-1, probs_TE.argmax(-1, keepdim=True), True)
