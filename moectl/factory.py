@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from moectl.recipe.schema import ModelConfig, Recipe
+import torch
 
-if TYPE_CHECKING:
-    import torch
+from moectl.core import ModelArgs, MoEArgs, MoETransformer, registry
+from moectl.errors import MoectlError
+from moectl.recipe.schema import ModelConfig, Recipe, variant_fields
 
-    from moectl.core import ModelArgs, MoETransformer
 
-
-def _options(registry, kind: str, section: Any) -> Any:
+def _options(reg, kind: str, section: Any) -> Any:
     """The engine's options object of a registered part, from its recipe section."""
-    return registry.get(kind).options(**section.model_dump(exclude={"kind"}))
+    return reg.get(kind).options(**section.model_dump(exclude={"kind"}))
 
 
 def _same_named(section: Any, args_cls: type, skip: set[str]) -> dict[str, Any]:
@@ -25,9 +24,6 @@ def _same_named(section: Any, args_cls: type, skip: set[str]) -> dict[str, Any]:
 
 
 def model_args(cfg: ModelConfig) -> ModelArgs:
-    from moectl.core import ModelArgs, MoEArgs, registry
-    from moectl.recipe.parts import variant_fields
-
     moe = None
     if cfg.moe is not None:
         m = cfg.moe
@@ -46,10 +42,6 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoETransformer:
     """Instantiate the recipe's model, initialised from the recipe's seed. device="meta" builds the
     structure without allocating memory (for counting, or to load weights into with assign=True)."""
-    import torch
-
-    from moectl.core import MoETransformer
-
     args = model_args(recipe.model)
     try:
         if str(device) == "meta":
@@ -64,9 +56,6 @@ def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoE
         if isinstance(e, (RuntimeError, TypeError)) and not any(w in text.lower() for w in ("overflow", "memory",
                                                                                               "alloc")):
             raise
-        text = text[:200]
-        from moectl.errors import MoectlError
-
-        raise MoectlError(f"the model cannot be built: {text}",
+        raise MoectlError(f"the model cannot be built: {text[:200]}",
                           hint="check the model sizes (d_model, ffn_hidden, vocab_size, num_experts, "
                                "expert_hidden); `moectl build` shows what a recipe needs") from None

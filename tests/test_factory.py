@@ -11,8 +11,7 @@ from pydantic_core import PydanticUndefined
 from moectl.core import ModelArgs, MoEArgs, registry
 from moectl.factory import model_args
 from moectl.recipe.load import load_recipe
-from moectl.recipe.parts import section_for, variant_fields
-from moectl.recipe.schema import ModelConfig, MoEConfig
+from moectl.recipe.schema import ModelConfig, moe_schema, section_for, variant_fields
 
 # Schema fields that reach the engine under another form.
 SCHEMA_ONLY = {"first_dense"}                         # folded into MoEArgs.layers
@@ -23,7 +22,7 @@ def _defaults(dc):
     return {f.name: f.default for f in dataclasses.fields(dc) if f.default is not dataclasses.MISSING}
 
 
-@pytest.mark.parametrize("schema, args", [(ModelConfig, ModelArgs), (MoEConfig, MoEArgs)])
+@pytest.mark.parametrize("schema, args", [(ModelConfig, ModelArgs), (moe_schema(), MoEArgs)])
 def test_fields_match_both_ways(schema, args):
     engine = {f.name for f in dataclasses.fields(args)}
     variants = set(variant_fields())
@@ -35,7 +34,7 @@ def test_fields_match_both_ways(schema, args):
         assert name in schema.model_fields, f"{args.__name__}.{name} has no recipe key in {schema.__name__}"
 
 
-@pytest.mark.parametrize("schema, args", [(ModelConfig, ModelArgs), (MoEConfig, MoEArgs)])
+@pytest.mark.parametrize("schema, args", [(ModelConfig, ModelArgs), (moe_schema(), MoEArgs)])
 def test_defaults_agree(schema, args):
     for name, default in _defaults(args).items():
         field = schema.model_fields.get(name)

@@ -88,7 +88,7 @@ def schema(
 ) -> None:
     """Emit the recipe JSON Schema (for editor completion and validation)."""
     from moectl.errors import MoectlError
-    from moectl.recipe.parts import load_plugins
+    from moectl.recipe.plugins import load_plugins
 
     load_plugins(list(plugins or []), source="--plugin")
 

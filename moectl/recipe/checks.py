@@ -4,8 +4,9 @@ with that part (its class's `check(moe)` hook), so adding a part adds its checks
 
 from __future__ import annotations
 
+from moectl.core import registry
 from moectl.errors import Issue
-from moectl.recipe.schema import Recipe
+from moectl.recipe.schema import Recipe, variant_fields
 
 
 def check_recipe(r: Recipe) -> list[Issue]:
@@ -37,9 +38,6 @@ def check_recipe(r: Recipe) -> list[Issue]:
 
 
 def _check_moe(r: Recipe) -> list[Issue]:
-    from moectl.core import registry
-    from moectl.recipe.parts import variant_fields
-
     issues: list[Issue] = []
     add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))  # noqa: E731
     m, moe = r.model, r.model.moe

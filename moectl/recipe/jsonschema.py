@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from moectl.recipe.schema import Recipe
+from moectl.core import registry
+from moectl.recipe.schema import recipe_schema
 
 
 def recipe_json_schema() -> dict[str, Any]:
-    from moectl.core import registry
-    from moectl.recipe import parts
-
-    parts.install()
-    schema = Recipe.model_json_schema(mode="validation")
+    schema = recipe_schema().model_json_schema(mode="validation")
     # `block` also accepts a bare kind name (`block: cartesian`), which pydantic's schema cannot say.
     block = schema["$defs"]["MoEConfig"]["properties"]["block"]
     sections = {k: block.pop(k) for k in list(block) if k not in ("default", "description", "title")}

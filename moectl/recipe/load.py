@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from moectl.errors import Issue, MoectlError, RecipeError
-from moectl.recipe.schema import Recipe
+from moectl.recipe.checks import check_recipe
+from moectl.recipe.plugins import load_plugins
+from moectl.recipe.schema import Recipe, recipe_schema, variant_fields
 from moectl.rundir import RunDir
 
 Key = tuple[Any, ...]
@@ -364,8 +366,8 @@ def _variant_for(models: list[type[BaseModel]], tag: Any) -> type[BaseModel] | N
 def clean_loc(loc: Sequence[Any], data: Any) -> tuple[tuple[Any, ...], type[BaseModel] | None]:
     """Drop the union tags pydantic puts into error locations; return the user's key path and the
     section class that holds its last key (for suggestions)."""
-    cls: type[BaseModel] | None = Recipe
-    holder: type[BaseModel] | None = Recipe
+    cls: type[BaseModel] | None = recipe_schema()
+    holder: type[BaseModel] | None = cls
     out: list[Any] = []
     node = data
     for part in loc:
@@ -405,7 +407,7 @@ def _suggest(path: tuple[Any, ...], holder: type[BaseModel] | None) -> str | Non
     key = path[-1]
     if not isinstance(key, str):
         return None
-    elsewhere = [p for p in _all_paths(Recipe) if p[-1] == key]
+    elsewhere = [p for p in _all_paths(recipe_schema()) if p[-1] == key]
     if elsewhere:
         return _dotted(elsewhere[0])
     if holder is not None:
@@ -426,7 +428,7 @@ def _other_kinds_with(holder: type[BaseModel] | None, key: Any) -> list[str]:
     return out
 
 
-def _all_models(cls: type[BaseModel] = Recipe):
+def _all_models(cls: type[BaseModel]):
     yield cls
     for field in cls.model_fields.values():
         for sub in model_types(field.annotation):
@@ -435,7 +437,7 @@ def _all_models(cls: type[BaseModel] = Recipe):
 
 def _variants_of(variant: type[BaseModel]) -> list[type[BaseModel]]:
     """All classes of the discriminated union that `variant` belongs to."""
-    for cls in _all_models():
+    for cls in _all_models(recipe_schema()):
         for field in cls.model_fields.values():
             models = model_types(field.annotation)
             if variant in models and len(models) > 1:
@@ -505,17 +507,14 @@ def _issue(err: dict[str, Any], data: dict[str, Any], sources: Sources) -> Issue
 def validate(data: dict[str, Any], sources: Sources, source_name: str) -> Recipe:
     """Validate a merged recipe: import its plugins, check every key and type (all problems
     together), then the checks that relate several keys (all of those together)."""
-    from moectl.recipe import parts
-    from moectl.recipe.checks import check_recipe
-
-    parts.load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name)
-    parts.install()
+    load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name)
+    schema = recipe_schema()
     non_finite = [_issue_at(path, "must be a finite number (use null to turn a setting off)", sources)
                   for path in _non_finite(data)]
     if non_finite:
         raise RecipeError(source_name, non_finite)
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = schema.model_validate(data)
     except ValidationError as e:
         issues = [_issue(err, data, sources) for err in e.errors()]
         raise RecipeError(source_name, issues) from None
@@ -566,8 +565,6 @@ def load_recipe(ref: str | Path, overrides: Sequence[str] = ()) -> Recipe:
 def resolved(recipe: Recipe) -> dict[str, Any]:
     """The fully resolved recipe as plain data. Routed-layer variants that are off are left out,
     so a run folder does not depend on which plugins happen to be installed."""
-    from moectl.recipe.parts import variant_fields
-
     data = recipe.model_dump(mode="json", exclude={"extends"})
     moe = (data.get("model") or {}).get("moe")
     if isinstance(moe, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -9,7 +10,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from moectl.recipe.load import model_types
-from moectl.recipe.schema import Recipe
+from moectl.recipe.schema import recipe_schema
 
 
 def _type_name(annotation: Any) -> str:
@@ -19,7 +20,7 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(f"`{a}`" for a in args)
     if origin is typing.Annotated:
         return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]" if args else "list"
@@ -63,7 +64,7 @@ def markdown_reference() -> str:
              "Generated from the schema by `moectl recipes schema --format markdown`; do not edit by hand.",
              "Every key is optional unless marked **required**. Unknown keys are errors.", ""]
     sections: list[tuple[str, type[BaseModel]]] = []
-    _sections(Recipe, "", sections)
+    _sections(recipe_schema(), "", sections)
     for path, cls in sections:
         lines += [f"## `{path or '(top level)'}`", "", (cls.__doc__ or "").strip(), "",
                   "| key | type | default | description |", "|---|---|---|---|"]

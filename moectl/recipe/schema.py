@@ -1,6 +1,13 @@
-"""The recipe schema: one typed, strict description of a run.
+"""The recipe schema: one typed, strict description of a run, built here and nowhere else.
 
-Every field carries a description; `moectl recipes schema` turns this module into JSON Schema and
+The sections below are fixed; the sections of the engine's registered parts (routers, block kinds,
+routed-layer variants, `moectl.core.registry`) come from their options dataclasses, and
+`recipe_schema()` builds the whole schema from them: `model.moe.router` and `model.moe.block`
+(sections selected by `kind`) and one optional `model.moe.<variant>` section per variant. A plugin
+that registers a part (`moectl.recipe.plugins`) makes the next `recipe_schema()` a new schema that
+includes it; a schema is never changed once built.
+
+Every field carries a description; `moectl recipes schema` turns the schema into JSON Schema and
 docs/recipe-reference.md is generated from it, so the schema is the single source of truth for
 what a recipe may say. Checks that involve several fields live in `checks.py` so that their errors
 can name the exact key path.
@@ -8,9 +15,24 @@ can name the exact key path.
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
+
+from moectl.core import registry
+from moectl.errors import MoectlError
+from moectl.recipe import plugins
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -105,8 +127,8 @@ class MoEConfig(Section):
     )
     aux_loss_weight: NonNegFloat = Field(0.01, description="Weight of the load-balance loss.")
     z_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router z-loss.")
-    # `router`, `block` and one optional section per routed-layer variant (`competition`) are added
-    # from the engine's registries by moectl.recipe.parts, so a user's own parts fit in too.
+    # `router`, `block` and one optional section per routed-layer variant (`competition`) come from
+    # the engine's registries (`recipe_schema()`), so a user's own parts fit in too.
 
     def layer_indices(self, n_layers: int) -> list[int]:
         """The indices of the MoE layers in a model of `n_layers` layers."""
@@ -330,8 +352,6 @@ class TrainConfig(Section):
 
 
 def _run_name(value: str) -> str:
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", value):
         raise ValueError(f"{value!r} cannot name a run folder (runs/<name>): use letters, digits and . _ + -, "
                          "starting with a letter or digit, no path separators, at most 128 characters")
@@ -360,8 +380,127 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training.")
 
 
+# --------------------------------------------------------------------------- the parts' sections
+
+_sections: dict[tuple[str, str], type] = {}        # (registry, kind) -> section, per options class
+_schemas: dict[int, type[Recipe]] = {}             # registry version -> the schema built for it
 
 
-from moectl.recipe import parts  # noqa: E402  (adds the engine's registered parts to MoEConfig)
+def _docstring(entry) -> str:
+    """The section's description: the options' docstring, else the class's."""
+    for obj in (entry.options, entry.cls):
+        doc = (obj.__doc__ or "").strip()
+        if doc and not doc.startswith(f"{obj.__name__}("):   # not the dataclass's generated one
+            return " ".join(doc.split())
+    return ""
 
-parts.install()
+
+def section_for(registry_name: str, entry, with_kind: bool = True) -> type[Section]:
+    """The strict schema section of one registered part, from its options dataclass."""
+    key = (registry_name, entry.name)
+    cached = _sections.get(key)
+    if cached is not None and cached.__moectl_options__ is entry.options:
+        return cached
+    hints = typing.get_type_hints(entry.options, include_extras=True)
+    reserved = [f.name for f in dataclasses.fields(entry.options) if f.name.startswith("model_") or hasattr(Section, f.name)]
+    if reserved:
+        raise ValueError(f"option name {reserved[0]!r} is reserved (pydantic uses it); rename the option")
+    fields: dict[str, Any] = {}
+    if with_kind:
+        fields["kind"] = (Literal[entry.name], Field(entry.name, description="Which kind this section configures."))
+    for f in dataclasses.fields(entry.options):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        if f.default is not dataclasses.MISSING:
+            spec = Field(f.default, description=help_text, **meta)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = Field(default_factory=f.default_factory, description=help_text, **meta)
+        else:
+            spec = Field(..., description=help_text, **meta)
+        fields[f.name] = (hints[f.name], spec)
+    title = "".join(w.capitalize() for w in f"{entry.name}_{registry_name}".split("_"))
+    section = create_model(title, __base__=Section, __doc__=_docstring(entry), **fields)
+    section.__moectl_options__ = entry.options
+    _sections[key] = section
+    return section
+
+
+def _kind_union(sections: list[type], default_kind: str, bare_name: bool) -> Any:
+    """A `kind`-selected union of sections; a mapping without `kind` gets the default kind, and
+    (with `bare_name`) a plain string is the name of a kind with default options."""
+
+    def fill(v: Any) -> Any:
+        if bare_name and isinstance(v, str):
+            return {"kind": v}
+        if isinstance(v, dict) and "kind" not in v:
+            return {"kind": default_kind, **v}
+        return v
+
+    if len(sections) == 1:
+        return Annotated[sections[0], BeforeValidator(fill)]
+    return Annotated[Union[tuple(sections)], Field(discriminator="kind"), BeforeValidator(fill)]
+
+
+def _sections_of(reg, registry_name: str, default: str | None = None, only=None) -> list[type]:
+    """The sections of a registry's parts, the default kind first (an error names a part whose
+    options cannot be a section, and that part is forgotten so the rest keep working)."""
+    entries = [only] if only is not None else sorted(reg, key=lambda e: e.name != default)
+    sections = []
+    for e in entries:
+        try:
+            sections.append(section_for(registry_name, e, with_kind=registry_name != "variant"))
+        except Exception as err:   # a plugin's options that pydantic cannot validate
+            reg.remove(e.name)
+            raise MoectlError(f"{reg.what} {e.name!r} ({e.module}): its options ({e.options.__qualname__}) cannot "
+                              f"be a recipe section: {type(err).__name__}: {str(err).splitlines()[0]}",
+                              hint="give every option a plain type (bool, int, float, str, Literal[...], lists of "
+                              "them, or None) and a default") from None
+    return sections
+
+
+def _moe_fields() -> dict[str, Any]:
+    """model.moe's `router`, `block` and variant sections, from the registries as they are."""
+    routers = _sections_of(registry.routers, "router", default="topk")
+    blocks = _sections_of(registry.blocks, "block", default="standard")
+    fields: dict[str, Any] = {
+        "router": (_kind_union(routers, "topk", bare_name=False),
+                   Field(default_factory=routers[0], description="The router; `kind` selects it.")),
+        "block": (_kind_union(blocks, "standard", bare_name=True),
+                  Field(default_factory=blocks[0],
+                        description="What a MoE layer is made of; `kind` selects it (a bare kind name works too): "
+                        + "; ".join(f"'{e.name}': {_docstring(e)}" for e in registry.blocks)))}
+    for e in registry.variants:
+        if e.name in MoEConfig.model_fields or e.name in fields:
+            raise MoectlError(f"routed-layer variant {e.name!r} ({e.module}) clashes with the model.moe key of "
+                              "the same name", hint="register it under another name")
+        fields[e.name] = (_sections_of(registry.variants, "variant", only=e)[0] | None,
+                          Field(None, description=e.summary))
+    return fields
+
+
+def recipe_schema() -> type[Recipe]:
+    """The schema of a recipe with the sections of every part registered so far (entry-point
+    plugins imported first). Built once per state of the registries."""
+    plugins.load_entry_points()
+    version = registry.version()
+    schema = _schemas.get(version)
+    if schema is None:
+        moe = create_model("MoEConfig", __base__=MoEConfig, __doc__=MoEConfig.__doc__, **_moe_fields())
+        model = create_model("ModelConfig", __base__=ModelConfig, __doc__=ModelConfig.__doc__,
+                             moe=(moe | None, ModelConfig.model_fields["moe"]))
+        schema = create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
+                              model=(model, Recipe.model_fields["model"]))
+        _schemas[version] = schema
+    return schema
+
+
+def moe_schema() -> type[MoEConfig]:
+    """The `model.moe` section of `recipe_schema()`."""
+    model = recipe_schema().model_fields["model"].annotation
+    return next(a for a in typing.get_args(model.model_fields["moe"].annotation) if a is not type(None))
+
+
+def variant_fields() -> list[str]:
+    """The model.moe keys of the registered routed-layer variants."""
+    recipe_schema()
+    return sorted(e.name for e in registry.variants)
