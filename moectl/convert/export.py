@@ -94,7 +94,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
         state[name] = t.detach().cpu().contiguous()
     eot = run.tokenizer.eot_id if run.tokenizer is not None else None
     if family is not None:
-        config = families.hf_config(family, m)
+        config = family.hf_config(m)
         state = families.to_hf_state(state, families.Layout.of(family, m))
     else:
         config = {"architectures": ["MoectlForCausalLM"], "model_type": "moectl",

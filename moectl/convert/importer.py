@@ -57,7 +57,7 @@ def read_hf_model(src: Path) -> HFModel:
         family = "moectl"
     else:
         fam = families.family_of(cfg, where)
-        family, model = fam.name, families.model_section(fam, cfg, where)
+        family, model = fam.name, fam.model_section(cfg, where)
     recipe = validate_recipe({"name": "import", "model": model}, where)
     from moectl.checkpoint import tied_aliases
     from moectl.factory import build_model
