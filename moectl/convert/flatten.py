@@ -39,8 +39,9 @@ WHAT = {"router": "router", "block": "block kind", "variant": "routed-layer vari
 PLUGIN_HINT = ("the exported folder holds the source of each plugin module a model's parts come from: define the "
                "part at the top level of a module file on the Python path, importing only moectl.core and "
                "installed packages")
-# what transformers' loader follows (dynamic_module_utils.get_relative_imports)
-LOADER_IMPORT = re.compile(r"^\s*from\s+\.(\S+)\s+import", flags=re.MULTILINE)
+# the lines transformers' loader follows (a `from .name import` at the start of a line, whatever the
+# indentation: see transformers.dynamic_module_utils.get_relative_imports)
+LOADER_IMPORT = re.compile(r"^[ \t]*from[ \t]+\.(\w+)[ \t]+import\b", flags=re.MULTILINE)
 FROM = re.compile(r"^from\s+[\w.]+\s+import")
 
 

@@ -209,9 +209,10 @@ def fresh_process(tmp_path_factory) -> dict[str, dict]:
     tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     folders = {}
 
-    def export(name: str, src: Path, dtype: str = "fp32", reference_dtype: torch.dtype | None = None) -> None:
+    def export(name: str, src: Path, dtype: str = "fp32", reference_dtype: torch.dtype | None = None,
+               **kw) -> None:
         out = tmp / "hf" / name
-        result = export_hf(src, out, generated=True, dtype=dtype)
+        result = export_hf(src, out, generated=True, dtype=dtype, **kw)
         with torch.no_grad():   # what moectl computes in evaluation (dropless routing, as in decoding)
             logits = load_run(src, dtype=reference_dtype).model(tokens, decoding=True).logits
         save_file({"tokens": tokens, "logits": logits}, str(out / "expected.safetensors"))
@@ -221,7 +222,8 @@ def fresh_process(tmp_path_factory) -> dict[str, dict]:
         export(name, model_folder(tmp / "src", name, spec))
     for name in SHIPPED:
         export(name.replace("/", "-"), model_folder(tmp / "src", name))
-    export("bf16", model_folder(tmp / "src", "bf16", OPTIONS["kitchen-sink"]), "bf16", torch.bfloat16)
+    export("bf16", model_folder(tmp / "src", "bf16", OPTIONS["kitchen-sink"]), "bf16", torch.bfloat16,
+           max_shard_bytes=20_000)   # sharded, with an index
     with plugin_on_path(tmp):
         export("plugin-router", model_folder(tmp / "src", "plugin-router", PLUGIN_MODEL, plugins=[PLUGIN]))
     env = {**os.environ, "HF_HOME": str(tmp / "hf-home")}   # transformers' module cache in tmp
@@ -250,6 +252,7 @@ def test_generated_code_is_the_engine_and_matches_in_a_fresh_process(name, fresh
     written = {p.name for p in r["folder"].glob("*.py")}
     plugin = {"exportlab_routers.py"} if name == "plugin-router" else set()
     assert written == engine | plugin | {f"{WRAPPER}.py"}
+    assert (r["folder"] / "model.safetensors.index.json").is_file() == (name == "bf16")
 
 
 def test_generated_code_can_be_forced_and_reimported(tmp_path):

@@ -281,7 +281,8 @@ def rope_scaling(rope: dict[str, Any], c: ConfigReader) -> dict[str, Any] | None
         raise c.refuse(f"RoPE scaling {kind!r} (moectl implements linear and llama3)")
     factor = rope.get("factor")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool):
-        raise MoectlError(f"{c.where}: the {kind} RoPE scaling has no numeric factor", hint="the config.json is damaged")
+        raise MoectlError(f"{c.where}: the {kind} RoPE scaling has no numeric factor",
+                          hint="the config.json is damaged")
     out: dict[str, Any] = {"kind": kind, "factor": float(factor)}
     if kind == "llama3":
         try:
