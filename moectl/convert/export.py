@@ -24,7 +24,7 @@ from moectl.convert.output import check_target, staged_folder
 from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
 from moectl.recipe.load import resolved
-from moectl.runs import load_run
+from moectl.runs import Run, load_run
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -96,7 +96,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
     return ExportResult(out, arch, family.name if family else None, files, reasons, notes)
 
 
-def generated_config(run) -> dict[str, Any]:
+def generated_config(run: Run) -> dict[str, Any]:
     """config.json of a folder with generated code: the engine's arguments (what the wrapper
     builds), the recipe's model section and plugins (what `--from hf` imports back)."""
     m = run.recipe.model
