@@ -1,10 +1,10 @@
 """moectl run -> Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads.
 
 A model that a transformers class computes exactly (see `families.native_family`) is written in
-that family's config and tensor layout; any other is written with moectl's generated modeling
-code (modeling_moectl.py, torch and transformers only) and `auto_map`, for
-`from_pretrained(..., trust_remote_code=True)`. Router weights and biases stay fp32 whatever the
-dtype of the rest.
+that family's config and tensor layout; any other is written with generated modeling code for
+`from_pretrained(..., trust_remote_code=True)`: moectl's engine itself (`moectl/core/`, flattened by
+`flatten`), the plugin modules its parts come from, and the thin wrapper `modeling_moectl.py`, with
+`auto_map` in config.json. Router weights and biases stay fp32 whatever the dtype of the rest.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from moectl import __version__
+from moectl.checkpoint import tied_aliases
 from moectl.convert import families
+from moectl.convert.flatten import PREFIX, WRAPPER, flat_modules
 from moectl.convert.hfio import DEFAULT_SHARD_BYTES, write_weights
 from moectl.convert.output import check_target, staged_folder
+from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
+from moectl.recipe.load import resolved
+from moectl.runs import Run, load_run
 
-REMOTE_CODE = Path(__file__).parent / "remote" / "modeling_moectl.py"
-BUILTIN_ROUTERS = {"topk", "topp", "hash", "expert_choice", "recurrent"}
-BUILTIN_BLOCKS = {"standard", "cartesian"}
-BUILTIN_VARIANTS = {"competition"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -38,31 +39,10 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def generated_code_refusal(m) -> str | None:
-    """Why the generated modeling code cannot compute this model (a plugin's part), or None."""
-    if m.moe is None:
-        return None
-    if m.moe.router.kind not in BUILTIN_ROUTERS:
-        return f"its router {m.moe.router.kind!r} comes from a plugin"
-    if m.moe.block.kind not in BUILTIN_BLOCKS:
-        return f"its block kind {m.moe.block.kind!r} comes from a plugin"
-    from moectl.recipe.parts import variant_fields
-
-    for name in variant_fields():
-        if getattr(m.moe, name) is not None and name not in BUILTIN_VARIANTS:
-            return f"its routed-layer variant {name!r} comes from a plugin"
-    return None
-
-
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
               generated: bool = False, step: int | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
     import torch
-
-    from moectl.checkpoint import tied_aliases
-    from moectl.core.accounting import component_parameters
-    from moectl.recipe.load import resolved
-    from moectl.runs import load_run
 
     out = Path(out)
     if dtype not in DTYPES:
@@ -71,11 +51,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
     run = load_run(source, step=step)
     m = run.recipe.model
     family, reasons = (None, {}) if generated else families.native_family(m)
-    if family is None:
-        why = generated_code_refusal(m)
-        if why:
-            raise MoectlError(f"{source} cannot be exported: {why}, and the exported folder may not depend on it",
-                              hint="export a model built from moectl's own parts (see docs/convert.md)")
+    code = flat_modules(run.model.args) if family is None else {}   # refuses a part it cannot write first
     notes = []
     if m.moe is not None and m.moe.capacity_factor is not None:
         notes.append("the exported model routes dropless: model.moe.capacity_factor limits training batches only "
@@ -94,15 +70,11 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
         state[name] = t.detach().cpu().contiguous()
     eot = run.tokenizer.eot_id if run.tokenizer is not None else None
     if family is not None:
-        config = families.hf_config(family, m)
+        config = family.hf_config(m)
         state = families.to_hf_state(state, families.Layout.of(family, m))
     else:
-        config = {"architectures": ["MoectlForCausalLM"], "model_type": "moectl",
-                  "auto_map": {"AutoConfig": "modeling_moectl.MoectlConfig",
-                               "AutoModelForCausalLM": "modeling_moectl.MoectlForCausalLM"},
-                  "moectl_model": resolved(run.recipe)["model"], "vocab_size": m.vocab_size,
-                  "hidden_size": m.d_model, "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-                  "max_position_embeddings": m.seq_len, "tie_word_embeddings": m.tie_embeddings, "use_cache": False}
+        config = generated_config(run)
+        state = {PREFIX + k: v for k, v in state.items()}
     config.update(dtype=DTYPES[dtype], torch_dtype=DTYPES[dtype], bos_token_id=None, eos_token_id=eot,
                   pad_token_id=None, moectl_version=__version__)
     with staged_folder(out, force) as tmp:
@@ -113,15 +85,31 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
             generation["use_cache"] = False
         _write_json(tmp / "generation_config.json", generation)
         files += ["config.json", "generation_config.json"]
-        if family is None:
-            shutil.copyfile(REMOTE_CODE, tmp / REMOTE_CODE.name)
-            files.append(REMOTE_CODE.name)
+        for name, text in code.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            files.append(name)
         if run.tokenizer is not None:
             files += write_tokenizer_files(tmp, run.tokenizer.path, run.tokenizer.inner.id_to_token(eot), m.seq_len)
         else:
             notes.append(f"{source} holds no tokenizer.json: the folder has no tokenizer files")
     arch = config["architectures"][0]
     return ExportResult(out, arch, family.name if family else None, files, reasons, notes)
+
+
+def generated_config(run: Run) -> dict[str, Any]:
+    """config.json of a folder with generated code: the engine's arguments (what the wrapper
+    builds), the recipe's model section and plugins (what `--from hf` imports back)."""
+    m = run.recipe.model
+    config = {"architectures": ["MoectlForCausalLM"], "model_type": "moectl",
+              "auto_map": {"AutoConfig": f"{WRAPPER}.MoectlConfig",
+                           "AutoModelForCausalLM": f"{WRAPPER}.MoectlForCausalLM"},
+              "moectl_args": run.model.args.to_dict(), "moectl_model": resolved(run.recipe)["model"],
+              "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
+              "num_attention_heads": m.n_heads, "max_position_embeddings": m.seq_len,
+              "tie_word_embeddings": m.tie_embeddings, "use_cache": False}
+    if run.recipe.plugins:
+        config["moectl_plugins"] = list(run.recipe.plugins)
+    return config
 
 
 def write_tokenizer_files(folder: Path, tokenizer_json: Path, eos: str | None, max_len: int) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from moectl import __version__
 from moectl.convert import families
+from moectl.convert.flatten import PREFIX
 from moectl.convert.hfio import read_config, read_json, read_weights
 from moectl.convert.output import check_target, staged_folder
 from moectl.errors import MoectlError, RecipeError
@@ -30,6 +31,7 @@ class HFModel:
     state: dict[str, Any]           # moectl tensor names
     tokenizer: Path | None
     eos_token: str | None
+    plugins: list[str] = field(default_factory=list)   # modules the model's parts come from
 
 
 @dataclass
@@ -50,15 +52,16 @@ def read_hf_model(src: Path) -> HFModel:
     src = Path(src)
     cfg = read_config(src)
     where = str(src)
+    plugins: list[str] = []
     if cfg.get("model_type") == "moectl":
-        model = cfg.get("moectl_model")
-        if not isinstance(model, dict):
+        model, plugins = cfg.get("moectl_model"), cfg.get("moectl_plugins") or []
+        if not isinstance(model, dict) or not isinstance(plugins, list):
             raise MoectlError(f"{where}: config.json has no moectl_model section", hint="the config.json is damaged")
         family = "moectl"
     else:
         fam = families.family_of(cfg, where)
-        family, model = fam.name, families.model_section(fam, cfg, where)
-    recipe = validate_recipe({"name": "import", "model": model}, where)
+        family, model = fam.name, fam.model_section(cfg, where)
+    recipe = validate_recipe({"name": "import", "model": model, **({"plugins": plugins} if plugins else {})}, where)
     from moectl.checkpoint import tied_aliases
     from moectl.factory import build_model
 
@@ -67,6 +70,8 @@ def read_hf_model(src: Path) -> HFModel:
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases}
     hf_state = read_weights(src)
     if family == "moectl":
+        if all(k.startswith(PREFIX) for k in hf_state):   # the generated wrapper holds the engine as `model`
+            hf_state = {k[len(PREFIX):]: v for k, v in hf_state.items()}
         state = {k: v for k, v in hf_state.items() if k not in aliases}
         from moectl.checkpoint import check_weights
 
@@ -78,7 +83,7 @@ def read_hf_model(src: Path) -> HFModel:
         raise MoectlError(f"{where}: tensors hold NaN or infinite values ({', '.join(bad[:3])})",
                           hint="the checkpoint is damaged; download it again")
     tok = src / "tokenizer.json"
-    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok))
+    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins)
 
 
 def _eos_token(src: Path, cfg: dict[str, Any], tok: Path) -> str | None:
@@ -160,7 +165,8 @@ def import_hf(src: str | Path, out: str | Path, *, force: bool = False, name: st
     if seq_len > 4096:
         notes.append(f"model.seq_len is the model's context, {seq_len}; train with a shorter one, e.g. "
                      "model.seq_len=1024")
-    data = folder_recipe(out, {}, hf.model, hf.tokenizer is not None, hf.eos_token, name)
+    data = folder_recipe(out, {"plugins": hf.plugins} if hf.plugins else {}, hf.model, hf.tokenizer is not None,
+                         hf.eos_token, name)
     write_model_folder(out, data, hf.state, hf.tokenizer,
                        {"kind": "import", "from": str(src.resolve()), "family": hf.family}, force)
     return ImportResult(out, hf.family, notes)

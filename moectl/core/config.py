@@ -10,8 +10,13 @@ instances of their registered options dataclasses (see `moectl.core.registry`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from moectl.core import registry
+
+# MoEArgs fields that hold a registered part's options, and the registry of each
+PARTS = {"router": "routers", "block": "blocks", "variant": "variants"}
 
 
 def _default(registry_name: str, kind: str):
@@ -44,6 +49,26 @@ class MoEArgs:
     block: Any = field(default_factory=_default("blocks", "standard"))     # a block kind's options
     variant: Any = None                    # a routed-layer variant's options (e.g. competition); None = plain
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; each part's options as {"kind": its registered name, **options}."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["layers"] = list(self.layers)
+        for key, reg in PARTS.items():
+            options = data[key]
+            if options is not None:
+                data[key] = {"kind": getattr(registry, reg).of(options).name, **asdict(options)}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEArgs:
+        """The arguments `to_dict` wrote, each part's options rebuilt from its registry by kind."""
+        data = dict(data)
+        for key, reg in PARTS.items():
+            if data.get(key) is not None:
+                options = dict(data[key])
+                data[key] = getattr(registry, reg).get(options.pop("kind")).options(**options)
+        return cls(**data)
+
 
 @dataclass
 class ModelArgs:
@@ -67,6 +92,19 @@ class ModelArgs:
     qk_norm: str = "none"                  # "none" | "head" | "projection"
     qkv_clip: float | None = None
     moe: MoEArgs | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data (json.dumps writes it as it is); `from_dict` reads it back."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling is not None else None
+        data["moe"] = self.moe.to_dict() if self.moe is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelArgs:
+        data = dict(data)
+        moe = data.pop("moe", None)
+        return cls(**data, moe=MoEArgs.from_dict(moe) if moe is not None else None)
 
     @property
     def head_size(self) -> int:

@@ -38,6 +38,10 @@ VARIANTS = {
                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
     ("llama", "bias-tied-mha-headdim"): dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4,
                                              head_dim=12),
+    ("qwen3", "base"): dict(head_dim=12),
+    ("qwen3", "bias-tied-mha-linear-rope"): dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4,
+                                                 rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 1e6}),
 }
 
 

@@ -1,10 +1,19 @@
-"""moectl -> Hugging Face with generated modeling code: the three methods and every router no
-transformers class has, loaded with trust_remote_code=True in a fresh process (no moectl import),
-match moectl's logits and generate()."""
+"""moectl -> Hugging Face.
+
+Generated code: the exported folder runs moectl's own engine (moectl/core flattened, plus a thin
+wrapper). One model per registered router, block kind and routed-layer variant (read from the
+registries), the option-heavy models, the shipped method recipes, a plugin's router and a bf16
+export are each loaded with trust_remote_code=True in one fresh process that cannot import moectl,
+and match moectl's logits to 1e-5 (relative), in eval mode, and generate().
+
+Native classes: a model a transformers class computes exactly loads in that class and matches."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,38 +21,97 @@ from pathlib import Path
 import pytest
 import torch
 
+import moectl.core  # noqa: F401  (registers the engine's parts, which the cases below are read from)
+from moectl.convert.flatten import WRAPPER, engine_sources, is_engine
+from moectl.core import registry
 from tests.convert.conftest import rel_diff
 
 BASE = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, ffn_hidden=48, seq_len=32)
 MOE = dict(num_experts=4, top_k=2, expert_hidden=16)
-MODELS = {
-    "cartesian": dict(moe=dict(MOE, block="cartesian", expert_hidden=8)),
-    "rmoe": dict(moe=dict(MOE, router=dict(kind="recurrent", hidden=16, logit_residual=0.5))),
+
+
+def part_models() -> dict[str, dict]:
+    """One model per registered router, block kind and routed-layer variant of the engine."""
+    cases = {}
+    for e in registry.routers:
+        if is_engine(e.module):
+            cases[f"router-{e.name}"] = dict(moe=dict(MOE, router=dict(kind=e.name)))
+    for e in registry.blocks:
+        if is_engine(e.module):
+            cases[f"block-{e.name}"] = dict(moe=dict(MOE, block=dict(kind=e.name)))
+    for e in registry.variants:
+        if is_engine(e.module):
+            cases[f"variant-{e.name}"] = dict(moe=dict(MOE, **{e.name: {}}))
+    return cases
+
+
+# The options with their own code paths.
+OPTIONS = {
+    "rmoe-logit-residual": dict(moe=dict(MOE, router=dict(kind="recurrent", hidden=16, logit_residual=0.5))),
     "rmoe-lstm-shared-proj": dict(moe=dict(MOE, router=dict(kind="recurrent", hidden=8, cell="lstm",
                                                             shared_projector=True, projector_bias=True))),
-    "competesmoe": dict(moe=dict(MOE, competition=dict(rate=0.5))),
-    "topp": dict(moe=dict(MOE, router=dict(kind="topp", p=0.5))),
-    "hash": dict(moe=dict(MOE, router=dict(kind="hash", seed=3))),
-    "expert_choice": dict(moe=dict(MOE, router=dict(kind="expert_choice"))),
+    "cartesian-competition-recurrent": dict(moe=dict(MOE, block="cartesian", expert_hidden=8,
+                                                     competition=dict(rate=0.5), router=dict(kind="recurrent"))),
+    "topp-shared-gate": dict(moe=dict(MOE, router=dict(kind="topp", p=0.5), shared_experts=1, shared_mix="gate")),
     "sigmoid-bias-shared-gate": dict(moe=dict(MOE, router=dict(kind="topk", score_func="sigmoid",
                                                                bias_update_rate=0.01),
                                               shared_experts=1, shared_mix="gate", layers=[0, 2])),
+    "shared-sigmoid-mean-relu-capacity": dict(activation="relu", moe=dict(MOE, shared_experts=2, shared_reduce="mean",
+                                                                          shared_mix="sigmoid", capacity_factor=1.0)),
     "kitchen-sink": dict(n_kv_heads=2, head_dim=12, attention_bias="qkv", qk_norm="head", qkv_clip=0.4,
-                         tie_embeddings=True, moe=dict(MOE, shared_experts=2, shared_hidden=8, shared_mix="add",
-                                                       router=dict(kind="topk", renormalize=False))),
+                         tie_embeddings=True, rope_scaling=dict(kind="linear", factor=2.0),
+                         moe=dict(MOE, shared_experts=2, shared_hidden=8, shared_mix="add",
+                                  router=dict(kind="topk", renormalize=False))),
     "attention-only-dense-mean-shared": dict(ffn_hidden=0, moe=dict(MOE, shared_experts=2, shared_reduce="mean",
                                                                      shared_mix="gate", layers=[0, 2])),
     "gelu-dense": dict(activation="gelu", qk_norm="projection", attention_bias="all",
                        rope_scaling=dict(kind="llama3", factor=8.0, original_context=16)),
 }
-
-
+CASES = {**part_models(), **OPTIONS}
 # The three methods' shipped tiny recipes, as a user trains them.
 SHIPPED = ["papers/cartesianmoe/cartesian-base-tiny", "papers/rmoe/rmoe-enwik8-tiny",
            "papers/competesmoe/competesmoe-154m-tiny"]
 
+PLUGIN = "exportlab.routers"
+PLUGIN_SOURCE = '''
+"""A plugin router: top-k of softmax(logits / temperature)."""
 
-def model_folder(root: Path, name: str, spec: dict | None = None) -> Path:
+from dataclasses import dataclass
+
+import torch
+
+from moectl.core import Router, RouterOutput, option, register_router
+from moectl.core.routers import routing_losses, select_topk
+
+
+@dataclass
+class TemperedOptions:
+    """Top-k of softmax(logits / temperature)."""
+
+    temperature: float = option(1.0, "Divide the router logits by this before the softmax.", gt=0)
+
+
+@register_router("tempered_topk", options=TemperedOptions)
+class TemperedTopK(Router):
+    fixed_k = True
+
+    def __init__(self, args, index=0):
+        super().__init__(args, index)
+        self.add_gate()
+        # computed when built, not saved: the loaded model must compute it too
+        self.register_buffer("inv_temperature", torch.tensor(1 / self.options.temperature), persistent=False)
+
+    def forward(self, x_TD, ctx, state=None):
+        logits = self.gate_logits(x_TD) * self.inv_temperature
+        probs = logits.softmax(-1)
+        ids, weights = select_topk(probs, self.top_k, renormalize=True)
+        return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
+                            state=state)
+'''
+PLUGIN_MODEL = dict(moe=dict(MOE, router=dict(kind="tempered_topk", temperature=0.3)))
+
+
+def model_folder(root: Path, name: str, spec: dict | None = None, plugins: list[str] | None = None) -> Path:
     """A moectl model folder (config.yaml + model.safetensors) with every tensor perturbed; `spec`
     None builds the shipped recipe `name`."""
     from safetensors.torch import save_file
@@ -52,7 +120,9 @@ def model_folder(root: Path, name: str, spec: dict | None = None) -> Path:
     from moectl.factory import build_model
     from moectl.recipe.load import dump_recipe, load_recipe, validate
 
-    recipe = load_recipe(name) if spec is None else validate({"name": name, "model": {**BASE, **spec}}, {}, name)
+    extra = {"plugins": plugins} if plugins else {}
+    recipe = load_recipe(name) if spec is None else validate({"name": name, **extra, "model": {**BASE, **spec}},
+                                                             {}, name)
     name = name.replace("/", "-")
     model = build_model(recipe)
     g = torch.Generator().manual_seed(len(name))
@@ -70,63 +140,119 @@ def model_folder(root: Path, name: str, spec: dict | None = None) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def plugin_on_path(root: Path):
+    """The plugin package `exportlab` importable in this process only; its router is forgotten after."""
+    pkg = root / "plugins" / "exportlab"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "routers.py").write_text(PLUGIN_SOURCE)
+    sys.path.insert(0, str(pkg.parent))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(pkg.parent))
+        registry.routers.remove("tempered_topk")
+        for name in [m for m in sys.modules if m == "exportlab" or m.startswith("exportlab.")]:
+            del sys.modules[name]
+        importlib.invalidate_caches()
+
+
 CHECK = r"""
-import json, sys, torch
+import importlib.abc, json, sys
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("moectl", "exportlab"):
+            raise ImportError(f"{name} may not be imported by an exported model")
+
+
+sys.meta_path.insert(0, Refuse())
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-assert "moectl" not in sys.modules
+
 results = {}
 for folder in sys.argv[1:]:
     model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
-    model.eval()
     ref = load_file(folder + "/expected.safetensors")
     with torch.no_grad():
         logits = model(ref["tokens"]).logits
+        loss = model(ref["tokens"], labels=ref["tokens"]).loss   # the next-token loss on the reference logits:
+        want = torch.nn.functional.cross_entropy(ref["logits"][:, :-1].float().flatten(0, 1),
+                                                 ref["tokens"][:, 1:].flatten())
         out = model.generate(ref["tokens"][:1, :5], max_new_tokens=4, do_sample=False)
-    diff = float((logits - ref["logits"]).abs().max() / ref["logits"].abs().max())
-    results[folder] = {"diff": diff, "generated": out.shape[1] - 5, "moectl_loaded": "moectl" in sys.modules,
-                       "class": type(model).__name__,
+    diff = float((logits.float() - ref["logits"].float()).abs().max() / ref["logits"].float().abs().max())
+    diff = max(diff, float((loss - want).abs() / want))
+    routers = {n for n, _ in model.named_parameters() if ".router." in n or "router_shared" in n}
+    results[folder] = {"diff": diff, "generated": out.shape[1] - 5, "class": type(model).__name__,
+                       "training": model.training,
+                       "router_dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if n in routers}),
+                       "dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if n not in routers}),
                        "load_problems": sorted(str(x) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                                                for x in info[k])}
-print(json.dumps(results))
+imported = sorted(m for m in sys.modules if m.split(".")[0] in ("moectl", "exportlab"))
+print(json.dumps({"results": results, "imported": imported}))
 """
 
 
-@pytest.mark.processes
-def test_generated_code_matches_in_a_fresh_process(tmp_path):
+@pytest.fixture(scope="module")
+def fresh_process(tmp_path_factory) -> dict[str, dict]:
+    """Export every case with generated code, and load them all in one fresh process."""
     from safetensors.torch import save_file
 
     from moectl.convert.export import export_hf
     from moectl.runs import load_run
 
+    tmp = tmp_path_factory.mktemp("generated")
     tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
-    folders = []
-    for name, spec in [*MODELS.items(), *((n, None) for n in SHIPPED)]:
-        src = model_folder(tmp_path / "src", name, spec)
-        name = name.replace("/", "-")
-        result = export_hf(src, tmp_path / "hf" / name)
-        assert result.family is None and result.architecture == "MoectlForCausalLM", name
-        config = json.loads((tmp_path / "hf" / name / "config.json").read_text())
-        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moectl.MoectlForCausalLM"
-        with torch.no_grad():
-            logits = load_run(src).model(tokens).logits
-        save_file({"tokens": tokens, "logits": logits}, str(tmp_path / "hf" / name / "expected.safetensors"))
-        folders.append(str(tmp_path / "hf" / name))
-    import ast
+    folders = {}
 
-    source = (Path(__file__).parents[2] / "moectl" / "convert" / "remote" / "modeling_moectl.py").read_text()
-    imported = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
-                for n in ast.walk(ast.parse(source)) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in n.names}
-    assert imported <= {"__future__", "math", "torch", "transformers"}, imported
-    proc = subprocess.run([sys.executable, "-c", CHECK, *folders], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    def export(name: str, src: Path, dtype: str = "fp32", reference_dtype: torch.dtype | None = None,
+               **kw) -> None:
+        out = tmp / "hf" / name
+        result = export_hf(src, out, generated=True, dtype=dtype, **kw)
+        with torch.no_grad():   # what moectl computes in evaluation (dropless routing, as in decoding)
+            logits = load_run(src, dtype=reference_dtype).model(tokens, decoding=True).logits
+        save_file({"tokens": tokens, "logits": logits}, str(out / "expected.safetensors"))
+        folders[name] = (str(out), result)
+
+    for name, spec in CASES.items():
+        export(name, model_folder(tmp / "src", name, spec))
+    for name in SHIPPED:
+        export(name.replace("/", "-"), model_folder(tmp / "src", name))
+    export("bf16", model_folder(tmp / "src", "bf16", OPTIONS["kitchen-sink"]), "bf16", torch.bfloat16,
+           max_shard_bytes=20_000)   # sharded, with an index
+    with plugin_on_path(tmp):
+        export("plugin-router", model_folder(tmp / "src", "plugin-router", PLUGIN_MODEL, plugins=[PLUGIN]))
+    env = {**os.environ, "HF_HOME": str(tmp / "hf-home")}   # transformers' module cache in tmp
+    proc = subprocess.run([sys.executable, "-c", CHECK, *(f for f, _ in folders.values())], capture_output=True,
+                          text=True, timeout=600, cwd=tmp, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for folder, r in results.items():
-        assert r["diff"] <= 1e-4, (folder, r)
-        assert r["generated"] == 4 and not r["moectl_loaded"] and r["class"] == "MoectlForCausalLM", (folder, r)
-        assert not r["load_problems"], (folder, r)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["imported"] == [], report["imported"]   # neither moectl nor the plugin's own package
+    return {name: {**report["results"][folder], "export": result, "folder": Path(folder)}
+            for name, (folder, result) in folders.items()}
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("name", [*CASES, *(n.replace("/", "-") for n in SHIPPED), "bf16", "plugin-router"])
+def test_generated_code_is_the_engine_and_matches_in_a_fresh_process(name, fresh_process):
+    r = fresh_process[name]
+    assert r["diff"] <= 1e-5, r
+    assert r["generated"] == 4 and r["class"] == "MoectlForCausalLM" and not r["training"], r
+    assert not r["load_problems"], r
+    assert r["export"].family is None and r["export"].architecture == "MoectlForCausalLM"
+    assert r["router_dtypes"] in ([], ["torch.float32"]), r   # routers stay fp32, also in a bf16 export
+    assert r["dtypes"] == (["torch.bfloat16"] if name == "bf16" else ["torch.float32"]), r
+    config = json.loads((r["folder"] / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"{WRAPPER}.MoectlForCausalLM"
+    engine = {f"{s.flat}.py" for s in engine_sources()}
+    written = {p.name for p in r["folder"].glob("*.py")}
+    plugin = {"exportlab_routers.py"} if name == "plugin-router" else set()
+    assert written == engine | plugin | {f"{WRAPPER}.py"}
+    assert (r["folder"] / "model.safetensors.index.json").is_file() == (name == "bf16")
 
 
 def test_generated_code_can_be_forced_and_reimported(tmp_path):
@@ -142,6 +268,70 @@ def test_generated_code_can_be_forced_and_reimported(tmp_path):
     import_hf(tmp_path / "generated", tmp_path / "back")
     a, b = load_run(src).model.state_dict(), load_run(tmp_path / "back").model.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_plugin_model_exports_and_imports_back(tmp_path):
+    """The folder holds the plugin module (its moectl imports made relative) and names the plugin,
+    so `--from hf` rebuilds the model where the plugin is installed."""
+    from moectl.convert.export import export_hf
+    from moectl.convert.importer import import_hf
+    from moectl.runs import load_run
+
+    with plugin_on_path(tmp_path):
+        src = model_folder(tmp_path / "src", "plugin", PLUGIN_MODEL, plugins=[PLUGIN])
+        result = export_hf(src, tmp_path / "hf")
+        assert result.family is None and "exportlab_routers.py" in result.files
+        text = (tmp_path / "hf" / "exportlab_routers.py").read_text()
+        assert "from .moectl_core import Router, RouterOutput, option, register_router" in text
+        assert "moectl.core" not in text
+        assert json.loads((tmp_path / "hf" / "config.json").read_text())["moectl_plugins"] == [PLUGIN]
+        import_hf(tmp_path / "hf", tmp_path / "back")
+        a, b = load_run(src).model.state_dict(), load_run(tmp_path / "back").model.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert load_run(tmp_path / "back").recipe.plugins == [PLUGIN]
+
+
+def test_a_part_without_source_is_refused_by_name(tmp_path, cli):
+    """A router whose source the folder cannot hold (defined inside a function, or in a module
+    without a file) is refused, naming the router and its module; nothing is written."""
+    import types
+    from dataclasses import dataclass
+
+    from moectl.convert.export import export_hf
+    from moectl.core import register_router
+    from moectl.core.routers.topk import TopKOptions, TopKRouter
+    from moectl.errors import MoectlError
+
+    @dataclass
+    class LocalOptions(TopKOptions):
+        pass
+
+    @register_router("local_topk", options=LocalOptions)
+    class LocalTopK(TopKRouter):
+        pass
+
+    ghost = sys.modules["ghostlab"] = types.ModuleType("ghostlab")   # a module made in memory: no file
+    exec("from dataclasses import dataclass\nfrom moectl.core.routers.topk import TopKOptions, TopKRouter\n"
+         "@dataclass\nclass GhostOptions(TopKOptions):\n    pass\n"
+         "class GhostTopK(TopKRouter):\n    pass\n", ghost.__dict__)
+    register_router("ghost_topk", options=ghost.GhostOptions)(ghost.GhostTopK)
+    try:
+        src = model_folder(tmp_path, "local", dict(moe=dict(MOE, router=dict(kind="local_topk"))))
+        with pytest.raises(MoectlError, match=r"the router 'local_topk' \(LocalTopK in tests\.convert\.test_export\) "
+                                              "cannot be exported: it is not defined at the top level of its module"):
+            export_hf(src, tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()
+        r = cli("convert", src, "--to", "hf", tmp_path / "hf")
+        assert r.exit_code == 2 and "'local_topk'" in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "hf").exists()
+        src = model_folder(tmp_path, "ghost", dict(moe=dict(MOE, router=dict(kind="ghost_topk"))))
+        with pytest.raises(MoectlError, match=r"the router 'ghost_topk' \(GhostTopK in ghostlab\) cannot be "
+                                              "exported: the source of ghostlab cannot be found"):
+            export_hf(src, tmp_path / "hf")
+    finally:
+        registry.routers.remove("local_topk")
+        registry.routers.remove("ghost_topk")
+        del sys.modules["ghostlab"]
 
 
 def test_trained_run_exports_with_its_tokenizer(trained_run, tmp_path):
@@ -176,6 +366,7 @@ def test_trained_run_exports_with_its_tokenizer(trained_run, tmp_path):
     (dict(qk_norm="projection", qkv_clip=0.5, attention_bias="all", moe=MOE), "OLMoE"),
     (dict(n_kv_heads=2, tie_embeddings=True), "Llama"),
     (dict(rope_scaling=dict(kind="llama3", factor=4.0, original_context=16)), "Llama"),
+    (dict(head_dim=12, qk_norm="head", attention_bias="all", n_kv_heads=2), "Qwen3"),
 ])
 def test_moectl_models_export_to_native_classes(spec, family, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -190,3 +381,5 @@ def test_moectl_models_export_to_native_classes(spec, family, tmp_path):
     tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_diff(load_run(src).model(tokens).logits, model.eval()(tokens).logits) <= 1e-4
+
+

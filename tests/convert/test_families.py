@@ -108,16 +108,73 @@ def test_sharded_and_bf16_round_trip(tmp_path, tokens):
     (dict(activation="gelu"), None),
     (dict(attention_bias="qkv"), None),
     (dict(ffn_hidden=0), None),   # attention-only layers: no family has them
+    (dict(qk_norm="head", head_dim=12), "Qwen3"),
+    (dict(qk_norm="head", moe=dict(num_experts=4, top_k=2, expert_hidden=16)), "Qwen3-MoE"),
     (dict(ffn_hidden=0, moe=dict(num_experts=4, top_k=2, expert_hidden=16)), "Mixtral"),   # every layer MoE: unused
     (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=2, shared_reduce="mean",
                    shared_mix="sigmoid")), None),
 ])
 def test_native_family_only_where_exact(model, family):
-    from moectl.convert.families import native_family
+    from moectl.convert.families import families, native_family
     from moectl.recipe.load import validate
 
     m = validate({"model": {**dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48), **model}}, {}, "t").model
     found, reasons = native_family(m)
     assert (found.name if found else None) == family, reasons
     if family is None:
-        assert set(reasons) == {"Mixtral", "Qwen2-MoE", "Qwen3-MoE", "OLMoE", "Llama"}
+        assert set(reasons) == {f.name for f in families().values()} >= {"Mixtral", "Qwen2-MoE", "Qwen3-MoE",
+                                                                          "OLMoE", "Llama", "Qwen3"}
+
+
+FAMILY_MODULE = '''
+from moectl.convert.families.base import Family
+
+
+class Toy(Family):
+    name = "Toy"
+    model_type = "toy"
+    architecture = "ToyForCausalLM"
+    moe = False
+    order = 1
+
+    def config_to_hf(self, m):
+        return {"intermediate_size": m.ffn_hidden}
+'''
+
+
+def test_the_registry_is_the_modules_of_the_package():
+    """Every module of moectl/convert/families (but base) is one family, found without a list."""
+    from pathlib import Path
+
+    from moectl.convert import families as package
+    from moectl.convert.families import families
+
+    modules = {p.stem for p in Path(package.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    found = {type(f).__module__.rsplit(".", 1)[1]: f for f in families().values()}
+    assert set(found) == modules and len(families()) == len(modules)
+    assert all(f.model_type == module for module, f in found.items())
+    assert list(families())[:5] == ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama"]   # the order tried
+
+
+def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):
+    """A module dropped into a families package registers its family; shared and private modules
+    are not families; a module with two families is an error."""
+    from moectl.convert.families import discover
+    from moectl.recipe.load import validate
+
+    pkg = tmp_path / "newfamilies"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "base.py").write_text("")
+    (pkg / "_helpers.py").write_text("")
+    (pkg / "toy.py").write_text(FAMILY_MODULE)
+    monkeypatch.syspath_prepend(tmp_path)
+    found = discover([str(pkg)], "newfamilies")
+    assert [type(f).__name__ for f in found] == ["Toy"]
+    m = validate({"model": dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48)}, {}, "t").model
+    toy = found[0]
+    assert toy.misfits(m) == []
+    assert toy.hf_config(m)["architectures"] == ["ToyForCausalLM"] and toy.hf_config(m)["intermediate_size"] == 48
+    (pkg / "twins.py").write_text(FAMILY_MODULE + FAMILY_MODULE.replace("Toy", "Twin").replace('"toy"', '"twin"'))
+    with pytest.raises(TypeError, match="exactly one Family subclass, found 2"):
+        discover([str(pkg)], "newfamilies")

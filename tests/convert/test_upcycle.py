@@ -48,11 +48,12 @@ def test_one_training_step_from_an_upcycled_folder(dense_run, tmp_path, cli):
     assert r.exit_code == 0, r.output
 
 
-def test_upcycle_a_llama_folder(tmp_path, tokens):
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("qwen3", dict(head_dim=12))])
+def test_upcycle_a_dense_hf_folder(tmp_path, tokens, family, kw):
     from moectl.convert.upcycle import upcycle
     from moectl.runs import load_run
 
-    model = hf_model("llama")
+    model = hf_model(family, **kw)
     upcycle(save_hf(model, tmp_path / "hf"), tmp_path / "moe", experts=4, top_k=2)
     with torch.no_grad():
         assert rel_diff(model(tokens).logits, load_run(tmp_path / "moe").model(tokens).logits) <= 1e-4
