@@ -23,7 +23,7 @@ import torch
 
 import moectl.core  # noqa: F401  (registers the engine's parts, which the cases below are read from)
 from moectl.convert.flatten import WRAPPER, engine_sources, is_engine
-from moectl.core import registry
+from moectl.core import RoutingMode, registry
 from tests.convert.conftest import rel_diff
 
 BASE = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, ffn_hidden=48, seq_len=32)
@@ -214,7 +214,7 @@ def fresh_process(tmp_path_factory) -> dict[str, dict]:
         out = tmp / "hf" / name
         result = export_hf(src, out, generated=True, dtype=dtype, **kw)
         with torch.no_grad():   # what moectl computes in evaluation (dropless routing, as in decoding)
-            logits = load_run(src, dtype=reference_dtype).model(tokens, decoding=True).logits
+            logits = load_run(src, dtype=reference_dtype).model(tokens, mode=RoutingMode(decoding=True)).logits
         save_file({"tokens": tokens, "logits": logits}, str(out / "expected.safetensors"))
         folders[name] = (str(out), result)
 

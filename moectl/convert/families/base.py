@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from moectl.errors import MoectlError
-from moectl.recipe.parts import variant_fields
+from moectl.recipe.schema import variant_fields
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -24,8 +24,11 @@ from .moectl_core import MoETransformer
 from .moectl_core_accounting import component_parameters
 from .moectl_core_config import ModelArgs
 from .moectl_core_losses import IGNORE_INDEX
+from .moectl_core_routers_base import RoutingMode
 
 # moectl: generated imports
+
+DECODING = RoutingMode(decoding=True)   # evaluation routing: every token as if alone (dropless)
 
 
 class MoectlConfig(PretrainedConfig):
@@ -97,7 +100,7 @@ class MoectlForCausalLM(PreTrainedModel, GenerationMixin):
 
     def engine(self, input_ids, targets=None):
         """The one call of moectl's forward: dropless routing, as moectl decodes and evaluates."""
-        return self.model(input_ids, targets, decoding=True, return_logits=True)
+        return self.model(input_ids, targets, mode=DECODING, return_logits=True)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
         if input_ids is None:
