@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from moectl.compare.comparison import validation_curve
 from moectl.errors import MoectlError
 from moectl.fsutil import atomic_write_bytes
@@ -87,8 +89,6 @@ def _title(results: dict[str, Any], what: str) -> str:
 
 def _matrix(rows: list[list[Any]]):
     """A float array from ragged rows of numbers or None (missing: NaN)."""
-    import numpy as np
-
     width = max((len(r) for r in rows), default=0)
     out = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
@@ -98,8 +98,6 @@ def _matrix(rows: list[list[Any]]):
 
 def _annotate(ax, data, fmt: str, far) -> None:
     """Write each cell's value in it (white on a dark cell, where `far(value)`)."""
-    import numpy as np
-
     for (i, j), v in np.ndenumerate(data):
         if not np.isnan(v):
             ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
@@ -120,8 +118,6 @@ def _ticks(ax, axis: str, labels: list[str], rotate: bool = False) -> None:
 def expert_load_heatmap(results: dict[str, Any], path: str | Path) -> Path:
     """Layers x experts: each expert's load over its ideal load (1 = balanced), on a diverging
     scale centred on 1 (blue: under-used, red: over-used, grey: no such expert)."""
-    import numpy as np
-
     fig = _figure(1, 1)   # fails first without matplotlib
     from matplotlib import colormaps
     from matplotlib.colors import TwoSlopeNorm
@@ -184,8 +180,6 @@ def mutual_information_heatmap(results: dict[str, Any], path: str | Path) -> Pat
     """Layer x layer mutual information (nats) between the routing of two layers: of binned
     routing distributions (left) and of top-1 experts (right). The diagonal (a layer with itself,
     its entropy) is greyed out so that it does not set the colour scale."""
-    import numpy as np
-
     fig = _figure(1, 1)
     from matplotlib import colormaps
 
@@ -229,8 +223,6 @@ def _train_curve(records: list[dict[str, Any]]) -> tuple[list[int], list[float],
 
 def _smooth(values: list[float]) -> list[float]:
     """Trailing moving average over about a twentieth of the points."""
-    import numpy as np
-
     w = max(2, len(values) // 20)
     c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
     i = np.arange(1, len(values) + 1)

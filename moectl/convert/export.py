@@ -15,11 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from moectl import __version__
 from moectl.checkpoint import tied_aliases
 from moectl.convert import families
 from moectl.convert.flatten import PREFIX, WRAPPER, flat_modules
-from moectl.convert.hfio import DEFAULT_SHARD_BYTES, write_weights
+from moectl.convert.hfio import (
+    CONFIG_JSON,
+    DEFAULT_SHARD_BYTES,
+    GENERATION_CONFIG,
+    SPECIAL_TOKENS,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    write_weights,
+)
 from moectl.convert.output import check_target, staged_folder
 from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
@@ -42,8 +52,6 @@ class ExportResult:
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
               generated: bool = False, step: int | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
-    import torch
-
     out = Path(out)
     if dtype not in DTYPES:
         raise MoectlError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -79,12 +87,12 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
                   pad_token_id=None, moectl_version=__version__)
     with staged_folder(out, force) as tmp:
         files = write_weights(tmp, state, max_shard_bytes)
-        _write_json(tmp / "config.json", config)
+        _write_json(tmp / CONFIG_JSON, config)
         generation = {"eos_token_id": eot, "pad_token_id": eot}
         if family is None:
             generation["use_cache"] = False
-        _write_json(tmp / "generation_config.json", generation)
-        files += ["config.json", "generation_config.json"]
+        _write_json(tmp / GENERATION_CONFIG, generation)
+        files += [CONFIG_JSON, GENERATION_CONFIG]
         for name, text in code.items():
             (tmp / name).write_text(text, encoding="utf-8")
             files.append(name)
@@ -114,15 +122,15 @@ def generated_config(run: Run) -> dict[str, Any]:
 
 def write_tokenizer_files(folder: Path, tokenizer_json: Path, eos: str | None, max_len: int) -> list[str]:
     """tokenizer.json plus the two small files with which AutoTokenizer loads it as a fast tokenizer."""
-    shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+    shutil.copyfile(tokenizer_json, folder / TOKENIZER_JSON)
     special: dict[str, Any] = {}
     if eos is not None:
         special = {"eos_token": eos, "pad_token": eos}
-    _write_json(folder / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+    _write_json(folder / TOKENIZER_CONFIG, {"tokenizer_class": "PreTrainedTokenizerFast",
                                                    "model_max_length": max_len, "clean_up_tokenization_spaces": False,
                                                    "add_bos_token": False, "add_eos_token": False, **special})
-    _write_json(folder / "special_tokens_map.json", special)
-    return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+    _write_json(folder / SPECIAL_TOKENS, special)
+    return [TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -7,13 +7,22 @@ Nothing here imports transformers: a folder is JSON and tensors.
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
-from moectl.errors import MoectlError
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-SAFE_FILE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+from moectl.errors import MoectlError
+from moectl.rundir import TOKENIZER, WEIGHTS, ModelFolder
+
+# A Hugging Face folder's files (its weights and tokenizer.json have the names moectl uses too).
+SAFE_FILE, SAFE_INDEX = WEIGHTS, f"{WEIGHTS}.index.json"
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+CONFIG_JSON, GENERATION_CONFIG = "config.json", "generation_config.json"
+TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS = TOKENIZER, "tokenizer_config.json", "special_tokens_map.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -36,10 +45,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise MoectlError(f"{folder} is not a folder", hint="give a Hugging Face model folder (config.json and "
                           "model*.safetensors), e.g. what save_pretrained() or huggingface-cli download writes")
-    if (folder / "config.yaml").is_file() and not (folder / "config.json").is_file():
+    if ModelFolder(folder).config.is_file() and not (folder / CONFIG_JSON).is_file():
         raise MoectlError(f"{folder} is a moectl run folder, not a Hugging Face one",
                           hint=f"export it with: moectl convert {folder} --to hf OUT")
-    return read_json(folder / "config.json", "config.json")
+    return read_json(folder / CONFIG_JSON, CONFIG_JSON)
 
 
 def read_weights(folder: Path) -> dict[str, Any]:
@@ -80,9 +89,6 @@ def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -91,10 +97,6 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
 
 def _read_bin(path: Path) -> dict[str, Any]:
-    import pickle
-
-    import torch
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -111,8 +113,6 @@ def _read_bin(path: Path) -> dict[str, Any]:
 def write_weights(folder: Path, state: dict[str, Any], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
     """Write `state` as model.safetensors, or as model-0000i-of-0000n.safetensors shards with an
     index when it is larger than `max_shard_bytes`. Returns the files written."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, Any]] = [{}]
     size = 0
     for name, t in state.items():

@@ -14,12 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from moectl import __version__
+from moectl.checkpoint import check_weights, tied_aliases
 from moectl.convert import families
 from moectl.convert.flatten import PREFIX
-from moectl.convert.hfio import read_config, read_json, read_weights
+from moectl.convert.hfio import (
+    CONFIG_JSON,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    read_config,
+    read_json,
+    read_weights,
+)
 from moectl.convert.output import check_target, staged_folder
+from moectl.data.tokenizer import load_tokenizer
 from moectl.errors import MoectlError, RecipeError
+from moectl.factory import build_model
+from moectl.recipe.load import dump_recipe, run_name_from, validate
+from moectl.rundir import ModelFolder
 
 
 @dataclass
@@ -43,12 +58,10 @@ class ImportResult:
 
 def is_hf_folder(path: Path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+    return p.is_dir() and (p / CONFIG_JSON).is_file() and not ModelFolder(p).config.is_file()
 
 
 def read_hf_model(src: Path) -> HFModel:
-    import torch
-
     src = Path(src)
     cfg = read_config(src)
     where = str(src)
@@ -62,9 +75,6 @@ def read_hf_model(src: Path) -> HFModel:
         fam = families.family_of(cfg, where)
         family, model = fam.name, fam.model_section(cfg, where)
     recipe = validate_recipe({"name": "import", "model": model, **({"plugins": plugins} if plugins else {})}, where)
-    from moectl.checkpoint import tied_aliases
-    from moectl.factory import build_model
-
     meta = build_model(recipe, device="meta")
     aliases = tied_aliases(meta)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases}
@@ -73,8 +83,6 @@ def read_hf_model(src: Path) -> HFModel:
         if all(k.startswith(PREFIX) for k in hf_state):   # the generated wrapper holds the engine as `model`
             hf_state = {k[len(PREFIX):]: v for k, v in hf_state.items()}
         state = {k: v for k, v in hf_state.items() if k not in aliases}
-        from moectl.checkpoint import check_weights
-
         check_weights(meta, dict(state), src, aliases)
     else:
         state = families.from_hf_state(hf_state, families.Layout.of(fam, recipe.model), expected, where)
@@ -82,14 +90,14 @@ def read_hf_model(src: Path) -> HFModel:
     if bad:
         raise MoectlError(f"{where}: tensors hold NaN or infinite values ({', '.join(bad[:3])})",
                           hint="the checkpoint is damaged; download it again")
-    tok = src / "tokenizer.json"
+    tok = src / TOKENIZER_JSON
     return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins)
 
 
 def _eos_token(src: Path, cfg: dict[str, Any], tok: Path) -> str | None:
     """The end-of-text token: tokenizer_config.json's eos_token, else config.json's eos_token_id."""
-    if (src / "tokenizer_config.json").is_file():
-        eos = read_json(src / "tokenizer_config.json", "tokenizer_config.json").get("eos_token")
+    if (src / TOKENIZER_CONFIG).is_file():
+        eos = read_json(src / TOKENIZER_CONFIG, TOKENIZER_CONFIG).get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         if isinstance(eos, str) and eos:
@@ -97,16 +105,12 @@ def _eos_token(src: Path, cfg: dict[str, Any], tok: Path) -> str | None:
     eos_id = cfg.get("eos_token_id")
     eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
     if isinstance(eos_id, int) and tok.is_file():
-        from moectl.data.tokenizer import load_tokenizer
-
         inner, _ = load_tokenizer(tok, what=str(tok))
         return inner.id_to_token(eos_id)
     return None
 
 
 def validate_recipe(data: dict[str, Any], where: str):
-    from moectl.recipe.load import validate
-
     try:
         return validate(data, {}, where)
     except RecipeError as e:
@@ -119,13 +123,11 @@ def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokeni
     """A recipe that trains (and evaluates) a converted folder in place."""
     out = Path(out).resolve()
     data = json.loads(json.dumps(base))
-    from moectl.recipe.load import run_name_from
-
     data["name"] = name or run_name_from(out.name)
     data["model"] = model
     data.setdefault("data", {})
     if tokenizer:
-        data["data"]["tokenizer"] = {"kind": "file", "path": str(out / "tokenizer.json"), "eot_token": eos}
+        data["data"]["tokenizer"] = {"kind": "file", "path": str(ModelFolder(out).tokenizer), "eot_token": eos}
     train = data.setdefault("train", {})
     train["init_from"] = str(out)
     train.pop("run_dir", None)   # `moectl train OUT` trains in OUT
@@ -135,21 +137,15 @@ def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokeni
 def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, Any], tokenizer: Path | None,
                        provenance: dict[str, Any], force: bool):
     """Validate the recipe, check the tensors fit it, and write the folder atomically."""
-    from safetensors.torch import save_file
-
-    from moectl.checkpoint import check_weights
-    from moectl.factory import build_model
-    from moectl.recipe.load import dump_recipe
-
     recipe = validate_recipe(recipe_data, str(out))
     check_weights(build_model(recipe, device="meta"), dict(state), out)
     with staged_folder(out, force) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        (tmp / "config.yaml").write_text(dump_recipe(recipe))
+        folder = ModelFolder(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder.weights), metadata={"format": "pt"})
+        folder.write_recipe(dump_recipe(recipe))
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        (tmp / "convert.json").write_text(json.dumps({**provenance, "moectl_version": __version__}, indent=2) + "\n")
+            shutil.copyfile(tokenizer, folder.tokenizer)
+        folder.write_convert_info({**provenance, "moectl_version": __version__})
     return recipe
 
 

@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from moectl.checkpoint import tied_aliases
 from moectl.convert.importer import folder_recipe, is_hf_folder, read_hf_model, write_model_folder
 from moectl.convert.output import check_target
 from moectl.errors import MoectlError
+from moectl.recipe.load import resolved
+from moectl.runs import load_run
 
 
 @dataclass
@@ -43,8 +48,6 @@ def parse_layers(spec: str, n_layers: int) -> str | list[int]:
 def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise: float = 0.0,
             granularity: int = 1, layers: str = "all", seed: int = 0, force: bool = False,
             step: int | None = None, name: str | None = None) -> UpcycleResult:
-    import torch
-
     src, out = Path(src), Path(out)
     check_target(out, force, src)
     base, model, state, tokenizer, eos, origin = _dense_source(src, step)
@@ -109,10 +112,6 @@ def _dense_source(src: Path, step: int | None) -> tuple[dict[str, Any], dict[str
     if is_hf_folder(src):
         hf = read_hf_model(src)
         return {}, hf.model, hf.state, hf.tokenizer, hf.eos_token, hf.family
-    from moectl.checkpoint import tied_aliases
-    from moectl.recipe.load import resolved
-    from moectl.runs import load_run
-
     run = load_run(src, step=step)
     data = resolved(run.recipe)
     base = {k: v for k, v in data.items() if k not in ("model", "name")}

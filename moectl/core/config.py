@@ -20,10 +20,7 @@ PARTS = {"router": "routers", "block": "blocks", "variant": "variants"}
 
 
 def _default(registry_name: str, kind: str):
-    def make() -> Any:
-        import moectl.core  # noqa: F401  (importing the engine registers the built-in parts)
-        from moectl.core import registry
-
+    def make() -> Any:   # called once moectl.core (whose import registers the built-in parts) is loaded
         return getattr(registry, registry_name).default_options(kind)
 
     return make

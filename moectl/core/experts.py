@@ -111,10 +111,17 @@ BACKENDS: dict[str, Callable[..., Tensor]] = {"loop": experts_loop, "grouped_mm"
 BACKEND_NAMES = ("auto", "loop", "grouped_mm", "triton")
 
 
-def triton_usable(device: torch.device) -> str | None:
-    """Why the Triton backend cannot run on `device`, or None when it can."""
+def _triton():
+    """moectl's Triton kernels, imported when first needed: importing them imports triton (an
+    optional extra) when it is installed, which every run that never uses them would pay for."""
     from moectl.core import triton_experts
 
+    return triton_experts
+
+
+def triton_usable(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on `device`, or None when it can."""
+    triton_experts = _triton()
     if not triton_experts.AVAILABLE:
         return "triton is not installed (pip install 'moectl[triton]')"
     if device.type != "cuda" and not triton_experts.interpreted():
@@ -206,10 +213,8 @@ class ExpertBank(nn.Module):
 
     def fused_forward(self, x_TD: Tensor, order_N: Tensor, counts_E: Tensor, weights_TK: Tensor) -> Tensor:
         """The Triton backend's whole routed computation: y_TD = sum_k w[t, k] * expert(x_t)."""
-        from moectl.core.triton_experts import triton_moe
-
         x, w1, w3, w2 = self.operands(x_TD)
-        return triton_moe(x, order_N, counts_E, weights_TK, w1, w3, w2, self.activation)
+        return _triton().triton_moe(x, order_N, counts_E, weights_TK, w1, w3, w2, self.activation)
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
         """Every expert on every token: [E, T, D] (for methods that compare all experts)."""

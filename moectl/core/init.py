@@ -27,6 +27,11 @@ import math
 import torch
 from torch import nn
 
+from moectl.core.experts import ExpertBank
+from moectl.core.layers import FeedForward
+from moectl.core.moe import RoutedFFN
+from moectl.core.routers.base import Router
+
 SCHEMES = ("scaled_normal", "torch_default", "sigma_moe")
 MOE_ONLY = ("sigma_moe",)
 
@@ -37,9 +42,6 @@ def _uniform(t: torch.Tensor, fan_in: int) -> None:
 
 
 def _torch_default(module: nn.Module) -> None:
-    from moectl.core.experts import ExpertBank
-    from moectl.core.routers.base import Router
-
     if isinstance(module, ExpertBank):
         for w in (module.w1, module.w3):
             if w is not None:
@@ -53,10 +55,6 @@ def _torch_default(module: nn.Module) -> None:
 
 
 def _sigma_moe(module: nn.Module) -> None:
-    from moectl.core.experts import ExpertBank
-    from moectl.core.layers import FeedForward
-    from moectl.core.routers.base import Router
-
     if isinstance(module, ExpertBank):
         for w in (module.w1, module.w3):
             if w is not None:
@@ -103,8 +101,6 @@ def _is_model(module: nn.Module) -> bool:
 def moe_parts(model: nn.Module, routers_only: bool = False) -> list[nn.Module]:
     """The subtrees a MoE-level scheme covers: every routed layer's router (and the routers' shared
     module), and unless `routers_only` its experts, shared experts and shared gate."""
-    from moectl.core.moe import RoutedFFN
-
     parts: list[nn.Module] = []
     for layer in model.modules():
         if isinstance(layer, RoutedFFN):

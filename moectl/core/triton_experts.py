@@ -25,6 +25,8 @@ import os
 import torch
 from torch import Tensor
 
+from moectl.core.layers import ACTIVATIONS
+
 try:
     import triton
     import triton.language as tl
@@ -176,8 +178,6 @@ def _wgrad(A: Tensor, B: Tensor, starts: Tensor, counts: Tensor, E: int, *, a_ro
 
 
 def _activation(name: str):
-    from moectl.core.layers import ACTIVATIONS
-
     return ACTIVATIONS[name]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moectl.data.sources import DataError, Document, content_hash, open_source
 from moectl.data.tokenizer import EOT, eot_id_of, load_tokenizer, train_bpe
@@ -129,8 +130,6 @@ class PreparedData:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not enabled,
                     transient=False)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
 from moectl.data.sources import DataError
 from moectl.rundir import TOKENIZER
 
@@ -21,8 +24,6 @@ EOT_CANDIDATES = (EOT, "</s>", "<eos>", "<|end_of_text|>")
 
 def load_tokenizer(path: str | Path, what: str = "data.tokenizer.path"):
     """(tokenizers.Tokenizer, path of its tokenizer.json) from a file or a folder holding one."""
-    from tokenizers import Tokenizer
-
     p = Path(path)
     if p.is_dir():
         p = p / TOKENIZER
@@ -30,7 +31,7 @@ def load_tokenizer(path: str | Path, what: str = "data.tokenizer.path"):
         raise DataError(f"{what}: no tokenizer at {path}",
                         hint="give a tokenizer.json or a folder that contains one")
     try:
-        return Tokenizer.from_file(str(p)), p
+        return tokenizers.Tokenizer.from_file(str(p)), p
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise DataError(f"{what}: {p} is not a valid tokenizer.json ({e})") from None
 
@@ -46,8 +47,6 @@ def eot_id_of(tok, wanted: str | None) -> int:
 
 
 def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     def limited() -> Iterator[str]:
         seen = 0
         for text in docs:
@@ -56,7 +55,7 @@ def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
             if seen >= train_bytes:
                 return
 
-    tok = Tokenizer(models.BPE())
+    tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,

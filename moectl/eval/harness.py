@@ -41,14 +41,19 @@ import difflib
 import inspect
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moectl.core.generation import (
     GenerationError,
@@ -126,9 +131,6 @@ def forward_mode(model: torch.nn.Module) -> tuple[dict[str, Any], str | None]:
 
 
 def _progress(enabled: bool, total: int, what: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=Console(stderr=True), disable=not enabled, transient=True)
     return bar, bar.add_task(what, total=total)
@@ -455,8 +457,6 @@ def _data_error(e: OSError) -> MoectlError:
 
 def _lm_eval_version(lm_eval) -> str:
     try:
-        from importlib.metadata import version
-
         return version("lm_eval")
     except Exception:
         return str(getattr(lm_eval, "__version__", "unknown"))
@@ -515,21 +515,11 @@ def _lean(quiet: bool):
 def _own_random_state():
     """simple_evaluate seeds Python's, numpy's and torch's generators: put them back afterwards,
     so evaluating touches no random generator of the caller."""
-    import random
-
-    state = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:
-        np = None
+    state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized()
                                    else []):
             yield
     finally:
         random.setstate(state)
-        if np is not None and np_state is not None:
-            np.random.set_state(np_state)
+        np.random.set_state(np_state)

@@ -6,6 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
 BALANCE_COLUMNS = [  # (results key, header, format)
     ("imbalance", "max/mean", "{:.2f}"),
     ("cv", "CV", "{:.2f}"),
@@ -30,8 +33,6 @@ def _fmt(fmt: str, value: Any) -> str:
 
 
 def scores_table(results: dict[str, Any]):
-    from rich.table import Table
-
     data = results["data"]
     t = Table(title=f"{results['recipe']} · step {results['step']} · {data['description']} ({data['split']})",
               title_justify="left")
@@ -50,8 +51,6 @@ def scores_table(results: dict[str, Any]):
 
 def routing_table(routing: dict[str, Any], title: str, columns: list[tuple[str, str, str]],
                   agreement: bool = False):
-    from rich.table import Table
-
     t = Table(title=title, title_justify="left")
     t.add_column("layer")
     for _, header, _ in columns:
@@ -72,9 +71,6 @@ def routing_table(routing: dict[str, Any], title: str, columns: list[tuple[str, 
 
 def preferred_table(routing: dict[str, Any]):
     """The tokens each expert of the first and last routed layer prefers."""
-    from rich.markup import escape
-    from rich.table import Table
-
     order = routing["layer_order"]
     shown = [order[0]] + ([order[-1]] if len(order) > 1 else [])
     t = Table(title="tokens each expert prefers (share of the token's occurrences routed there)",
@@ -118,8 +114,6 @@ def print_results(results: dict[str, Any], console, written: list[Path]) -> None
 
 
 def _print_tasks(tasks: dict[str, Any], console) -> None:
-    from rich.table import Table
-
     t = Table(title="downstream tasks (lm-evaluation-harness)", title_justify="left")
     for col in ("task", "metric", "value"):
         t.add_column(col, justify="right" if col == "value" else "left")

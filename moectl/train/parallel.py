@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from moectl.errors import MoectlError, RuntimeFailure
 
@@ -102,9 +104,6 @@ def wrap(model: nn.Module, parallel: str, procs: Processes) -> nn.Module:
     if procs.world == 1:
         return model
     if parallel == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         mesh = init_device_mesh(procs.device.type, (procs.world,))
         for block in model.layers:
             fully_shard(block, mesh=mesh)

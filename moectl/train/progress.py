@@ -4,31 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import progress as bars
+from rich.console import Console
+
 
 class Progress:
     """A rich progress bar when interactive; plain log lines otherwise."""
 
     def __init__(self, enabled: bool, total: int, start: int, console) -> None:
-        from rich.console import Console
-
         self.enabled = enabled
         self.console = console or Console()
         self.live = enabled and self.console.is_terminal
         self.total, self.start = total, start
         self.info = ""
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
             # Two lines: the bar, then the metrics (too wide to share a line on a narrow terminal).
-            self.bar = Progress(TextColumn("[bold]train[/]"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=self.console)
-            self.bar.columns = (*self.bar.columns, TextColumn("\n{task.fields[info]}", justify="left"))
+            self.bar = bars.Progress(bars.TextColumn("[bold]train[/]"), bars.BarColumn(bar_width=30),
+                                     bars.MofNCompleteColumn(), bars.TimeRemainingColumn(), console=self.console)
+            self.bar.columns = (*self.bar.columns, bars.TextColumn("\n{task.fields[info]}", justify="left"))
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
 
     def __enter__(self) -> Progress:

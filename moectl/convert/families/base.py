@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
 from moectl.errors import MoectlError
 from moectl.recipe.schema import variant_fields
 
@@ -336,8 +338,6 @@ class Layout:
 
 
 def _rope_order(head_dim: int, to_hf: bool):
-    import torch
-
     half = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])   # hf[j] = moectl[half[j]]
     return half if to_hf else torch.argsort(half)
 
@@ -420,8 +420,6 @@ def from_hf_state(hf: dict[str, Tensor], lay: Layout, expected: dict[str, tuple[
 def _experts_from_hf(hf: dict[str, Tensor], lay: Layout, i: int, out: dict[str, Tensor], used: set[str],
                      where: str) -> None:
     """Layer i's stacked expert matrices, from the fused or the per-expert layout."""
-    import torch
-
     keys = lay.family.keys
     fused_in, fused_out = (t.format(i=i) for t in keys.fused)
     if fused_in in hf and fused_out in hf:

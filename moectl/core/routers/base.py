@@ -176,8 +176,6 @@ def register_router(name: str, *, options: type):
 
 def router_registry() -> dict[str, type[Router]]:
     """Every registered router class by name (importing moectl.core registers the built-ins)."""
-    import moectl.core  # noqa: F401
-
     return {e.name: e.cls for e in registry.routers}
 
 
