@@ -170,7 +170,8 @@ def balance_table(study: Study, seeds: list[int], out: Path) -> list[str]:
             cols["logit"].append(o["logit_std"])
             cols["mi"].append(_mean_offdiag(mi["binned"], adjacent=True))
             cols["mi1"].append(_mean_offdiag(mi["top1"], adjacent=True))
-        lines.append(f"| {arm.label} | {_stat(cols['entropy'], 3)} | {_stat(cols['inner'], 2)} | {_stat(cols['outer'], 3)} "
+        lines.append(f"| {arm.label} | {_stat(cols['entropy'], 3)} | {_stat(cols['inner'], 2)} "
+                     f"| {_stat(cols['outer'], 3)} "
                      f"| {_stat(cols['imb'], 2)} | {_stat(cols['logit'], 3)} | {_stat(cols['mi'], 3)} "
                      f"| {_stat(cols['mi1'], 3)} |")
     return lines

@@ -388,7 +388,7 @@ class RunDir:
     def open_metrics(self):
         """The metrics log, opened for appending (its folder made)."""
         self.metrics.parent.mkdir(parents=True, exist_ok=True)
-        return open(self.metrics, "a", encoding="utf-8")  # noqa: SIM115  (the caller closes it)
+        return open(self.metrics, "a", encoding="utf-8")
 
     def read_summary(self) -> dict[str, Any] | None:
         """logs/summary.json, or None when the run has not finished training."""

@@ -121,7 +121,7 @@ def test_competesmoe_at_rate_zero_is_its_baseline_bit_for_bit(cli, tmp_path):
 
     wa, wb = weights(tmp_path / "smoe"), weights(tmp_path / "rate0")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    val = lambda run: [r["val_loss"] for r in map(json.loads, (run / "logs" / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+    val = lambda run: [r["val_loss"] for r in map(json.loads, (run / "logs" / "metrics.jsonl").read_text().splitlines())
                        if r["type"] == "eval"]
     assert val(tmp_path / "smoe") == val(tmp_path / "rate0") and val(tmp_path / "smoe")
 

@@ -155,7 +155,8 @@ def test_plugin_router_and_block_train_resume_and_build(plugin_dir, corpus, writ
             "r = run.model.layers[0].mlp.moe.router; x = torch.randint(0, 512, (1, 8)); "
             "print(type(r).__name__, float(r.inv_temperature), run.model(x).logits.shape)").format(str(tmp_path / "a"))
     env = {**os.environ, "PYTHONPATH": f"{plugin_dir}{os.pathsep}{REPO}"}
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.split()[:2] == ["ScaledTopK", "0.5"]
 

@@ -18,7 +18,8 @@ def build(
                               "(model.safetensors + the resolved config.yaml). The folder must not exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
-    """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without allocating the model."""  # noqa: E501
+    """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without
+    allocating the model."""
     from moectl.build import build_report, render, save_initial
     from moectl.errors import MoectlError
     from moectl.recipe.load import load_recipe

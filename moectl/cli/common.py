@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -42,8 +43,17 @@ def fail(err) -> None:
     raise typer.Exit(err.exit_code)
 
 
+def _paragraphs(doc: str | None) -> str | None:
+    """A command's docstring as its --help shows it: paragraphs (split at blank lines) whose lines
+    are joined, so the source can wrap them at its line width."""
+    if doc is None:
+        return None
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
 def handle_errors(fn: F) -> F:
-    """Turn MoectlError into a clear message and its exit code; Ctrl-C into exit 130."""
+    """Turn MoectlError into a clear message and its exit code; Ctrl-C into exit 130. (The command's
+    docstring, its --help text, is unwrapped into paragraphs.)"""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,13 +71,15 @@ def handle_errors(fn: F) -> F:
         except (MemoryError, RuntimeError) as e:
             if not out_of_memory(e):
                 raise
-            fail(MoectlError(f"out of memory ({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})",
+            what = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            fail(MoectlError(f"out of memory ({what})",
                              hint="use a smaller batch (train.batch_size, --batch-size), a shorter model.seq_len or a "
                                   "smaller model; train.activation_checkpointing: true saves activation memory"))
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
 
+    wrapper.__doc__ = _paragraphs(fn.__doc__)
     return wrapper  # type: ignore[return-value]
 
 

@@ -34,9 +34,12 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the compare.json document to stdout instead of "
                                  "the table (messages go to stderr)."),
 ) -> None:
-    """Compare finished runs: validation loss, perplexity (and bits per byte and robustness from `moectl eval`, when every run has eval/results.json), routing entropy and imbalance, as mean ± sample sd per recipe, and each recipe's difference to the baseline paired by seed.
+    """Compare finished runs: validation loss, perplexity (and bits per byte and robustness from `moectl eval`, when
+    every run has eval/results.json), routing entropy and imbalance, as mean ± sample sd per recipe, and each
+    recipe's difference to the baseline paired by seed.
 
-    Exit codes: 0 done, 2 bad input (a folder that is not a finished run, a damaged file, a run given twice, an unknown --baseline); nothing is written then."""  # noqa: E501
+    Exit codes: 0 done, 2 bad input (a folder that is not a finished run, a damaged file, a run given twice, an
+    unknown --baseline); nothing is written then."""
     from moectl.compare.comparison import compare_paths
 
     result = compare_paths(runs or [], group_by.value, baseline)
@@ -107,7 +110,8 @@ def _render(result, console) -> None:
         return t
 
     t = make(header, rows, 2)
-    if console.measure(t, options=console.options.update_width(10_000)).maximum > console.width:   # too wide: one column per group instead
+    # too wide for the terminal: one column per group instead
+    if console.measure(t, options=console.options.update_width(10_000)).maximum > console.width:
         columns = list(zip(header, *rows, strict=True))
         t = make(list(columns[0]), [list(c) for c in columns[1:]], 1)
     console.print(t)

@@ -61,9 +61,13 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists and is not empty (only once the "
                                "new folder is complete)."),
 ) -> None:
-    """Convert a model: export a run to a Hugging Face folder (--to hf), import one (--from hf), or upcycle a dense model into an MoE (--upcycle).
+    """Convert a model: export a run to a Hugging Face folder (--to hf), import one (--from hf), or upcycle a dense
+    model into an MoE (--upcycle).
 
-    Imports and upcycles write a moectl model folder: config.yaml (a recipe that trains the folder in place), model.safetensors, tokenizer.json. Continue with `moectl train OUT train.max_steps=N`, `moectl eval OUT` or `moectl generate OUT`. Exit codes: 0 done, 2 bad input (unknown architecture, missing or damaged files, shapes that do not fit, a non-empty OUT)."""  # noqa: E501
+    Imports and upcycles write a moectl model folder: config.yaml (a recipe that trains the folder in place),
+    model.safetensors, tokenizer.json. Continue with `moectl train OUT train.max_steps=N`, `moectl eval OUT` or
+    `moectl generate OUT`. Exit codes: 0 done, 2 bad input (unknown architecture, missing or damaged files, shapes
+    that do not fit, a non-empty OUT)."""
     single_process("convert")
     _check_modes(to, from_, upcycle, experts, top_k)
     if to is not None:

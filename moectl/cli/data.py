@@ -16,7 +16,8 @@ def prepare(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False, metavar="KEY=VALUE..."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Read the recipe's documents, split them, train or load the tokenizer and write the token shards to the cache (reused by `moectl train`). Prints where everything is."""  # noqa: E501
+    """Read the recipe's documents, split them, train or load the tokenizer and write the token shards to the cache
+    (reused by `moectl train`). Prints where everything is."""
     from rich.table import Table
 
     from moectl.data.prepare import prepare_data

@@ -32,7 +32,8 @@ def generate(
 ) -> None:
     """Continue a prompt with a trained run's model and print the prompt and its continuation. Writes nothing.
 
-    Routers that look at the whole batch (expert_choice) are refused; a capacity limit is off while generating (a note says so). Exit codes: 0 done, 2 bad run, prompt or option."""  # noqa: E501
+    Routers that look at the whole batch (expert_choice) are refused; a capacity limit is off while generating (a
+    note says so). Exit codes: 0 done, 2 bad run, prompt or option."""
     from moectl.core.generation import GenerationError
     from moectl.errors import MoectlError
 

@@ -38,7 +38,9 @@ def profile(
     backends: bool = typer.Option(True, "--backends/--no-backends", help="Time every expert backend on the "
                                   "recipe's MoE layer shape (jagged and uniform routing)."),
 ) -> None:
-    """Profile a training step (forward, backward, AdamW) of a recipe's model: time, FLOP/s and share per stage (router, dispatch, experts, combine, shared experts, attention, norms, head + loss, optimizer), kernel shares, peak memory, and the expert backends side by side."""  # noqa: E501
+    """Profile a training step (forward, backward, AdamW) of a recipe's model: time, FLOP/s and share per stage
+    (router, dispatch, experts, combine, shared experts, attention, norms, head + loss, optimizer), kernel shares,
+    peak memory, and the expert backends side by side."""
     single_process("profile")
     import torch
 
@@ -54,7 +56,8 @@ def profile(
     for path, flag in ((trace, "--trace"), (json_out, "--json")):
         if path is not None:
             if path.is_dir():
-                raise MoectlError(f"{flag} {path} is a folder", hint=f"give {flag} a file name, e.g. {path}/profile.json")
+                raise MoectlError(f"{flag} {path} is a folder",
+                                  hint=f"give {flag} a file name, e.g. {path}/profile.json")
             path.parent.mkdir(parents=True, exist_ok=True)   # before the work: a bad path fails at once
             if not os.access(path.parent, os.W_OK):
                 raise MoectlError(f"{flag} {path}: its folder is not writable", hint="choose another place")

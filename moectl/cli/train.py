@@ -27,7 +27,9 @@ def train(
 ) -> None:
     """Train a recipe's model: data preparation, training, validation and checkpoints in one run folder.
 
-    Exit codes: 0 done (also when the run had finished already: nothing is rewritten), 1 runtime failure (e.g. a non-finite loss) or interrupted before any checkpoint was saved, 2 bad recipe, data or run folder, 130 interrupted with a checkpoint to continue from (--resume auto)."""  # noqa: E501
+    Exit codes: 0 done (also when the run had finished already: nothing is rewritten), 1 runtime failure (e.g. a
+    non-finite loss) or interrupted before any checkpoint was saved, 2 bad recipe, data or run folder, 130
+    interrupted with a checkpoint to continue from (--resume auto)."""
     from moectl.recipe.load import load_recipe
     from moectl.train.launch import is_worker, launch
 

@@ -84,7 +84,7 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
         w1 = new.pop(p + "ffn.w1.weight").float()         # [F, D]
         w3 = new.pop(p + "ffn.w3.weight", None)
         w2 = new.pop(p + "ffn.w2.weight").float()         # [D, F]
-        shard = lambda w, s: w[s * Fg:(s + 1) * Fg]        # noqa: E731  (rows of an [F, D] matrix)
+        shard = lambda w, s: w[s * Fg:(s + 1) * Fg]
         bank = {"w1": torch.stack([shard(w1, e % G).t() for e in range(experts)]),
                 "w2": torch.stack([shard(w2.t(), e % G) * G for e in range(experts)])}
         if w3 is not None:

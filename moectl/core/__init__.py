@@ -40,6 +40,7 @@ from moectl.core.routers import (
 __all__ = [
     "CartesianOptions", "ExpertChoiceOptions", "HashOptions", "ModelArgs", "ModelOutput", "MoEArgs", "MoEBlock",
     "MoETransformer", "RecurrentOptions", "RouteContext", "RoutedFFN", "Router", "RouterOutput", "RoutingMode",
-    "RoutingPlan", "RoutingRecord", "StandardOptions", "TopKOptions", "TopPOptions", "count_parameters", "make_router", "option",
-    "register_block", "register_router", "register_variant", "router_registry", "training_memory",
+    "RoutingPlan", "RoutingRecord", "StandardOptions", "TopKOptions", "TopPOptions", "count_parameters",
+    "make_router", "option", "register_block", "register_router", "register_variant", "router_registry",
+    "training_memory",
 ]

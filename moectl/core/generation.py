@@ -87,9 +87,11 @@ def _check_settings(prompt_ids: list[int], max_new_tokens: int, seq_len: int, te
     if not temperature >= 0:
         raise GenerationError(f"temperature must be at least 0 (0 = greedy), not {temperature}")
     if top_k is not None and top_k < 1:
-        raise GenerationError(f"top_k must be at least 1, not {top_k}", hint="leave it unset to sample from every token")
+        raise GenerationError(f"top_k must be at least 1, not {top_k}",
+                              hint="leave it unset to sample from every token")
     if top_p is not None and not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must lie in (0, 1], not {top_p}", hint="leave it unset to sample from every token")
+        raise GenerationError(f"top_p must lie in (0, 1], not {top_p}",
+                              hint="leave it unset to sample from every token")
 
 
 def next_token(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -94,7 +94,8 @@ class RoutingAccumulator:
         out["diversity_min"] = min(v["diversity"] for v in layers.values())
         out["dead_max"] = max(v["dead"] for v in layers.values())
         names = sorted(self.counters)
-        totals = reduce(torch.tensor([float(self.extra_flops), float(self.tokens), *(float(self.counters[k]) for k in names)],
+        counted = [float(self.extra_flops), float(self.tokens), *(float(self.counters[k]) for k in names)]
+        totals = reduce(torch.tensor(counted,
                                      dtype=torch.float64, device=loads.device)).tolist()
         counts = {k: v / world for k, v in zip(names, totals[2:], strict=True)}   # events per process
         shares = {k: k.split("/", 1) for k in names if "/" in k}

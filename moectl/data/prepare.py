@@ -251,7 +251,8 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
     total_docs = job.source.size_hint()
     if total_docs is not None and job.cfg.max_documents is not None:
         total_docs = min(total_docs, job.cfg.max_documents)
-    with _progress(show_progress) as bar, open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
+    with (_progress(show_progress) as bar, open(out / "train.bin", "wb") as f_train,
+          open(out / "val.bin", "wb") as f_val):
         files = {"train": f_train, "val": f_val}
         task = bar.add_task("tokenising", total=total_docs, info="")
 

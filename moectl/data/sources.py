@@ -143,7 +143,7 @@ def _kind_of(p: Path) -> str | None:
 
 
 def _open_text(p: Path) -> io.TextIOBase:
-    raw = gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb")  # noqa: SIM115
+    raw = gzip.open(p, "rb") if p.name.endswith(".gz") else open(p, "rb")
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="strict")   # -sig: a leading BOM is not text
 
 

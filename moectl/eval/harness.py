@@ -80,7 +80,7 @@ def require_lm_eval():
     """The lm_eval module, or a MoectlError (exit 2) saying how to install it."""
     try:
         import lm_eval
-        import lm_eval.api.model  # noqa: F401
+        import lm_eval.api.model
     except ImportError as e:
         raise MoectlError(f"downstream tasks need lm-evaluation-harness, which cannot be imported ({e})",
                           hint=INSTALL_HINT) from None

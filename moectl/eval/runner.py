@@ -207,7 +207,8 @@ def evaluate_run(run: Run, data: EvalData, *, batch_size: int, max_batches: int 
                                      on_batch=progress("perturbed (top-1 expert dropped)", len(batches)))
             except RouterContractError as e:
                 raise MoectlError(str(e), hint="a router that honours RoutingMode.drop_top1 must leave out the "
-                                  "mask Router.top1_excluded gives (docs/eval.md); --no-robustness skips the pass") from None
+                                  "mask Router.top1_excluded gives (docs/eval.md); --no-robustness skips the "
+                                  "pass") from None
             out["robustness"].update(_scores(loss_p, tokens, nbytes))
     return out
 

@@ -65,7 +65,8 @@ def compare_backends(model: nn.Module, tokens: int, device: torch.device, dtype:
     w = w / w.sum(-1, keepdim=True)
     rows: list[BackendRow] = []
     flops = TRAIN_FLOPS_FACTOR * tokens * K * src.flops_per_slot()
-    for routing, ids in (("jagged", _jagged_ids(tokens, K, E, device)), ("uniform", _uniform_ids(tokens, K, E, device))):
+    routings = (("jagged", _jagged_ids(tokens, K, E, device)), ("uniform", _uniform_ids(tokens, K, E, device)))
+    for routing, ids in routings:
         ref = None
         for name in BACKEND_NAMES[1:]:
             if name == "triton" and triton_usable(device) is not None:

@@ -188,10 +188,12 @@ def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: 
     dtype = torch.bfloat16 if bf16 else torch.float32
     block_name, block_rows = block_profile(model, T, device, bf16, steps, 1)
     prof = Profile(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+        device=(torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({torch.get_num_threads()} threads)"),
         dtype="bf16 autocast" if bf16 else "fp32", torch_version=torch.__version__, tokens_per_step=T,
         step_ms=plain_ms, profiled_step_ms=profiled_ms, peak_tflops=measure.peak_flops(device, dtype) / 1e12,
-        peak_memory_mb=mem / 2**20 if mem is not None else None, memory_kind=mem_kind, model_stages=rows, block_stages=block_rows,
+        peak_memory_mb=mem / 2**20 if mem is not None else None, memory_kind=mem_kind, model_stages=rows,
+        block_stages=block_rows,
         block_name=block_name, kernel_share=share, trace=str(trace) if trace else None,
         model_flops_per_step=measure.train_flops_per_token(model) * T)
     if backends:

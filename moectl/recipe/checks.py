@@ -11,7 +11,7 @@ from moectl.recipe.schema import Recipe, variant_fields
 
 def check_recipe(r: Recipe) -> list[Issue]:
     issues: list[Issue] = []
-    add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))  # noqa: E731
+    add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))
     m = r.model
     if m.head_dim is not None:
         if m.head_dim % 2:
@@ -39,7 +39,7 @@ def check_recipe(r: Recipe) -> list[Issue]:
 
 def _check_moe(r: Recipe) -> list[Issue]:
     issues: list[Issue] = []
-    add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))  # noqa: E731
+    add = lambda path, msg, related=None: issues.append(Issue(path, msg, related=related))
     m, moe = r.model, r.model.moe
     if moe.top_k > moe.num_experts:
         add("model.moe.top_k", f"top_k ({moe.top_k}) cannot exceed num_experts ({moe.num_experts})",

@@ -128,7 +128,8 @@ def _construct(loader: yaml.SafeLoader, node: yaml.Node, key: Key, where: str, s
     budget = budget or _Budget(where)
     budget.enter(node, len(key))
     if node.tag and node.tag.startswith("tag:yaml.org,2002:python/") or node.tag.startswith("!"):
-        raise MoectlError(f"{where}:{node.start_mark.line + 1}: the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise MoectlError(f"{where}:{node.start_mark.line + 1}: the YAML tag {tag} "
                           "is not allowed in a recipe (recipes hold plain values; nothing in them is ever run)",
                           hint="remove the tag and write the value itself")
     if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):

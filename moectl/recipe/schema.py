@@ -337,7 +337,8 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile each transformer block (same numbers; the first "
                           "steps take longer while it compiles). A block that fails to compile is named and runs "
                           "eagerly. Pays off on GPUs; see docs/profile.md for CPU.")
-    eval_every: PosInt | None = Field(200, description="Validate every N steps (and at the end); null = only at the end.")
+    eval_every: PosInt | None = Field(
+        200, description="Validate every N steps (and at the end); null = only at the end.")
     eval_batches: PosInt = Field(20, description="Validation batches (of batch_size sequences) per evaluation.")
     log_every: PosInt = Field(10, description="Write metrics every N steps.")
     checkpoint_every: PosInt | None = Field(
@@ -402,7 +403,8 @@ def section_for(registry_name: str, entry, with_kind: bool = True) -> type[Secti
     if cached is not None and cached.__moectl_options__ is entry.options:
         return cached
     hints = typing.get_type_hints(entry.options, include_extras=True)
-    reserved = [f.name for f in dataclasses.fields(entry.options) if f.name.startswith("model_") or hasattr(Section, f.name)]
+    reserved = [f.name for f in dataclasses.fields(entry.options)
+                if f.name.startswith("model_") or hasattr(Section, f.name)]
     if reserved:
         raise ValueError(f"option name {reserved[0]!r} is reserved (pydantic uses it); rename the option")
     fields: dict[str, Any] = {}

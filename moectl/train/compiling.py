@@ -2,7 +2,8 @@
 
 Blocks are compiled one by one in place (their forward is replaced; parameters, state-dict keys,
 checkpoints and activation checkpointing are unchanged); each block compiles once, in the first
-steps (the limit of recompilations is raised to allow one per block). Parts the compiler cannot trace run as they are inside the compiled block (graph
+steps (the limit of recompilations is raised to allow one per block). Parts the compiler cannot
+trace run as they are inside the compiled block (graph
 breaks: the grouped GEMM on CPU, a router's first-forward contract check). A block whose
 compilation fails is named in a message and runs eagerly; the others stay compiled.
 """
@@ -54,7 +55,7 @@ def _compile_block(block: nn.Module, name: str, warn: Callable[[str], None]) -> 
             return block.forward(*args, **kwargs)
         try:
             return fast(*args, **kwargs)
-        except Exception as e:   # noqa: BLE001  (any compiler failure: fall back, say which block)
+        except Exception as e:
             if not compiler_error(e):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

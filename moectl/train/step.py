@@ -88,7 +88,7 @@ class TrainStep:
             return
         try:
             loss.backward()
-        except Exception as e:   # noqa: BLE001  (only compiler failures are turned into messages)
+        except Exception as e:
             if not compiler_error(e):
                 raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

@@ -118,7 +118,8 @@ def test_native_family_only_where_exact(model, family):
     from moectl.convert.families import families, native_family
     from moectl.recipe.load import validate
 
-    m = validate({"model": {**dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48), **model}}, {}, "t").model
+    base = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, ffn_hidden=48)
+    m = validate({"model": {**base, **model}}, {}, "t").model
     found, reasons = native_family(m)
     assert (found.name if found else None) == family, reasons
     if family is None:

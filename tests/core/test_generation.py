@@ -67,7 +67,8 @@ def tiny_model(seed: int = 0, n_kv_heads: int | None = None, model: dict | None 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cached_decoding_matches_one_forward(name):
     model = tiny_model(**CONFIGS[name])
-    tokens = torch.randint(0, model.args.vocab_size, (1, model.args.seq_len), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, model.args.vocab_size, (1, model.args.seq_len),
+                           generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = model(tokens, mode=DECODING).logits
         cache = model.new_cache()

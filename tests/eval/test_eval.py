@@ -98,7 +98,8 @@ def test_json_output_and_the_tables(trained_run, tmp_path, cli_module):
 
 def test_other_data_and_dtype(trained_run, tmp_path, cli_module, corpus):
     out = tmp_path / "out"
-    r = cli_module("eval", trained_run, "--data", corpus / "doc03.txt", "--dtype", "bfloat16", "--out", out, "--batches", "2",
+    r = cli_module("eval", trained_run, "--data", corpus / "doc03.txt", "--dtype", "bfloat16", "--out", out,
+                   "--batches", "2",
                    "--no-plots", "-q", "--no-robustness")
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())

@@ -63,7 +63,8 @@ def test_hostile_recipes(case, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blob.bin").write_bytes(os.urandom(512))
     (tmp_path / "r.yaml").write_text(text, encoding="utf-8", errors="surrogateescape")
-    commands = (("build", "r.yaml"),) if case == "huge int" else (("recipes", "validate", "r.yaml"), ("build", "r.yaml"))
+    commands = ((("build", "r.yaml"),) if case == "huge int"
+                else (("recipes", "validate", "r.yaml"), ("build", "r.yaml")))
     for command in commands:
         r = cli(*command)
         assert r.exit_code == 2, (case, command, r.output)
@@ -117,4 +118,5 @@ def test_hostile_data_files(case, tmp_path, cli, write, corpus):
     assert r.exit_code == 2, (case, r.output)
     assert "Traceback" not in r.output and word.lower() in r.output.lower(), (case, r.output)
     assert not run.exists()
-    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name] if (tmp_path / "cache").exists() else True
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name] if cache.exists() else True

@@ -17,7 +17,8 @@ CASES = {
     # name: (recipe text or None for "no file", overrides, expected substrings)
     "yaml_syntax": (TINY_RECIPE.replace("  d_model: 32\n", "  d_model: [32\n"), [],
                     ["YAML syntax error", "tiny.yaml:"]),
-    "yaml_bad_indent": (TINY_RECIPE.replace("  n_layers: 2", "    n_layers: 2"), [], ["YAML syntax error", "tiny.yaml:6:"]),
+    "yaml_bad_indent": (TINY_RECIPE.replace("  n_layers: 2", "    n_layers: 2"), [],
+                        ["YAML syntax error", "tiny.yaml:6:"]),
     "empty_file": ("", [], ["the recipe is empty"]),
     "only_comments": ("# nothing here\n", [], ["the recipe is empty"]),
     "top_level_list": ("- a\n- b\n", [], ["must be a mapping"]),
@@ -62,13 +63,14 @@ CASES = {
                                         ["model.moe.router.bias_update_rate", "does not combine with competition"]),
     "extends_missing": ("extends: nowhere.yaml\n" + TINY_RECIPE, [], ["extends", "base recipe not found"]),
     "router_option_typo_without_kind": (TINY_RECIPE, ["model.moe.router.jiter_eps=0.1"],
-                                        ["model.moe.router.jiter_eps (override", "did you mean model.moe.router.jitter_eps?"]),
+                                        ["model.moe.router.jiter_eps (override",
+                                         "did you mean model.moe.router.jitter_eps?"]),
     "renamed_key": (TINY_RECIPE + "train:\n  schedule: cosine\n", [],
                     ["train.schedule (", "this key was renamed to train.lr_schedule"]),
     "conflict_names_the_override": (TINY_RECIPE.replace("layers: all", "layers: all\n    first_dense: 1"),
                                     ["model.moe.layers=[1]"],
-                                    ["model.moe.first_dense (", "tiny.yaml:15): first_dense (1)", "model.moe.layers is set at override "
-                                     "'model.moe.layers=[1]'"]),
+                                    ["model.moe.first_dense (", "tiny.yaml:15): first_dense (1)",
+                                     "model.moe.layers is set at override 'model.moe.layers=[1]'"]),
     "alias_bomb": ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
                    + "".join(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))
                    + TINY_RECIPE.replace("name: tiny", "name: *a8"), [], ["expands to more than 100,000 values"]),
@@ -101,7 +103,8 @@ def test_broken_recipe(name, cli, write, tmp_path):
 
 
 def test_all_errors_reported_together(cli, write):
-    text = _replace("d_model: 32", "d_model: big").replace("top_k: 2", "top_kk: 2").replace("n_layers: 2", "n_layers: 0")
+    text = (_replace("d_model: 32", "d_model: big").replace("top_k: 2", "top_kk: 2")
+            .replace("n_layers: 2", "n_layers: 0"))
     result = cli("build", write("tiny.yaml", text))
     assert result.exit_code == 2
     assert "4 problems" in result.stderr  # top_kk unknown and top_k missing

@@ -132,7 +132,8 @@ def test_two_processes_match_one(corpus, write, tmp_path, parallel, extra):
 def test_bad_data_with_two_processes(corpus, write, tmp_path):
     """A user error found by the first process is reported once, with exit code 2 and no traceback."""
     path = write("r.yaml", train_recipe_text(corpus))
-    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path), f"data.source.paths=['{tmp_path}/none*.txt']",
+    proc = subprocess.run([sys.executable, "-m", "moectl", "train", str(path),
+                           f"data.source.paths=['{tmp_path}/none*.txt']",
                            "--nproc", "2", "--run-dir", str(tmp_path / "run"), "-q"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

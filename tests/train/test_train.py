@@ -37,7 +37,8 @@ def test_run_folder_and_metrics(cli, recipe_path, tmp_path):
     train_recs = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
     first = train_recs[0]
-    for key in ("loss", "lr", "tokens_per_s", "mfu", "aux_loss", "load_balance", "z_loss", "imbalance_max", "grad_norm"):
+    for key in ("loss", "lr", "tokens_per_s", "mfu", "aux_loss", "load_balance", "z_loss", "imbalance_max",
+                "grad_norm"):
         assert key in first, key
     layer = first["layers"]["L0"]
     assert sum(layer["load"]) == 4 * 32 * 2 and layer["imbalance"] >= 1 and "cv" in layer and "dead" in layer
@@ -71,7 +72,8 @@ def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
 @pytest.mark.train
 def test_keep_last(cli, recipe_path, tmp_path):
     run = tmp_path / "run"
-    assert cli("train", recipe_path(max_steps=8, checkpoint_every=2, keep_last=2), "--run-dir", run, "-q").exit_code == 0
+    path = recipe_path(max_steps=8, checkpoint_every=2, keep_last=2)
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
     assert [p.name for p in CheckpointDir(run / "checkpoints").steps()] == ["step-00000006", "step-00000008"]
 
 

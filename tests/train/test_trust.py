@@ -222,7 +222,8 @@ def _corrupt(kind):
     def wrong_json(p):
         p.write_text("[1, 2, 3]")
 
-    return {"empty": empty, "truncated": truncate, "garbage": garbage, "missing": delete, "wrong json": wrong_json}[kind]
+    damage = {"empty": empty, "truncated": truncate, "garbage": garbage, "missing": delete, "wrong json": wrong_json}
+    return damage[kind]
 
 
 DAMAGE = [(f, k) for f in ("model.safetensors", "optimizer.pt", "rng/rank-0.pt") for k in

@@ -68,7 +68,8 @@ class TopKRouter(Router):
         super().__init__(args, index)
         self.add_gate()
         # Selection-only bias of aux-loss-free balancing: a buffer, saved in checkpoints.
-        self.register_buffer("expert_bias", torch.zeros(self.num_experts) if self.options.bias_update_rate > 0 else None)
+        biased = self.options.bias_update_rate > 0
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts) if biased else None)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         x = x_TD.float()
