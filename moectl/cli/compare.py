@@ -48,7 +48,13 @@ def compare(
     console = stderr_console() if as_json else stdout_console()
     if not as_json:
         _render(result, console)
-    curves = _write(result, out, console) if out is not None else None
+    curves = None
+    if out is not None:
+        from rich.markup import escape
+
+        from moectl.compare.folder import write_comparison
+
+        curves = write_comparison(result, out, lambda text: console.print(escape(text)))
     if as_json:
         typer.echo(json.dumps(result.to_dict(curves), indent=2))
 
@@ -61,34 +67,6 @@ def _check_out(out: Path) -> None:
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
     if not parent.is_dir():
         raise MoectlError(f"--out {out} cannot be made: {parent} is a file", hint="give another folder")
-
-
-def _write(result, out: Path, console) -> str | None:
-    """compare.md, curves.png (when matplotlib is there) and compare.json, last; returns the
-    curves file name or None."""
-    from rich.markup import escape
-
-    from moectl.compare import plots
-    from moectl.compare.comparison import to_markdown
-    from moectl.errors import MoectlError
-    from moectl.fsutil import atomic_write_text
-
-    curves = "curves.png" if plots.plots_available() else None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if curves:
-            groups = {g.label: [(f"seed {r.seed}", r.path) for r in g.runs] for g in result.groups}
-            plots.compare_curves(groups, out / curves)
-        else:
-            (out / "curves.png").unlink(missing_ok=True)   # never leave the curves of another comparison
-            console.print(escape(f"curves.png not written: plots need matplotlib ({plots.PLOT_HINT})"))
-        atomic_write_text(out / "compare.md", to_markdown(result))
-        atomic_write_text(out / "compare.json", json.dumps(result.to_dict(curves), indent=2) + "\n")
-    except OSError as e:
-        raise MoectlError(f"cannot write into --out {out} ({e.strerror or e})", hint="give another folder") from None
-    written = ", ".join(["compare.json", "compare.md", *([curves] if curves else [])])
-    console.print(escape(f"wrote {written} to {out}"))
-    return curves
 
 
 def _render(result, console) -> None:

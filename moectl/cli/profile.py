@@ -92,6 +92,7 @@ def _load_run_weights(arg: str, model, device) -> str:
     that cannot be read or do not fit the model are an error, not a silent fresh model."""
     from moectl.checkpoint import load_weights
     from moectl.errors import MoectlError
+    from moectl.rundir import RunDir
     from moectl.runs import find_checkpoint
 
     if not Path(arg).is_dir():
@@ -105,7 +106,7 @@ def _load_run_weights(arg: str, model, device) -> str:
     except MoectlError as e:
         raise MoectlError(f"{checkpoint}: its weights cannot be used here: {e.message}",
                           hint=f"profile the recipe alone with freshly initialised weights: moectl profile "
-                               f"{Path(arg) / 'config.yaml'}") from None
+                               f"{RunDir(arg).config}") from None
     return f"from {checkpoint}"
 
 
