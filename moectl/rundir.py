@@ -115,14 +115,27 @@ def step_of(path: Path) -> int | None:
 
 
 @dataclass(frozen=True)
-class ModelFolder:
-    """A folder holding a model's tensors: a checkpoint (with training state), or what
-    `moectl build --save` and `moectl convert` write."""
+class _Folder:
+    """A folder that holds a recipe (config.yaml) and maybe a tokenizer (tokenizer.json)."""
 
     path: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
+
+
+@dataclass(frozen=True)
+class ModelFolder(_Folder):
+    """A folder holding a model's tensors: a checkpoint (with training state), or what
+    `moectl build --save` and `moectl convert` write."""
 
     @property
     def weights(self) -> Path:
@@ -143,14 +156,6 @@ class ModelFolder:
     @property
     def meta(self) -> Path:
         return self.path / META
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.path / TOKENIZER
 
     @property
     def convert_info(self) -> Path:
@@ -284,21 +289,8 @@ class CheckpointDir:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(_Folder):
     """A run folder: every file of it, and how each is read and written."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.path / TOKENIZER
 
     @property
     def data_index(self) -> Path:

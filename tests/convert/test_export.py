@@ -25,6 +25,7 @@ import moectl.core  # noqa: F401  (registers the engine's parts, which the cases
 from moectl.convert.flatten import WRAPPER, engine_sources, is_engine
 from moectl.core import RoutingMode, registry
 from tests.convert.conftest import rel_diff
+from tests.test_plugins import ROUTERS
 
 BASE = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, ffn_hidden=48, seq_len=32)
 MOE = dict(num_experts=4, top_k=2, expert_hidden=16)
@@ -73,41 +74,8 @@ SHIPPED = ["papers/cartesianmoe/cartesian-base-tiny", "papers/rmoe/rmoe-enwik8-t
            "papers/competesmoe/competesmoe-154m-tiny"]
 
 PLUGIN = "exportlab.routers"
-PLUGIN_SOURCE = '''
-"""A plugin router: top-k of softmax(logits / temperature)."""
-
-from dataclasses import dataclass
-
-import torch
-
-from moectl.core import Router, RouterOutput, option, register_router
-from moectl.core.routers import routing_losses, select_topk
-
-
-@dataclass
-class TemperedOptions:
-    """Top-k of softmax(logits / temperature)."""
-
-    temperature: float = option(1.0, "Divide the router logits by this before the softmax.", gt=0)
-
-
-@register_router("tempered_topk", options=TemperedOptions)
-class TemperedTopK(Router):
-    fixed_k = True
-
-    def __init__(self, args, index=0):
-        super().__init__(args, index)
-        self.add_gate()
-        # computed when built, not saved: the loaded model must compute it too
-        self.register_buffer("inv_temperature", torch.tensor(1 / self.options.temperature), persistent=False)
-
-    def forward(self, x_TD, ctx, state=None):
-        logits = self.gate_logits(x_TD) * self.inv_temperature
-        probs = logits.softmax(-1)
-        ids, weights = select_topk(probs, self.top_k, renormalize=True)
-        return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
-                            state=state)
-'''
+# The plugin router of tests/test_plugins.py, under names of its own (both may register in one process).
+PLUGIN_SOURCE = ROUTERS.replace('"scaled_topk"', '"tempered_topk"').replace("ScaledTopK", "TemperedTopK")
 PLUGIN_MODEL = dict(moe=dict(MOE, router=dict(kind="tempered_topk", temperature=0.3)))
 
 
