@@ -195,7 +195,9 @@ def agreement_table(study: Study, seeds: list[int], out: Path) -> list[str]:
                 t_top1.append(sum(r["compete_agree_top1"] * r["competitions"] for r in comp) / weight)
                 t_over.append(sum(r["compete_agree_overlap"] * r["competitions"] for r in comp) / weight)
             layers = _results(target)["routing"]["layers"].values()
-            agree = [v["variant_agreement"] for v in layers if v.get("variant_agreement")]
+            # results.json version 1 named it competition_agreement
+            agree = [v.get("variant_agreement") or v["competition_agreement"] for v in layers
+                     if v.get("variant_agreement") or v.get("competition_agreement")]
             if agree:
                 e_top1.append(statistics.mean(a["top1"] for a in agree))
                 e_over.append(statistics.mean(a["overlap"] for a in agree))

@@ -27,7 +27,7 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
     moe = None
     if cfg.moe is not None:
         m = cfg.moe
-        variant = next((name for name in variant_fields() if getattr(m, name) is not None), None)
+        variant = next((name for name in variant_fields() if getattr(m, name, None) is not None), None)
         moe = MoEArgs(
             **_same_named(m, MoEArgs, skip={"layers", "router", "block", "variant"}),
             layers=m.layer_indices(cfg.n_layers),

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from moectl.errors import MoectlError
-from moectl.fsutil import atomic_copy, atomic_write_text, fsync_dir, write_json
+from moectl.fsutil import atomic_copy, atomic_write_text, fsync_dir, json_safe, write_json
 
 CONFIG, TOKENIZER, DATA_INDEX, LOCK = "config.yaml", "tokenizer.json", "data.json", ".lock"
 LOGS, METRICS, SUMMARY, TENSORBOARD = "logs", "metrics.jsonl", "summary.json", "tb"
@@ -56,7 +56,9 @@ RUN_HINT = ("give a run folder written by `moectl train` (runs/<name>), one of i
             "or its checkpoints/latest file")
 
 
-DAMAGED_HINT = "restore the file (or leave that run out of a comparison)"
+DAMAGED_HINT = "restore the file, or leave that run out of the comparison"
+METRICS_HINT = ("the log was changed by something other than moectl: restore it, or remove the damaged line, "
+                "then run again")
 
 
 def damaged(path: Path, why: str, hint: str = DAMAGED_HINT) -> MoectlError:
@@ -78,7 +80,7 @@ def read_json(path: Path, hint: str = DAMAGED_HINT) -> dict[str, Any]:
     return data
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_metrics(path: Path, hint: str = DAMAGED_HINT) -> list[dict[str, Any]]:
     """The records of a metrics log ([] without one). The one rule for a damaged log: a last line
     without its newline that is not JSON was cut short by a writer that stopped (it is left out);
     any other line that is not a JSON object is damage, an error naming the line."""
@@ -88,7 +90,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     except (OSError, UnicodeDecodeError) as e:
-        raise damaged(path, type(e).__name__) from None
+        raise damaged(path, type(e).__name__, hint) from None
     records = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -98,9 +100,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, RecursionError):
             if i == len(lines) and not line.endswith("\n"):
                 break
-            raise damaged(path, f"line {i} is not JSON") from None
+            raise damaged(path, f"line {i} is not JSON", hint) from None
         if not isinstance(record, dict):
-            raise damaged(path, f"line {i} is not a JSON object")
+            raise damaged(path, f"line {i} is not a JSON object", hint)
         records.append(record)
     return records
 
@@ -130,6 +132,11 @@ class _Folder:
     @property
     def tokenizer(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where `moectl eval` writes its results by default."""
+        return self.path / EVAL
 
 
 @dataclass(frozen=True)
@@ -313,10 +320,6 @@ class RunDir(_Folder):
         return self.path / TENSORBOARD
 
     @property
-    def eval_dir(self) -> Path:
-        return self.path / EVAL
-
-    @property
     def eval_results(self) -> Path:
         return results_file(self.eval_dir)
 
@@ -342,7 +345,8 @@ class RunDir(_Folder):
         """Whether the folder holds a recipe or checkpoints (a run folder, maybe not trained yet)."""
         return self.config.is_file() or (self.path / CHECKPOINTS).is_dir()
 
-    def has_checkpoints(self) -> bool:
+    def has_latest(self) -> bool:
+        """Whether training has published a checkpoint here (checkpoints/latest exists)."""
         return self.checkpoints.latest_file.is_file()
 
     # ----------------------------------------------------------------- config.yaml, tokenizer, data
@@ -374,8 +378,8 @@ class RunDir(_Folder):
         """Rewrite the metrics log without the records of steps after `step` (left by an attempt
         that did not reach a checkpoint), so the log holds each step once."""
         if self.metrics.is_file():
-            kept = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(self.metrics, METRICS_HINT) if r.get("step", 0) <= step]
+            atomic_write_text(self.metrics, "".join(json.dumps(json_safe(r)) + "\n" for r in kept))
 
     def open_metrics(self):
         """The metrics log, opened for appending (its folder made)."""
@@ -415,6 +419,6 @@ def read_eval_results(path: Path) -> dict[str, Any]:
         raise damaged(path, f"its format is {results.get('format')!r}, not {RESULTS_FORMAT!r}")
     version = results.get("version")
     if not isinstance(version, int) or version > RESULTS_VERSION:
-        raise MoectlError(f"{path} has format version {version!r}; this moectl reads version {RESULTS_VERSION}",
-                          hint="use the moectl that wrote it, or rerun `moectl eval` on the run")
+        raise MoectlError(f"{path} has format version {version!r}; this moectl reads versions up to {RESULTS_VERSION}",
+                          hint="read it with the moectl that wrote it, or rerun `moectl eval` on the run")
     return results

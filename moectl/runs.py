@@ -38,6 +38,12 @@ class Run:
     checkpoint: Path               # the folder the weights came from
     run_dir: Path | None           # the run folder, when the checkpoint sits in one
 
+    @property
+    def home(self) -> RunDir | ModelFolder:
+        """The run folder, else the checkpoint or model folder itself: where the recipe and the
+        tokenizer are, and where `moectl eval` writes by default."""
+        return RunDir(self.run_dir) if self.run_dir is not None else ModelFolder(self.checkpoint)
+
 
 def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path | None]:
     """(checkpoint folder, run folder or None) for a run folder (its latest checkpoint, or `step`),
@@ -45,12 +51,13 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Pa
     p = Path(path)
     if not p.exists():
         raise MoectlError(f"no such run or checkpoint: {path}", hint=RUN_HINT)
-    if p.is_file() and RunDir.of_latest_file(p) is not None:
-        p = RunDir.of_latest_file(p).path
+    owner = RunDir.of_latest_file(p) if p.is_file() else None
+    if owner is not None:
+        p = owner.path
     elif p.is_file():
         raise MoectlError(f"{path} is a file, not a run folder or a checkpoint", hint=RUN_HINT)
     run, folder = RunDir(p), ModelFolder(p)
-    if folder.has_weights() and not run.has_checkpoints():
+    if folder.has_weights() and not run.has_latest():
         # a checkpoint, `moectl build --save` or `moectl convert` folder (one whose own training has
         # written checkpoints is a run folder: its newest checkpoint is the model)
         if folder.step is not None and not folder.complete():

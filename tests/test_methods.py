@@ -73,7 +73,7 @@ def test_tiny_recipe_builds_and_takes_a_training_step(path):
     hooks = [p.register_post_accumulate_grad_hook(lambda p, n=name: grads.__setitem__(n, p.grad.clone()))
              for name, p in model.named_parameters()]
     try:
-        outcome = step([(tokens[:, :-1], tokens[:, 1:])], 1, 0)
+        outcome = step([(tokens[:, :-1], tokens[:, 1:])], 0)
     finally:
         for h in hooks:
             h.remove()

@@ -59,14 +59,13 @@ def eval_run(
     Exit codes: 0 done, 2 bad input (not a run, no checkpoint, unknown task, too little data, ...)."""
     from moectl.eval import runner
     from moectl.fsutil import json_text
-    from moectl.rundir import RunDir
     from moectl.runs import load_run
 
     single_process("eval")
     dev = pick_device(device)
     autocast, dtype_name = runner.autocast_for(dev, dtype)
     loaded = load_run(run, step=step, device=dev)
-    target = out if out is not None else RunDir(loaded.run_dir or loaded.checkpoint).eval_dir
+    target = out if out is not None else loaded.home.eval_dir
     _check_writable(target)
     err = stderr_console()
     log = (lambda msg: None) if quiet or as_json else (lambda msg: err.print(f"[dim]{msg}[/]"))

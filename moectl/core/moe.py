@@ -8,6 +8,7 @@ from it, and routed-layer variants (CompeteSMoE's competition) subclass it and r
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -52,7 +53,8 @@ class RoutingRecord:
 @dataclass
 class RouteObservation:
     """One routed layer's decisions in one forward, for an observer (`RoutingMode.observer`).
-    Tensors are detached; `valid_TK` is the validity after the capacity limit (None: every slot)."""
+    Tensors are detached; `valid_TK` is the validity after the capacity limit (None: every slot).
+    It holds the layer's input: an observer keeps running sums, not observations."""
 
     layer: RoutedFFN
     x_TD: Tensor                 # the layer's input
@@ -80,9 +82,10 @@ class RouteObservation:
     def logits_TE(self) -> Tensor | None:
         return self.router_output.logits_TE
 
+    @functools.cached_property
     def alternative(self) -> Tensor | None:
         """The experts [T, K] the layer's variant would choose for these tokens by its own mechanism
-        (`RoutedFFN.alternative_choice`), or None when it has none. Computed when asked."""
+        (`RoutedFFN.alternative_choice`), or None when it has none. Computed when first asked."""
         with torch.no_grad():
             return self.layer.alternative_choice(self.x_TD, self.router_output)
 
@@ -309,8 +312,7 @@ class RoutedFFN(nn.Module):
         if observer is None:
             return
         detached = RouterOutput(out.expert_ids_TK.detach(), out.weights_TK.detach(), out.probs_TE.detach(),
-                                out.logits_TE.detach() if out.logits_TE is not None else None,
-                                out.valid_TK, state=out.state)
+                                out.logits_TE.detach() if out.logits_TE is not None else None, out.valid_TK)
         observer(RouteObservation(self, x_TD.detach(), detached, valid, ctx.token_ids_T))
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> tuple[Tensor, Any, RoutingRecord]:

@@ -196,18 +196,18 @@ class MoectlLM(LM):
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        try:
-            check_generatable(self.model)
-        except GenerationError as e:
-            raise MoectlError(e.message, hint=e.hint) from None
         out = []
         bar, task = _progress(self.log is not None and not disable_tqdm, len(requests), "generate")
-        with bar:
-            for req in requests:
-                context, kwargs = req.args
-                out.append(self.generate_one(context, dict(kwargs or {})))
-                self.cache_hook.add_partial("generate_until", req.args, out[-1])
-                bar.advance(task)
+        try:
+            check_generatable(self.model)
+            with bar:
+                for req in requests:
+                    context, kwargs = req.args
+                    out.append(self.generate_one(context, dict(kwargs or {})))
+                    self.cache_hook.add_partial("generate_until", req.args, out[-1])
+                    bar.advance(task)
+        except GenerationError as e:
+            raise MoectlError(e.message, hint=e.hint) from None
         return out
 
     # ----------------------------------------------------------------- the work

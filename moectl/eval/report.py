@@ -55,8 +55,8 @@ def routing_table(routing: dict[str, Any], title: str, columns: list[tuple[str, 
     t.add_column("layer")
     for _, header, _ in columns:
         t.add_column(header, justify="right")
-    variant = next((v["variant_agreement"]["with"] for v in routing["layers"].values()
-                    if v.get("variant_agreement")), None) if agreement else None
+    agreed = [v["variant_agreement"] for v in routing["layers"].values() if v.get("variant_agreement")]
+    variant = (agreed[0].get("with") or "variant's choice") if agreement and agreed else None
     if variant:
         t.add_column(f"= {variant} (top-1 / set)", justify="right")
     rows = [(name, routing["layers"][name]) for name in routing["layer_order"]] + [("mean", routing["overall"])]

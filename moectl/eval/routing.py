@@ -84,7 +84,8 @@ class _Layer:
         self.sums = {"tokens": 0.0, "slots": 0.0, "entropy": 0.0, "topk_mass": 0.0,
                      "logit_std": 0.0, "logit_tokens": 0.0, "logit_sq": 0.0, "logit_sum": 0.0,
                      "logit_count": 0.0, "agree_top1": 0.0, "agree_overlap": 0.0, "agree_tokens": 0.0}
-        self.alternative = layer.alternative_name   # what the layer's own other choice is called
+        # what the layer's own choice is called: its name, else the variant's registered name
+        self.alternative = layer.alternative_name or getattr(layer, "kind", None)
         self.ib: list[Tensor] = []
         self.ob: list[Tensor] = []
         self.mi_labels: list[Tensor] = []
@@ -125,7 +126,7 @@ class _Layer:
             s["logit_sum"] += float(lg.sum())
             s["logit_sq"] += float((lg * lg).sum())
             s["logit_count"] += lg.numel()
-        other = obs.alternative()
+        other = obs.alternative
         if other is not None:   # the experts the layer's variant would choose by its own mechanism
             s["agree_top1"] += float((p.argmax(-1) == other[:, 0]).sum())
             s["agree_overlap"] += float(sel.gather(1, other).float().mean(-1).sum())

@@ -97,7 +97,7 @@ def _data_config(run: Run, spec: str | None, overrides: list[str]):
     if bad:
         raise MoectlError(f"{bad[0]}: only data.* settings can change at evaluation (the model is the run's)",
                           hint="e.g. data.max_documents=200 or data.val_fraction=0.05")
-    base: Path | str = RunDir(run.run_dir or run.checkpoint).config
+    base: Path | str = run.home.config
     if spec is not None and _is_recipe(spec):
         try:
             base = find_recipe(spec)

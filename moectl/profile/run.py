@@ -178,7 +178,7 @@ def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: 
     # The steps train (AdamW on random tokens); the block and backend tables and the caller get the
     # weights as they were.
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    plain_ms, profiled_ms, events = profile_steps(lambda: train_step(batch, 1, 0), device, steps, warmup, trace)
+    plain_ms, profiled_ms, events = profile_steps(lambda: train_step(batch, 0), device, steps, warmup, trace)
     per_step, share, _ = attribute(events, device, steps)
     model.load_state_dict(saved)
     del saved

@@ -64,7 +64,7 @@ def _check_moe(r: Recipe) -> list[Issue]:
             "model.moe.shared_experts")
     if moe.shared_hidden is not None and moe.shared_experts == 0:
         add("model.moe.shared_hidden", "has no effect while shared_experts is 0", "model.moe.shared_experts")
-    chosen = [name for name in variant_fields() if getattr(moe, name) is not None]
+    chosen = [name for name in variant_fields() if getattr(moe, name, None) is not None]
     if len(chosen) > 1:
         add(f"model.moe.{chosen[1]}", f"only one routed-layer variant can be on; model.moe.{chosen[0]} is set too",
             f"model.moe.{chosen[0]}")

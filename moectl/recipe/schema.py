@@ -384,7 +384,7 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- the parts' sections
 
 _sections: dict[tuple[str, str], type] = {}        # (registry, kind) -> section, per options class
-_schemas: dict[int, type[Recipe]] = {}             # registry version -> the schema built for it
+_schema: tuple[int, type[Recipe]] | None = None    # (registry version, the schema built for it)
 
 
 def _docstring(entry) -> str:
@@ -483,17 +483,17 @@ def _moe_fields() -> dict[str, Any]:
 def recipe_schema() -> type[Recipe]:
     """The schema of a recipe with the sections of every part registered so far (entry-point
     plugins imported first). Built once per state of the registries."""
+    global _schema
     plugins.load_entry_points()
     version = registry.version()
-    schema = _schemas.get(version)
-    if schema is None:
+    if _schema is None or _schema[0] != version:
         moe = create_model("MoEConfig", __base__=MoEConfig, __doc__=MoEConfig.__doc__, **_moe_fields())
         model = create_model("ModelConfig", __base__=ModelConfig, __doc__=ModelConfig.__doc__,
                              moe=(moe | None, ModelConfig.model_fields["moe"]))
         schema = create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
                               model=(model, Recipe.model_fields["model"]))
-        _schemas[version] = schema
-    return schema
+        _schema = (version, schema)
+    return _schema[1]
 
 
 def moe_schema() -> type[MoEConfig]:

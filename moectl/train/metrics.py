@@ -16,14 +16,13 @@ class MetricsLog:
     """logs/metrics.jsonl (one JSON object per line) and optionally TensorBoard. Rank 0 only."""
 
     def __init__(self, run_dir: RunDir, enabled: bool, tensorboard: bool, resume_step: int = 0):
-        """`resume_step`: the step training continues from. Records of later steps, left by an
-        attempt that did not reach a checkpoint (killed, stopped, or resumed from an older one), are
-        dropped, so the log holds each step once and matches the run that continues."""
+        """Appends to the run's log (which the trainer has cut back to `resume_step`, the step
+        training continues from: records of later steps came from an attempt that did not reach a
+        checkpoint). TensorBoard events past that step are hidden likewise."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        run_dir.keep_metrics_up_to(resume_step)
         self.file = run_dir.open_metrics()
         if tensorboard:
             try:

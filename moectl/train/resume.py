@@ -35,13 +35,8 @@ class Start:
 
     recipe: Recipe                     # what to train (train.grad_accum set to keep a resumed run's global batch)
     checkpoint: Path | None            # the checkpoint to resume from (None: a fresh start)
-    saved: dict[str, Any] | None       # that checkpoint's trainer state
     tokens_per_step: int               # of the global batch
     total_steps: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.tokens_per_step // self.recipe.model.seq_len
 
 
 def total_steps(recipe: Recipe, tokens_per_step: int) -> int:
@@ -58,17 +53,16 @@ def plan_start(run: RunDir, recipe: Recipe, resume: str, world: int, log: Callab
     """The checkpoint `resume` means for this run (checked against the run folder), the recipe
     that continues it, and the budget in steps of the global batch."""
     checkpoint = resume_point(run, resume)
-    saved = None
     if checkpoint is not None:
         check_same_run(run, recipe)
         source = RunDir.of_checkpoint(checkpoint)
         if source is not None and source.path.resolve() != run.path.resolve():
             check_same_run(source, recipe, sections=("model",))   # new data or seed is fine
-        saved = recoverable(ModelFolder(checkpoint).read_trainer_state, checkpoint)
+        saved = recoverable(checkpoint, ModelFolder(checkpoint).read_trainer_state)
         recipe = keep_global_batch(recipe, saved, world, checkpoint, log)
     t = recipe.train
     tokens_per_step = t.batch_size * t.grad_accum * world * recipe.model.seq_len
-    return Start(recipe, checkpoint, saved, tokens_per_step, total_steps(recipe, tokens_per_step))
+    return Start(recipe, checkpoint, tokens_per_step, total_steps(recipe, tokens_per_step))
 
 
 def resume_point(run: RunDir, resume: str) -> Path | None:
@@ -95,13 +89,13 @@ def resume_point(run: RunDir, resume: str) -> Path | None:
     return path
 
 
-def recoverable(read: Callable[..., Any], path: Path, *args: Any, **kwargs: Any) -> Any:
-    """`read(*args, **kwargs)`, with a damaged checkpoint's error naming the run's newest other
-    complete checkpoint (of `path`'s checkpoints/ folder) and how to resume from it."""
+def recoverable(checkpoint: Path, read: Callable[[], Any]) -> Any:
+    """`read()` of `checkpoint`, with a damaged checkpoint's error naming the run's newest other
+    complete checkpoint (in the same checkpoints/ folder) and how to resume from it."""
     try:
-        return read(*args, **kwargs)
+        return read()
     except MoectlError as e:
-        raise MoectlError(e.message, hint=CheckpointDir(Path(path).parent).recovery_hint(path),
+        raise MoectlError(e.message, hint=CheckpointDir(Path(checkpoint).parent).recovery_hint(checkpoint),
                           exit_code=e.exit_code) from None
 
 
@@ -240,8 +234,8 @@ def check_tokenizers(run: RunDir, tokenizer: Path, start: Start) -> None:
         theirs.append(("this run", run.tokenizer))
     init_from = start.recipe.train.init_from
     if start.checkpoint is not None:
-        source = RunDir(Path(start.checkpoint).parent.parent)   # <run>/checkpoints/step-N
-        if source.tokenizer.is_file() and source.tokenizer.resolve() != run.tokenizer.resolve():
+        source = RunDir.of_checkpoint(start.checkpoint)
+        if source is not None and source.tokenizer.is_file() and source.tokenizer.resolve() != run.tokenizer.resolve():
             theirs.append((f"the run of --resume {start.checkpoint}", source.tokenizer))
     elif init_from:
         checkpoint, source_run = init_source(init_from)

@@ -8,7 +8,7 @@ clipped; AdamW steps when both are finite; routers adapt to the step's global ex
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -51,9 +51,9 @@ class TrainStep:
         """bf16 autocast around the forward when the run's precision is bf16, once, for every path."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def __call__(self, micro_batches: Iterable[tuple[Tensor, Tensor]], n_micro: int, step: int) -> StepOutcome:
-        """Step `step` (counting from 0) over `n_micro` micro-batches of (tokens, next tokens)."""
-        device = self.device
+    def __call__(self, micro_batches: Sequence[tuple[Tensor, Tensor]], step: int) -> StepOutcome:
+        """Step `step` (counting from 0) over micro-batches of (tokens, next tokens)."""
+        device, n_micro = self.device, len(micro_batches)
         loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         routing = RoutingAccumulator()
         records = []

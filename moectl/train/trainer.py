@@ -214,6 +214,8 @@ class Trainer:
             else:
                 if not locked_early:   # the same on every process, so all take part in _on_main
                     self.lock = self._on_main(lambda: RunLock(self.run_dir.path).acquire()) or self.lock
+                # the log keeps the steps up to the checkpoint (an attempt past it did not count)
+                self._on_main(lambda: self.run_dir.keep_metrics_up_to(self.state.step))
                 self._write_run_folder()
         except BaseException:
             self.lock.release()
@@ -229,6 +231,9 @@ class Trainer:
         self.train_seqs, self.val_seqs = self._sequences()
         self.order = TrainOrder(len(self.train_seqs), recipe.seed, self.cfg.batch_size, self.cfg.grad_accum,
                                 procs.world, procs.rank)
+        self.val_plan = (eval_indices(len(self.val_seqs), self.cfg.batch_size, self.cfg.eval_batches, procs.world,
+                                      procs.rank),
+                         eval_rounds(len(self.val_seqs), self.cfg.batch_size, self.cfg.eval_batches, procs.world))
         self.core = build_model(recipe)
         if start.checkpoint is None and self.cfg.init_from:
             self._init_from()
@@ -282,10 +287,12 @@ class Trainer:
         """Weights of a fresh run from another run, checkpoint or weights folder (train.init_from)."""
         try:
             checkpoint, _ = init_source(self.cfg.init_from)
+        except MoectlError as e:
+            raise _agreed(e) from None
+        try:
             load_weights(checkpoint, self.core)
         except MoectlError as e:
-            message = e.message if e.message.startswith("train.init_from") else f"train.init_from: {e.message}"
-            raise _agreed(MoectlError(message, hint=e.hint)) from None
+            raise _agreed(MoectlError(f"train.init_from: {e.message}", hint=e.hint)) from None
         self.log(f"starting from the weights of {checkpoint}")
 
     def _prepare_data(self) -> PreparedData:
@@ -306,8 +313,8 @@ class Trainer:
 
     def _resume(self) -> None:
         checkpoint, total = self.start.checkpoint, self.start.total_steps
-        saved = recoverable(restore_training_state, checkpoint, checkpoint, self.model, self.optimizer,
-                            rank=self.procs.rank, core=self.core, aliases=self.aliases)
+        saved = recoverable(checkpoint, lambda: restore_training_state(
+            checkpoint, self.model, self.optimizer, rank=self.procs.rank, core=self.core, aliases=self.aliases))
         apply_hyperparameters(self.optimizer, self.cfg)   # the recipe's settings win over the checkpoint's
         if self.plan is not None and "plan" in saved:
             why_not = self.plan.resume(saved["plan"])
@@ -361,8 +368,8 @@ class Trainer:
     def train_step(self, step: int) -> None:
         """One optimizer step (`step` counts from 0), then what comes after it."""
         lr = set_lr(self.optimizer, step, self.start.total_steps, self.cfg, self.schedule)
-        micro = (self.train_seqs.batch(self.order.indices(step, m)) for m in range(self.cfg.grad_accum))
-        outcome = self.step_fn(micro, self.cfg.grad_accum, step)
+        micro = [self.train_seqs.batch(self.order.indices(step, m)) for m in range(self.cfg.grad_accum)]
+        outcome = self.step_fn(micro, step)
         self.state.tokens += self.start.tokens_per_step
         if outcome.stepped:
             self.state.consecutive_skips = 0
@@ -414,10 +421,8 @@ class Trainer:
         self.window = LogWindow()
 
     def validate(self, done: int) -> None:
-        procs, cfg = self.procs, self.cfg
-        batches = eval_indices(len(self.val_seqs), cfg.batch_size, cfg.eval_batches, procs.world, procs.rank)
-        rounds = eval_rounds(len(self.val_seqs), cfg.batch_size, cfg.eval_batches, procs.world)
-        loss, routing = evaluate(self.model, self.val_seqs, batches, procs.device, self.step_fn.autocast,
+        batches, rounds = self.val_plan
+        loss, routing = evaluate(self.model, self.val_seqs, batches, self.procs.device, self.step_fn.autocast,
                                  reduce=parallel.all_reduce_sum, rounds=rounds)
         self.state.val_loss = loss
         self.metrics.write({"type": "eval", "step": done, "tokens": self.state.tokens, "val_loss": loss,

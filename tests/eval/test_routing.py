@@ -23,7 +23,7 @@ def layer(name: str, index: int, E: int = 4, K: int = 1, bias=None):
                            alternative_choice=lambda x_TD, out: None)
 
 
-def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, alternative=None):
+def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, alternative=None, name="competition"):
     """A layer's observation; `alternative`: the experts its variant's own mechanism chooses."""
     ids_TK = torch.as_tensor(ids_TK).long()
     if ids_TK.dim() == 1:
@@ -33,7 +33,7 @@ def obs(lay, ids_TK, probs_TE=None, valid=None, logits=None, tokens=None, altern
         probs_TE = torch.full((T, E), 0.3 / (E - 1))
         probs_TE.scatter_(1, ids_TK[:, :1], 0.7)
     if alternative is not None:
-        lay = SimpleNamespace(**{**vars(lay), "alternative_name": "competition",
+        lay = SimpleNamespace(**{**vars(lay), "alternative_name": name, "kind": "mine",
                                  "alternative_choice": lambda x_TD, out: alternative})
     out = RouterOutput(ids_TK, torch.ones(ids_TK.shape), probs_TE, logits)
     return RouteObservation(lay, torch.zeros(T, 1), out, valid, tokens)
@@ -156,6 +156,8 @@ def test_logit_scale_bias_and_agreement_with_the_variants_choice():
     assert L["variant_agreement"]["overlap"] == pytest.approx(0.5)  # one of two winners each
     assert r["overall"]["variant_agreement"]["top1"] == pytest.approx(0.5)
     assert r["overall"]["variant_agreement"]["with"] == "competition"
+    unnamed = analyse([obs(lay, ids, probs, logits=logits, alternative=win, name=None)])
+    assert unnamed["layers"]["L0"]["variant_agreement"]["with"] == "mine"   # the variant's registered name
 
 
 def test_preferred_tokens():

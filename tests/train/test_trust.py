@@ -446,3 +446,24 @@ def test_a_run_from_before_a_new_key_resumes(cli, recipe_path, tmp_path):
     assert r.exit_code == 0, r.output
     r = cli("train", path, "train.max_steps=4", "model.moe.top_k=1", "--run-dir", run, "-q")
     assert r.exit_code == 2 and "model.moe.top_k: 2 in the run, 1 now" in r.output, r.output
+
+
+@pytest.mark.train
+def test_a_metrics_log_is_read_with_one_rule_on_resume(cli, recipe_path, tmp_path):
+    """Resuming cuts the log back to the checkpoint: a last line cut short by a killed writer is left
+    out; a damaged line before it stops the resume (exit 2) naming the line, and nothing is trained."""
+    path, run = recipe_path(max_steps=4, checkpoint_every=2, log_every=1), tmp_path / "run"
+    assert cli("train", path, "train.max_steps=2", "--run-dir", run, "-q").exit_code == 0
+    log = run / "logs" / "metrics.jsonl"
+    good = log.read_text()
+    log.write_text(good + '{"type": "train", "step": 3, "lo')            # a torn last line
+    assert cli("train", path, "--run-dir", run, "-q").exit_code == 0
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"train"' in line]
+    assert steps == [1, 2, 3, 4]
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+    before = snapshot(run / "checkpoints")
+    again = cli("train", path, "train.max_steps=6", "--run-dir", run, "-q")
+    assert again.exit_code == 2 and "metrics.jsonl is damaged (line 2 is not JSON)" in again.stderr
+    assert "remove the damaged line" in again.stderr and "Traceback" not in again.output
+    assert snapshot(run / "checkpoints") == before
