@@ -38,29 +38,29 @@ step() {   # step NAME TIMEOUT CMD...: run one check, keep its output, go on whe
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton not installed"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton not installed"
   git rev-parse HEAD 2>/dev/null || true
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 if [ $DRY = 1 ]; then
   export TRITON_INTERPRET=1
-  step parity 600 $PY -m pytest -q -x tests/core/test_triton_experts.py tests/core/test_fast_paths.py
-  step experts 300 $PY bench/experts.py --tokens 512 --d-model 64 --hidden 64 --experts 4 --top-k 2 --reps 2
-  step profile 300 $PY -m moectl profile quickstart --steps 1 --warmup 0 --json "$OUT/profile.json"
-  step peers 300 $PY bench/vs_transformers.py --d-model 64 --layers 1 --vocab 512 --seq 64 --batch 2 \
+  step parity 600 "$PY" -m pytest -q -x tests/core/test_triton_experts.py tests/core/test_fast_paths.py
+  step experts 300 "$PY" bench/experts.py --tokens 512 --d-model 64 --hidden 64 --experts 4 --top-k 2 --reps 2
+  step profile 300 "$PY" -m moectl profile quickstart --steps 1 --warmup 0 --json "$OUT/profile.json"
+  step peers 300 "$PY" bench/vs_transformers.py --d-model 64 --layers 1 --vocab 512 --seq 64 --batch 2 \
     --rounds 1 --steps 1 --warmup 0 --dtype fp32
 else
   export MOECTL_TEST_TRITON_GPU=1
-  step parity 150 $PY -m pytest -q tests/core/test_triton_experts.py tests/core/test_cuda.py \
+  step parity 150 "$PY" -m pytest -q tests/core/test_triton_experts.py tests/core/test_cuda.py \
     tests/core/test_experts.py tests/core/test_fast_paths.py
-  step experts 150 $PY bench/experts.py --dtype bf16 --reps 10
-  step profile-grouped 120 $PY -m moectl profile bench/finegrained-1b --steps 5 --warmup 3 --no-backends \
+  step experts 150 "$PY" bench/experts.py --dtype bf16 --reps 10
+  step profile-grouped 120 "$PY" -m moectl profile bench/finegrained-1b --steps 5 --warmup 3 --no-backends \
     --json "$OUT/profile-grouped.json"
-  step profile-triton 120 $PY -m moectl profile bench/finegrained-1b model.moe.backend=triton --steps 5 \
+  step profile-triton 120 "$PY" -m moectl profile bench/finegrained-1b model.moe.backend=triton --steps 5 \
     --warmup 3 --json "$OUT/profile-triton.json"
-  step peers 120 $PY bench/vs_transformers.py --dtype bf16 --rounds 3
+  step peers 120 "$PY" bench/vs_transformers.py --dtype bf16 --rounds 3
 fi
 echo "results in $OUT/ (exit $status)"
 exit $status

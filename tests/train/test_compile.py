@@ -21,8 +21,21 @@ def _train(cli, corpus, write, tmp_path, name, **settings):
     return losses(tmp_path / name), result.output
 
 
+def _inductor_builds() -> str | None:
+    """Why torch.compile's default backend cannot build a kernel in this environment, or None.
+    (PyTorch's C++ kernels fail to link when torch is installed under a path with spaces.)"""
+    try:
+        torch.compile(lambda x: (x * 2).sin())(torch.randn(4))
+    except Exception as e:   # whatever the compiler raises: this environment cannot compile
+        return f"torch.compile cannot build kernels here ({type(e).__name__}; torch at {torch.__file__})"
+    return None
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager(cli, corpus, write, tmp_path):
+    reason = _inductor_builds()
+    if reason:
+        pytest.skip(reason)
     eager, _ = _train(cli, corpus, write, tmp_path, "eager")
     compiled, out = _train(cli, corpus, write, tmp_path, "compiled", compile="true")
     assert "could not be compiled" not in out
