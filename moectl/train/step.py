@@ -88,7 +88,7 @@ class TrainStep:
             return
         try:
             loss.backward()
-        except Exception as e:
+        except Exception as e:   # only compiler failures become messages; the rest is raised again
             if not compiler_error(e):
                 raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
