@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from moectl.rundir import RunDir, step_of  # noqa: E402  (the repository's moectl, put on the path above)
+from moectl.rundir import ModelFolder, RunDir, step_of  # noqa: E402  (the repository's moectl, put on the path above)
 
 RECIPE = """\
 name: sigkill
@@ -133,8 +133,7 @@ def main() -> int:
 
     from safetensors.torch import load_file
 
-    final = f"checkpoints/step-{args.steps:08d}/model.safetensors"
-    a, b = load_file(ref / final), load_file(run / final)
+    a, b = (load_file(ModelFolder(RunDir(r).checkpoints.step_dir(args.steps)).weights) for r in (ref, run))
     weights_equal = set(a) == set(b) and all(bool((a[n] == b[n]).all()) for n in a)
     losses_equal = losses(ref) == losses(run)
     print(f"kills: {kills}   kills during a checkpoint write: {mid_write}")
