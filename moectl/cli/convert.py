@@ -36,7 +36,8 @@ def convert(
     to: str = typer.Option(None, "--to", help="Export to this format: 'hf' (a folder that "
                            "AutoModelForCausalLM.from_pretrained loads)."),
     from_: str = typer.Option(None, "--from", help="Import from this format: 'hf' (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                              "OLMoE, Llama-style dense models, or a folder moectl exported)."),
+                              "OLMoE, Llama and Qwen3 dense models, or a folder moectl exported; docs/convert.md "
+                              "lists the families)."),
     upcycle: bool = typer.Option(False, "--upcycle", help="Turn a dense model into an MoE whose experts start as "
                                  "copies of its FFN (needs --experts and --top-k)."),
     dtype: str = typer.Option("fp32", "--dtype", help="--to hf: dtype of the written weights, fp32 or bf16. "
