@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 from safetensors.torch import save_model
 
@@ -74,6 +75,7 @@ def build_report(recipe: Recipe) -> BuildReport:
             "layers": model.args.moe.layers, "num_experts": m.num_experts, "top_k": m.top_k,
             "expert_hidden": m.expert_hidden, "router": m.router.kind, "shared_experts": m.shared_experts,
             "routed_layers": len(layers), "block": m.block.kind,
+            "regularisers": layers[0].regularisers(model.args.moe) if layers else [],
         }
         # What each part has to say about itself (varying experts per token, two sub-layers, ...).
         for module in model.modules():
@@ -121,6 +123,8 @@ def render(report: BuildReport, console) -> None:
         console.print(f"[bold]MoE[/]  {where}   "
                       f"{m['num_experts']} experts x {m['expert_hidden']}   top_k {m['top_k']}   "
                       f"router {m['router']}   shared {m['shared_experts']}")
+        if m["regularisers"]:
+            console.print("[bold]losses[/]  " + escape("; ".join(m["regularisers"])))
     console.print(f"[bold]FLOPs/token[/]  forward {human(report.flops_forward)}   "
                   f"train (3x) {human(report.flops_train)}   at seq_len {report.seq_len}")
     mem = report.memory

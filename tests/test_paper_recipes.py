@@ -68,7 +68,50 @@ def test_rmoe_router_logits_at_init():
     assert 0.05 < rmoe < 0.15 and old < 0.01 and 0.4 < smoe < 0.8
 
 
+@pytest.mark.parametrize("path", ENWIK8_FAMILY, ids=lambda p: p.stem)
+def test_rmoe_enwik8_and_wt103_routers_have_the_checkpoints_output_bias(path):
+    m = load_recipe(path).model.moe
+    assert m.router.kind != "recurrent" or (m.router.output_bias and m.router.projector_bias)
+    assert m.balance_over_layers == "sum" and m.balance_form == "switch"
+
+
+@pytest.mark.parametrize("name", ["rmoe/rmoe-0.9b", "rmoe/smoe-0.9b", "rmoe/rmoe-0.9b-tiny", "rmoe/smoe-0.9b-tiny"])
+def test_rmoe_megatron_runs_average_the_balance_loss_over_layers(name):
+    m = _recipe(name).model.moe
+    assert (m.balance_over_layers, m.balance_form, m.balance_pooling, m.z_loss_weight) == ("mean", "switch",
+                                                                                           "batch", 0.0)
+    assert not getattr(m.router, "output_bias", False)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("rmoe/rmoe-0.9b", ["balance loss 0.01 x Switch over all slots, over the batch, averaged over the routed layers",
+                        "no z-loss", "bias on neither the projector nor the output layer"]),
+    ("rmoe/rmoe-enwik8", ["summed over layers", "bias on projector and output"]),
+    ("competesmoe/smoe-154m", ["balance loss 0.01 x entropy form, per sequence, summed over layers; no z-loss"]),
+    ("competesmoe/competesmoe-154m", ["balance 0.005 x entropy form, per sequence on softmax(softmax(responses))"]),
+])
+def test_build_names_the_regularisers(cli, name, expected):
+    result = cli("build", f"papers/{name}")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for words in expected:
+        assert words in text, words
+
+
 # ----------------------------------------------------------------------------- CompeteSMoE 2025
+
+
+@pytest.mark.parametrize("name", ["competesmoe/smoe-154m", "competesmoe/competesmoe-154m",
+                                  "competesmoe/smoe-154m-tiny", "competesmoe/competesmoe-154m-tiny"])
+def test_competesmoe_154m_uses_the_language_model_codes_regularisers(name):
+    m = _recipe(name).model.moe
+    assert (m.balance_form, m.balance_pooling, m.balance_over_layers, m.aux_loss_weight, m.z_loss_weight) == (
+        "entropy", "sequence", "sum", 0.01, 0.0)
+    if m.competition is not None:
+        c = m.competition
+        assert (c.balance_weight, c.balance_form, c.balance_pooling, c.balance_scores) == (
+            0.005, "entropy", "sequence", "double_softmax")
+        assert (c.router_loss_weight, c.diversity_weight, c.theta) == (0.001, 0.005, 0.2)
 
 
 @pytest.mark.parametrize("name", ["competesmoe/smoe-154m", "competesmoe/competesmoe-154m"])

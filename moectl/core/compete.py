@@ -16,6 +16,8 @@ pairs during training, never in evaluation.
                                                               the winners' s, 0 elsewhere)
     L_div = mean over tokens of the winners' pairwise cosine similarities (diagonal zeroed, / K^2)
     L_bal = E * sum_e f_e * P_e, f from each token's first choice, P = mean softmax(s)
+            (the form, pooling and distribution are options: balance_form, balance_pooling,
+            balance_scores; the 2025 language-model code: entropy form per sequence on softmax(softmax(s)))
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moectl.core import registry
-from moectl.core.losses import load_balance_loss
+from moectl.core.losses import BalanceSpec, balance_loss
 from moectl.core.moe import RoutedFFN, RoutingRecord, register_variant
 from moectl.core.registry import option
 from moectl.core.routers.base import RouteContext
@@ -61,6 +63,17 @@ class CompetitionOptions:
     router_loss_weight: float = option(0.001, "Weight of the router distillation loss.", ge=0)
     diversity_weight: float = option(0.005, "Weight of the winners' diversity loss.", ge=0)
     balance_weight: float = option(0.01, "Weight of the competition balance loss.", ge=0)
+    balance_form: Literal["switch", "switch_top1", "entropy"] = option(
+        "switch_top1", "Form of the competition balance loss (as model.moe.balance_form): Switch over each token's "
+        "first winner (the authors' 2024 code), over all K winners, or the entropy form (the 2025 language-model "
+        "code).")
+    balance_pooling: Literal["batch", "sequence"] = option(
+        "batch", "Pooling of the competition balance loss: over the batch, or per sequence (the 2025 "
+        "language-model code).")
+    balance_scores: Literal["softmax", "double_softmax"] = option(
+        "softmax", "The distribution the competition balance loss sees: the softmax of the responses, or the "
+        "softmax of that softmax, which is what the 2025 language-model code computes (its entropy balance "
+        "applies a log-softmax to probabilities).")
 
 
 def responses(o_ETD: Tensor, kind: str) -> Tensor:
@@ -122,12 +135,14 @@ class CompeteFFN(RoutedFFN):
     """A routed FFN that competes on scheduled steps and routes with its router otherwise."""
 
     alternative_name = "competition"
+    balance_losses = ("load_balance", "compete_balance")
 
     def __init__(self, args, index: int = 0, name: str = ""):
         super().__init__(args, index, name)
         c = self.competition = args.moe.variant
         self.loss_weights.update(router_distill=c.router_loss_weight, diversity=c.diversity_weight,
                                  compete_balance=c.balance_weight)
+        self.compete_balance = BalanceSpec(c.balance_form, c.balance_pooling)
 
     @classmethod
     def make_plan(cls, args, seed: int, total_steps: int, num_layers: int):
@@ -162,6 +177,14 @@ class CompeteFFN(RoutedFFN):
         share = min(c.rate * num_layers, cap) / num_layers
         return (1 - c.warmup) * share * self.extra_flops_per_token()
 
+    def regularisers(self, moe: Any) -> list[str]:
+        c = self.competition
+        scores = "softmax(softmax(responses))" if c.balance_scores == "double_softmax" else "softmax(responses)"
+        return [*super().regularisers(moe),
+                f"on competition steps: router distillation {c.router_loss_weight:g}, "
+                f"diversity {c.diversity_weight:g}, balance {c.balance_weight:g} x {self.compete_balance.describe()} "
+                f"on {scores} (no router balance or z-loss)"]
+
     def build_notes(self) -> list[str]:
         return ["competition: on its scheduled steps a layer runs every expert; that work is counted apart from "
                 "the model's FLOPs."]
@@ -178,6 +201,15 @@ class CompeteFFN(RoutedFFN):
         if self.competition.combine_gate and router_logits_TE is not None:
             s_TE = 0.5 * s_TE + 0.5 * router_logits_TE.float()
         return s_TE
+
+    def competition_balance(self, s_TE: Tensor, win_TK: Tensor, ctx: RouteContext) -> Tensor:
+        """The competition balance loss (unweighted): `balance_form` and `balance_pooling` on the
+        softmax of the responses (`balance_scores`), counts from the winners; the softmax is not
+        detached, so the loss reaches the experts through their responses (docs/methods.md)."""
+        p_TE = s_TE.softmax(-1)
+        if self.competition.balance_scores == "double_softmax":
+            p_TE = p_TE.softmax(-1)
+        return balance_loss(p_TE, win_TK, self.compete_balance, seq_len=ctx.seq_len, reduce=ctx.reduce_counts)
 
     @torch.no_grad()
     def alternative_choice(self, x_TD: Tensor, out) -> Tensor:
@@ -207,8 +239,7 @@ class CompeteFFN(RoutedFFN):
         losses = {
             "router_distill": router_distillation_loss(out.probs_TE, p_comp, win_TK, c.theta),
             "diversity": diversity_loss(o_win_TKD),
-            # f from each token's first choice; P = mean softmax(s), not detached (see docs/methods.md)
-            "compete_balance": load_balance_loss(s_TE.softmax(-1), win_TK[:, :1], reduce=ctx.reduce_counts),
+            "compete_balance": self.competition_balance(s_TE, win_TK, ctx),
         }
         load_E = torch.bincount(win_TK.reshape(-1), minlength=self.num_experts)
         counters = {"competitions": 1, **agreement(out.expert_ids_TK.detach(), win_TK)}

@@ -42,6 +42,9 @@ class MoEArgs:
     router_init: str | None = None         # scheme of the routers alone
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
+    balance_form: str = "switch"           # "switch" | "switch_top1" | "entropy" (moectl.core.losses.BalanceSpec)
+    balance_pooling: str = "batch"         # "batch" | "sequence"
+    balance_over_layers: str = "sum"       # "sum" | "mean" of the weighted per-layer balance losses
     router: Any = field(default_factory=_default("routers", "topk"))        # a router's options
     block: Any = field(default_factory=_default("blocks", "standard"))     # a block kind's options
     variant: Any = None                    # a routed-layer variant's options (e.g. competition); None = plain

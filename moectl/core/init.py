@@ -9,8 +9,8 @@ one wins. `apply_scheme` redraws the tensors of a module tree:
   scaled_normal  the default above.
   torch_default  what PyTorch's own modules draw: Linear weights and biases U(+-1/sqrt(fan_in)),
                  Embedding N(0, 1), recurrent cells U(+-1/sqrt(hidden)); stacked experts like E
-                 Linears (w1, w3: fan_in d_model; w2: fan_in expert width); a router's gate like a
-                 Linear (fan_in: its input width).
+                 Linears (w1, w3: fan_in d_model; w2: fan_in expert width); a router's gate and its
+                 bias like a Linear (fan_in: the gate's input width).
   sigma_moe      the sigma-MoE / MoEUT code's (CompeteSMoE 2025): router gates and every router
                  matrix N(0, fan_in^-1/2) (logits of std ~1), expert keys w1, w3 N(0, d_model^-1/2),
                  expert values w2 N(0, (E * F)^-1/2); a shared expert as one expert of its width;
@@ -47,9 +47,11 @@ def _torch_default(module: nn.Module) -> None:
             if w is not None:
                 _uniform(w, module.d_model)
         _uniform(module.w2, module.hidden)
-    elif isinstance(module, Router):
+    elif isinstance(module, Router):   # a bias like its gate's (a Linear's) bias
+        gate = getattr(module, "weight", None)
+        bias_fan_in = gate.shape[-1] if isinstance(gate, torch.Tensor) else module.d_model
         for p in module.parameters(recurse=False):
-            _uniform(p, p.shape[-1] if p.ndim > 1 else module.d_model)
+            _uniform(p, p.shape[-1] if p.ndim > 1 else bias_fan_in)
     elif isinstance(module, (nn.Linear, nn.Embedding, nn.RNNCellBase)):
         module.reset_parameters()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,6 +32,76 @@ def load_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, valid_TK: Tensor 
     f_E = expert_fractions(expert_ids_TK, num_experts, valid_TK, reduce).detach()
     P_E = probs_TE.float().mean(0)
     return num_experts * (f_E * P_E).sum()
+
+
+BALANCE_FORMS = ("switch", "switch_top1", "entropy")
+BALANCE_POOLINGS = ("batch", "sequence")
+
+
+@dataclass(frozen=True)
+class BalanceSpec:
+    """Which balance loss a routed layer computes (docs/methods.md gives each choice's source).
+
+    form     switch:      E * sum_e f_e * P_e, f_e over every routed slot (Switch, GShard, Mixtral)
+             switch_top1: the same with f_e over each token's first choice only (Switch with k = 1)
+             entropy:     sum_e P_e * log P_e, the negative entropy of the mean routing distribution
+                          (sigma-MoE / MoEUT and the CompeteSMoE 2025 language-model code);
+                          -log E when balanced, 0 when every token goes to one expert
+    pooling  batch:       f and P over every token of the forward (f summed over data-parallel
+                          ranks when a count reducer is set)
+             sequence:    f and P over each sequence's tokens, the loss averaged over sequences
+    """
+
+    form: str = "switch"
+    pooling: str = "batch"
+
+    def __post_init__(self) -> None:
+        if self.form not in BALANCE_FORMS:
+            raise ValueError(f"unknown balance form {self.form!r}; known: {', '.join(BALANCE_FORMS)}")
+        if self.pooling not in BALANCE_POOLINGS:
+            raise ValueError(f"unknown balance pooling {self.pooling!r}; known: {', '.join(BALANCE_POOLINGS)}")
+
+    def describe(self) -> str:
+        form = {"switch": "Switch over all slots", "switch_top1": "Switch over first choices",
+                "entropy": "entropy form"}[self.form]
+        return f"{form}, {'per sequence' if self.pooling == 'sequence' else 'over the batch'}"
+
+
+SWITCH_BATCH = BalanceSpec()
+
+
+def neg_entropy(p_E: Tensor) -> Tensor:
+    """sum_e p_e log p_e over the last dimension (0 log 0 = 0)."""
+    return torch.special.xlogy(p_E, p_E).sum(-1)
+
+
+def balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, spec: BalanceSpec = SWITCH_BATCH, *,
+                 valid_TK: Tensor | None = None, seq_len: int | None = None,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The balance loss `spec` names, unweighted. `seq_len` splits the T tokens into sequences for
+    `pooling: sequence` (None, or a T it does not divide: one sequence of all T tokens); `reduce`
+    sums expert counts over data-parallel ranks and applies to batch pooling only (per-sequence
+    values do not depend on the process count)."""
+    if spec.form == "switch_top1":
+        expert_ids_TK = expert_ids_TK[:, :1]
+        valid_TK = valid_TK[:, :1] if valid_TK is not None else None
+    if spec.pooling == "batch":
+        if spec.form == "entropy":
+            return neg_entropy(probs_TE.float().mean(0))
+        return load_balance_loss(probs_TE, expert_ids_TK, valid_TK, reduce=reduce)
+    T, E = probs_TE.shape
+    S = seq_len if seq_len and T % seq_len == 0 else max(T, 1)
+    P_BE = probs_TE.float().reshape(-1, S, E).mean(1)
+    if spec.form == "entropy":
+        return neg_entropy(P_BE).mean()
+    B, K = P_BE.shape[0], expert_ids_TK.shape[1]
+    ones = torch.ones(B, S * K, dtype=torch.float32, device=probs_TE.device)
+    if valid_TK is not None:
+        ones = ones * valid_TK.reshape(B, S * K).float()
+    counts_BE = torch.zeros(B, E, dtype=torch.float32, device=probs_TE.device).scatter_add_(
+        1, expert_ids_TK.reshape(B, S * K), ones)
+    f_BE = (counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)).detach()
+    return (E * (f_BE * P_BE).sum(-1)).mean()
 
 
 def z_loss(logits_TE: Tensor) -> Tensor:

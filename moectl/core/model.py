@@ -26,7 +26,7 @@ from moectl.core.cache import KVCache
 from moectl.core.config import ModelArgs
 from moectl.core.init import MOE_ONLY, apply_scheme, moe_parts
 from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
-from moectl.core.losses import IGNORE_INDEX, head_cross_entropy
+from moectl.core.losses import IGNORE_INDEX, SWITCH_BATCH, BalanceSpec, head_cross_entropy
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
 from moectl.core.routers.base import PLAIN, RouteContext, RoutingMode
 from moectl.core.stages import record_stage
@@ -218,8 +218,16 @@ class MoETransformer(nn.Module):
         self.tie_weights()
         # A module all routers share (RMoE's recurrent cell), built once by the router class.
         self.router_shared: nn.Module | None = None
+        self.balance = SWITCH_BATCH   # the balance loss every router computes (RouteContext.balance)
         if args.moe is not None:
             self.router_shared = registry.routers.of(args.moe.router).cls.shared_module(args)
+            self.balance = BalanceSpec(args.moe.balance_form, args.moe.balance_pooling)
+            if args.moe.balance_over_layers == "mean":   # each layer's balance weight over their number
+                routed = self.routed_layers()
+                for layer in routed:
+                    layer.scale_balance(1 / len(routed))
+            elif args.moe.balance_over_layers != "sum":
+                raise ValueError(f"balance_over_layers must be 'sum' or 'mean', got {args.moe.balance_over_layers!r}")
         # Per-forward routing decisions of the routed-layer variant (`make_plan`), if any.
         self.plan: RoutingPlan | None = None
         self.activation_checkpointing = False
@@ -310,7 +318,7 @@ class MoETransformer(nn.Module):
         if cache is not None and not mode.decoding:
             mode = replace(mode, decoding=True)
         ctx = RouteContext(token_ids_T=tokens_BS.reshape(-1), shared=self.router_shared,
-                           reduce_counts=self.count_reducer, plan=plan, mode=mode)
+                           reduce_counts=self.count_reducer, plan=plan, mode=mode, balance=self.balance, seq_len=S)
         state: Any = None
         records: list[RoutingRecord] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from moectl.core import registry
 from moectl.core.experts import ExpertBank, run_experts
 from moectl.core.layers import FeedForward
+from moectl.core.losses import BalanceSpec
 from moectl.core.routers.base import RouteContext, RouterOutput, fp32_linear, make_router
 from moectl.core.stages import record_stage
 
@@ -178,6 +179,8 @@ class RoutedFFN(nn.Module):
     kind = "routed"
     # What a variant's own way of choosing experts is called (see `alternative_choice`).
     alternative_name: str | None = None
+    # The losses `scale_balance` scales (a variant adds its own balance losses).
+    balance_losses: tuple[str, ...] = ("load_balance",)
 
     def __init__(self, args: ModelArgs, index: int = 0, name: str = ""):
         super().__init__()
@@ -206,6 +209,13 @@ class RoutedFFN(nn.Module):
         self.loss_weights = {"load_balance": moe.aux_loss_weight, "z_loss": moe.z_loss_weight}
         self._contract_checked = False
 
+    def scale_balance(self, factor: float) -> None:
+        """Multiply the weights of this layer's balance losses by `factor` (the model calls it with
+        1 / number of routed layers when `balance_over_layers: mean`)."""
+        for key in self.balance_losses:
+            if key in self.loss_weights:
+                self.loss_weights[key] *= factor
+
     # ----------------------------------------------------------------- hooks of variants
 
     @classmethod
@@ -220,6 +230,16 @@ class RoutedFFN(nn.Module):
 
     def build_notes(self) -> list[str]:
         return []
+
+    def regularisers(self, moe: Any) -> list[str]:
+        """What `moectl build` says of this layer's auxiliary losses (`moe`: the model's MoEArgs)."""
+        if not self.router.learned:
+            return [f"no router losses ({self.router.kind} routing learns nothing)"]
+        spec = BalanceSpec(moe.balance_form, moe.balance_pooling)
+        over = "averaged over the routed layers" if moe.balance_over_layers == "mean" else "summed over layers"
+        balance = (f"balance loss {moe.aux_loss_weight:g} x {spec.describe()}, {over}" if self.router.balance_loss
+                   else f"no balance loss ({self.router.kind} balances by construction)")
+        return [balance, f"z-loss {moe.z_loss_weight:g}" if moe.z_loss_weight else "no z-loss"]
 
     def expected_extra_flops_per_token(self, num_layers: int) -> float:
         """Average forward FLOPs per token this layer spends beyond top_k routing over a run."""

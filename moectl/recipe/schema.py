@@ -127,6 +127,18 @@ class MoEConfig(Section):
     )
     aux_loss_weight: NonNegFloat = Field(0.01, description="Weight of the load-balance loss.")
     z_loss_weight: NonNegFloat = Field(0.001, description="Weight of the router z-loss.")
+    balance_form: Literal["switch", "switch_top1", "entropy"] = Field(
+        "switch", description="Form of the load-balance loss: 'switch' (E * sum_e f_e * P_e with f over every routed "
+        "slot: Switch, GShard, Mixtral, Megablocks), 'switch_top1' (f over each token's first choice only) or "
+        "'entropy' (sum_e P_e log P_e, the negative entropy of the mean routing distribution: sigma-MoE, MoEUT, the "
+        "CompeteSMoE 2025 language-model code).")
+    balance_pooling: Literal["batch", "sequence"] = Field(
+        "batch", description="What the balance loss averages over: the whole batch (expert counts summed over "
+        "data-parallel processes) or each sequence, the loss then averaged over sequences.")
+    balance_over_layers: Literal["sum", "mean"] = Field(
+        "sum", description="How the weighted balance losses of the routed layers add up: their sum, or their mean "
+        "(Megablocks' batched loss, behind the RMoE paper's 0.91B runs), which divides the effective weight by the "
+        "number of routed layers. Applies to the competition balance loss too.")
     # `router`, `block` and one optional section per routed-layer variant (`competition`) come from
     # the engine's registries (`recipe_schema()`), so a user's own parts fit in too.
 

@@ -35,3 +35,91 @@ def test_z_loss_value():
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
     expected = ((torch.log(torch.tensor(2.0))) ** 2 + (1 + torch.log(torch.tensor(2.0))) ** 2) / 2
     torch.testing.assert_close(z_loss(logits), expected)
+
+
+# --------------------------------------------------------------------------- balance-loss choices
+# Hand-computed values on four tokens, three experts, two sequences of two tokens.
+
+P4 = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.6, 0.2, 0.2]])
+IDS4 = torch.tensor([[0, 1], [1, 0], [2, 0], [0, 1]])
+
+
+def _spec(form, pooling="batch"):
+    from moectl.core.losses import BalanceSpec
+    return BalanceSpec(form, pooling)
+
+
+def test_default_balance_is_the_switch_loss_bit_for_bit():
+    from moectl.core.losses import balance_loss
+    valid = torch.tensor([[True, True], [True, False], [True, True], [False, True]])
+    assert torch.equal(balance_loss(P4, IDS4), load_balance_loss(P4, IDS4))
+    assert torch.equal(balance_loss(P4, IDS4, valid_TK=valid), load_balance_loss(P4, IDS4, valid))
+
+
+def test_switch_over_all_slots_hand_value():
+    from moectl.core.losses import balance_loss
+    # slots: expert 0 x4, 1 x3, 2 x1 of 8 -> f = (.5, .375, .125); P = (.35, .3, .35)
+    expected = 3 * (0.5 * 0.35 + 0.375 * 0.3 + 0.125 * 0.35)
+    assert abs(balance_loss(P4, IDS4, _spec("switch")).item() - expected) < 1e-6
+
+
+def test_switch_over_first_choices_hand_value():
+    from moectl.core.losses import balance_loss
+    # first choices 0, 1, 2, 0 -> f = (.5, .25, .25); P = (.35, .3, .35)
+    expected = 3 * (0.5 * 0.35 + 0.25 * 0.3 + 0.25 * 0.35)
+    assert abs(balance_loss(P4, IDS4, _spec("switch_top1")).item() - expected) < 1e-6
+
+
+def test_entropy_form_hand_value_and_range():
+    import math
+
+    from moectl.core.losses import balance_loss
+    P = (0.35, 0.3, 0.35)
+    expected = sum(p * math.log(p) for p in P)
+    assert abs(balance_loss(P4, IDS4, _spec("entropy")).item() - expected) < 1e-6
+    uniform = torch.full((4, 3), 1 / 3)
+    assert abs(balance_loss(uniform, IDS4, _spec("entropy")).item() + math.log(3)) < 1e-6
+    collapsed = torch.tensor([[1.0, 0.0, 0.0]] * 4)
+    assert balance_loss(collapsed, IDS4, _spec("entropy")).item() == 0.0
+
+
+def test_per_sequence_pooling_hand_values():
+    import math
+
+    from moectl.core.losses import balance_loss
+    # sequence 1: tokens 0-1, P = (.35, .45, .2), slots 0,1,1,0 -> f = (.5, .5, 0)
+    # sequence 2: tokens 2-3, P = (.35, .15, .5), slots 2,0,0,1 -> f = (.5, .25, .25)
+    s1 = 3 * (0.5 * 0.35 + 0.5 * 0.45)
+    s2 = 3 * (0.5 * 0.35 + 0.25 * 0.15 + 0.25 * 0.5)
+    got = balance_loss(P4, IDS4, _spec("switch", "sequence"), seq_len=2).item()
+    assert abs(got - (s1 + s2) / 2) < 1e-6
+    e1 = sum(p * math.log(p) for p in (0.35, 0.45, 0.2))
+    e2 = sum(p * math.log(p) for p in (0.35, 0.15, 0.5))
+    got = balance_loss(P4, IDS4, _spec("entropy", "sequence"), seq_len=2).item()
+    assert abs(got - (e1 + e2) / 2) < 1e-6
+    # first choices per sequence: (0, 1) and (2, 0)
+    t1 = 3 * (0.5 * 0.35 + 0.5 * 0.45)
+    t2 = 3 * (0.5 * 0.35 + 0.5 * 0.5)
+    got = balance_loss(P4, IDS4, _spec("switch_top1", "sequence"), seq_len=2).item()
+    assert abs(got - (t1 + t2) / 2) < 1e-6
+    # one sequence of all the tokens is batch pooling without a count reducer
+    whole = balance_loss(P4, IDS4, _spec("switch", "sequence"), seq_len=4)
+    assert abs(whole.item() - balance_loss(P4, IDS4, _spec("switch")).item()) < 1e-6
+
+
+def test_per_sequence_pooling_ignores_the_count_reducer_and_keeps_gradients():
+    from moectl.core.losses import balance_loss
+    probs = P4.clone().requires_grad_(True)
+    doubled = balance_loss(probs, IDS4, _spec("switch", "sequence"), seq_len=2, reduce=lambda c: 2 * c + 1)
+    plain = balance_loss(probs, IDS4, _spec("switch", "sequence"), seq_len=2)
+    assert torch.equal(doubled, plain)
+    (g,) = torch.autograd.grad(plain, probs)
+    assert g.abs().sum() > 0
+
+
+def test_unknown_balance_choices_are_refused():
+    import pytest
+    with pytest.raises(ValueError, match="balance form"):
+        _spec("gshard")
+    with pytest.raises(ValueError, match="pooling"):
+        _spec("switch", "token")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from moectl.core import registry
-from moectl.core.losses import load_balance_loss, z_loss
+from moectl.core.losses import SWITCH_BATCH, BalanceSpec, balance_loss, z_loss
 
 if TYPE_CHECKING:
     from moectl.core.config import ModelArgs
@@ -63,6 +63,10 @@ class RouteContext:
     # its meaning belongs to the routed-layer variant that made the plan (see `RoutingPlan`).
     plan: Any = None
     mode: RoutingMode = PLAIN           # evaluation and decoding (see `RoutingMode`)
+    # The model's balance loss (`model.moe.balance_form` / `balance_pooling`), which
+    # `routing_losses` computes, and the length of the forward's sequences (for per-sequence pooling).
+    balance: BalanceSpec = SWITCH_BATCH
+    seq_len: int | None = None
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Router(nn.Module):
     drop_top1_refusal: str | None = ("it does not declare support for the drop-top-1 perturbation (a router "
                                      "that honours RoutingMode.drop_top1 sets drop_top1_refusal = None)")
     causal = True        # False when a token's routing depends on other tokens of the batch
+    balance_loss = True  # False when the router returns no load-balance loss (it balances by construction)
 
     def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
@@ -161,9 +166,11 @@ def fp32_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
 
 def routing_losses(probs_TE: Tensor, expert_ids_TK: Tensor, logits_TE: Tensor, ctx: RouteContext,
                    valid_TK: Tensor | None = None) -> dict[str, Tensor]:
-    """The standard unweighted router losses: Switch load balance and z-loss."""
-    return {"load_balance": load_balance_loss(probs_TE, expert_ids_TK, valid_TK, reduce=ctx.reduce_counts),
-            "z_loss": z_loss(logits_TE)}
+    """The standard unweighted router losses: the model's balance loss (`ctx.balance`, the Switch
+    loss over the batch by default) and the z-loss."""
+    balance = balance_loss(probs_TE, expert_ids_TK, ctx.balance, valid_TK=valid_TK, seq_len=ctx.seq_len,
+                           reduce=ctx.reduce_counts)
+    return {"load_balance": balance, "z_loss": z_loss(logits_TE)}
 
 
 registry.routers.base = Router

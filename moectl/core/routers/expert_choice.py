@@ -29,6 +29,7 @@ class ExpertChoiceOptions:
 class ExpertChoiceRouter(Router):
     """Each expert takes its C most probable tokens; balanced by construction."""
 
+    balance_loss = False
     drop_top1_refusal = ("experts choose tokens, so a token has no fixed set of K experts to take its top-1 "
                          "from and refill; the perturbation of the CartesianMoE paper is defined for token choice")
     causal = False

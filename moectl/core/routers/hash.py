@@ -27,6 +27,7 @@ class HashOptions:
 class HashRouter(Router):
     """Top-k of softmax(table[token id]), renormalised."""
 
+    balance_loss = False
     fixed_k = True
     learned = False
     drop_top1_refusal = None

@@ -52,6 +52,9 @@ class RecurrentOptions:
         0.0, "Add this multiple of the previous MoE layer's router logits ('r-alpha').", ge=0)
     shared_projector: bool = option(False, "One projector d -> hidden for all layers ('S-proj').")
     projector_bias: bool = option(False, "Give the projector a bias (the enwik8 variant).")
+    output_bias: bool = option(
+        False, "Give the router's output layer (hidden -> experts) a bias, as the enwik8 checkpoints' "
+        "router_layer.bias.")
     renormalize: bool = option(True, "Divide the top-k weights by their sum.")
 
 
@@ -94,6 +97,7 @@ class RecurrentRouter(Router):
         self.hidden = o.hidden
         self.projector = None if o.shared_projector else nn.Linear(self.d_model, o.hidden, bias=o.projector_bias)
         self.add_gate(o.hidden)
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if o.output_bias else None
 
     @classmethod
     def shared_module(cls, args) -> RecurrentCore:
@@ -105,8 +109,17 @@ class RecurrentRouter(Router):
             return [("router.detach_state", "has no effect with pass_state: false (there is no state to detach)")]
         return []
 
+    def build_notes(self) -> list[str]:
+        o = self.options
+        biases = [name for name, on in (("projector", o.projector_bias), ("output", o.output_bias)) if on]
+        return [f"recurrent router: {o.cell} cell of {o.hidden}, shared by every routed layer; "
+                f"bias on {' and '.join(biases) if biases else 'neither the projector nor the output layer'}"
+                f"{'' if o.pass_state else '; no state passed between layers'}."]
+
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.weight, std=std)
+        if self.bias is not None:   # zero, as the default scheme draws a linear layer's bias
+            nn.init.zeros_(self.bias)
         if self.projector is not None:
             for p in self.projector.parameters():
                 nn.init.normal_(p, std=std)
@@ -136,7 +149,7 @@ class RecurrentRouter(Router):
                 h, c = core.cell(x_TP, (h_prev, c_prev))
             else:
                 h, c = core.cell(x_TP, h_prev), None
-            logits = F.linear(h, self.weight.float())
+            logits = F.linear(h, self.weight.float(), None if self.bias is None else self.bias.float())
             if o.logit_residual and state is not None:
                 logits = logits + o.logit_residual * state.logits_TE
         probs = logits.softmax(-1)
