@@ -64,9 +64,9 @@ class CompetitionOptions:
     diversity_weight: float = option(0.005, "Weight of the winners' diversity loss.", ge=0)
     balance_weight: float = option(0.01, "Weight of the competition balance loss.", ge=0)
     balance_form: Literal["switch", "switch_top1", "entropy"] = option(
-        "switch_top1", "Form of the competition balance loss (as model.moe.balance_form): Switch over each token's "
-        "first winner (the authors' 2024 code), over all K winners, or the entropy form (the 2025 language-model "
-        "code).")
+        "switch_top1", "Form of the competition balance loss (as model.moe.balance_form): Switch over all K winners, "
+        "Switch over each token's first winner (the authors' vision code), or the entropy form (the 2025 "
+        "language-model code).")
     balance_pooling: Literal["batch", "sequence"] = option(
         "batch", "Pooling of the competition balance loss: over the batch, or per sequence (the 2025 "
         "language-model code).")
@@ -143,6 +143,8 @@ class CompeteFFN(RoutedFFN):
         self.loss_weights.update(router_distill=c.router_loss_weight, diversity=c.diversity_weight,
                                  compete_balance=c.balance_weight)
         self.compete_balance = BalanceSpec(c.balance_form, c.balance_pooling)
+        if c.balance_scores not in ("softmax", "double_softmax"):
+            raise ValueError(f"unknown competition balance_scores {c.balance_scores!r}; known: softmax, double_softmax")
 
     @classmethod
     def make_plan(cls, args, seed: int, total_steps: int, num_layers: int):
@@ -183,7 +185,8 @@ class CompeteFFN(RoutedFFN):
         return [*super().regularisers(moe),
                 f"on competition steps: router distillation {c.router_loss_weight:g}, "
                 f"diversity {c.diversity_weight:g}, balance {c.balance_weight:g} x {self.compete_balance.describe()} "
-                f"on {scores} (no router balance or z-loss)"]
+                f"on {scores}{', averaged over the routed layers' if moe.balance_over_layers == 'mean' else ''} "
+                "(no router balance or z-loss)"]
 
     def build_notes(self) -> list[str]:
         return ["competition: on its scheduled steps a layer runs every expert; that work is counted apart from "

@@ -71,15 +71,15 @@ SWITCH_BATCH = BalanceSpec()
 
 
 def neg_entropy(p_E: Tensor) -> Tensor:
-    """sum_e p_e log p_e over the last dimension (0 log 0 = 0)."""
-    return torch.special.xlogy(p_E, p_E).sum(-1)
+    """sum_e p_e log p_e over the last dimension (0 log 0 = 0, with a finite gradient there)."""
+    return (p_E * p_E.clamp_min(torch.finfo(p_E.dtype).tiny).log()).sum(-1)
 
 
 def balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, spec: BalanceSpec = SWITCH_BATCH, *,
                  valid_TK: Tensor | None = None, seq_len: int | None = None,
                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The balance loss `spec` names, unweighted. `seq_len` splits the T tokens into sequences for
-    `pooling: sequence` (None, or a T it does not divide: one sequence of all T tokens); `reduce`
+    `pooling: sequence` (None: one sequence of all T tokens); `reduce`
     sums expert counts over data-parallel ranks and applies to batch pooling only (per-sequence
     values do not depend on the process count)."""
     if spec.form == "switch_top1":
@@ -90,7 +90,9 @@ def balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, spec: BalanceSpec = SW
             return neg_entropy(probs_TE.float().mean(0))
         return load_balance_loss(probs_TE, expert_ids_TK, valid_TK, reduce=reduce)
     T, E = probs_TE.shape
-    S = seq_len if seq_len and T % seq_len == 0 else max(T, 1)
+    if seq_len is not None and T % seq_len:
+        raise ValueError(f"per-sequence balance pooling: {T} tokens are not sequences of {seq_len}")
+    S = seq_len or max(T, 1)
     P_BE = probs_TE.float().reshape(-1, S, E).mean(1)
     if spec.form == "entropy":
         return neg_entropy(P_BE).mean()

@@ -117,7 +117,8 @@ def block_profile(model: nn.Module, tokens: int, device: torch.device, bf16: boo
     d = model.args.d_model
     g = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(1, tokens, d, generator=g).to(device).requires_grad_(True)
-    ctx = RouteContext(shared=model.router_shared, token_ids_T=torch.zeros(tokens, dtype=torch.long, device=device))
+    ctx = RouteContext(shared=model.router_shared, token_ids_T=torch.zeros(tokens, dtype=torch.long, device=device),
+                       balance=model.balance, seq_len=tokens)
 
     def once() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -71,9 +71,10 @@ def test_mean_over_layers_leaves_the_z_loss_alone():
 # --------------------------------------------------------------------------- recurrent output bias
 
 
-def _recurrent(output_bias: bool, init: str | None = None):
+def _recurrent(output_bias: bool, init: str | None = None, num_experts: int = 4):
     torch.manual_seed(0)
-    return MoETransformer(tiny_args("recurrent", {"hidden": 6, "output_bias": output_bias}, router_init=init))
+    return MoETransformer(tiny_args("recurrent", {"hidden": 6, "output_bias": output_bias}, router_init=init,
+                                    num_experts=num_experts))
 
 
 def test_recurrent_output_bias_enters_the_logits():
@@ -97,9 +98,9 @@ def test_recurrent_output_bias_parameters_and_initialisation():
     extra = sum(p.numel() for p in biased.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 2 * 4   # one bias of E = 4 per routed layer
     assert "layers.0.mlp.moe.router.bias" in biased.state_dict()
-    bound = 1 / math.sqrt(6)   # like an nn.Linear(hidden, E)
-    torch_default = _recurrent(True, "torch_default").routed_layers()[0].router.bias
-    assert torch_default.abs().max() <= bound and torch_default.abs().max() > bound / 4
+    bound = 1 / math.sqrt(6)   # like an nn.Linear(hidden, E): U(+-1/sqrt(hidden)), not 1/sqrt(d_model = 32)
+    torch_default = _recurrent(True, "torch_default", num_experts=64).routed_layers()[0].router.bias
+    assert 0.9 * bound < torch_default.abs().max() <= bound
     assert torch.equal(_recurrent(True, "sigma_moe").routed_layers()[0].router.bias, torch.zeros(4))
     assert torch.equal(_recurrent(True).routed_layers()[0].router.bias, torch.zeros(4))   # scaled_normal
 
