@@ -19,6 +19,7 @@ cores / N threads (a run's numbers depend on its thread count: docs/experiments.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import re
@@ -41,9 +42,14 @@ class Arm:
     overrides: tuple[str, ...] = ()
 
     def slug(self) -> str:
+        """The arm's folder name: recipe and overrides, shortened with a hash of the overrides when
+        it would pass 150 characters (a file name may hold 255 bytes)."""
         name = self.recipe.replace("/", "_")
         if self.overrides:
             name += "__" + "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", o) for o in self.overrides)
+        if len(name) > 150:
+            digest = hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:12]
+            name = f"{name[:130]}__{digest}"
         return name
 
 
@@ -64,13 +70,19 @@ RMOE_GRU = Arm("RMoE (GRU)", RMOE + "rmoe-enwik8-tiny")
 SMOE_154 = Arm("SMoE", COMP + "smoe-154m-tiny")
 COMPETE = Arm("CompeteSMoE (2025)", COMP + "competesmoe-154m-tiny")
 C = "model.moe.competition."
+# moectl's default regularisers, which the 154M recipes used before they took the authors' code's
+SWITCH_LOSSES = ("model.moe.balance_form=switch", "model.moe.balance_pooling=batch", "model.moe.z_loss_weight=0.001")
+COMPETE_SWITCH = (C + "balance_weight=0.01", C + "balance_form=switch_top1", C + "balance_pooling=batch",
+                  C + "balance_scores=softmax")
 
 STUDIES: dict[str, Study] = {
     "cartesian": Study("CartesianMoE vs SMoE-Share, and routing robustness against top-K",
                        (SMOE_SHARE, CARTESIAN, Arm("SMoE-Top3", CART + "smoe-top3-base-tiny")),
                        measures=("robustness",)),
     "rmoe": Study("RMoE vs SMoE: the pair, and the routing analysis of the RMoE paper",
-                  (SMOE_RMOE, RMOE_GRU), measures=("balance",)),
+                  (SMOE_RMOE, RMOE_GRU,
+                   Arm("RMoE, no output bias", RMOE_GRU.recipe, ("model.moe.router.output_bias=false",))),
+                  measures=("balance",)),
     "rmoe-init": Study("RMoE with each router initialisation",
                        (SMOE_RMOE, RMOE_GRU,
                         Arm("RMoE, router N(0, 0.02)", RMOE_GRU.recipe, ("model.moe.router_init=scaled_normal",)),
@@ -83,7 +95,10 @@ STUDIES: dict[str, Study] = {
                           Arm("router loss 0.01", COMPETE.recipe, (C + "router_loss_weight=0.01",)),
                           Arm("router loss 0.1", COMPETE.recipe, (C + "router_loss_weight=0.1",)),
                           Arm("softmax gates", COMPETE.recipe, (C + "gate=softmax",)),
-                          Arm("warm-up 5%", COMPETE.recipe, (C + "warmup=0.05",))),
+                          Arm("warm-up 5%", COMPETE.recipe, (C + "warmup=0.05",)),
+                          Arm("SMoE, Switch balance + z-loss", SMOE_154.recipe, SWITCH_LOSSES),
+                          Arm("CompeteSMoE, Switch balances + z-loss", COMPETE.recipe,
+                              SWITCH_LOSSES + COMPETE_SWITCH)),
                          measures=("agreement",)),
 }
 

@@ -111,3 +111,18 @@ def test_sigkill_bench_runs():
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checkpoints lost: 0" in proc.stdout and "weights True, per-step losses True" in proc.stdout
+
+
+def test_experiment_folder_names_stay_short_and_distinct():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import experiments
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    long = tuple(f"model.moe.competition.balance_option_{i}=value_{i}" for i in range(8))
+    a = experiments.Arm("a", "papers/competesmoe/competesmoe-154m-tiny", long)
+    b = experiments.Arm("b", "papers/competesmoe/competesmoe-154m-tiny", long[:-1] + ("other=1",))
+    assert len(a.slug()) <= 150 and len(b.slug()) <= 150 and a.slug() != b.slug()
+    short = experiments.Arm("c", "papers/rmoe/rmoe-enwik8-tiny", ("model.moe.router_init=sigma_moe",))
+    assert short.slug() == "papers_rmoe_rmoe-enwik8-tiny__model.moe.router-init=sigma-moe"   # unchanged names
+    assert all(len(arm.slug()) <= 150 for study in experiments.STUDIES.values() for arm in study.arms)
