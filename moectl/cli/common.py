@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -18,16 +20,77 @@ RECIPE_HELP = ("A recipe file, a run folder (its config.yaml), or a shipped reci
 OVERRIDES_HELP = "Trailing dotted.key=value overrides, parsed as YAML and validated like the file."
 
 
+def plain_log(console, style: str = "dim") -> Callable[[str], None]:
+    """A log callback that prints messages as they are: never read as Rich markup, so a hint such
+    as an install command with `[extra]` brackets, or a path, reaches the terminal intact."""
+    from rich.text import Text
+
+    return lambda msg: console.print(Text(str(msg), style=style))
+
+
 def stderr_console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def stdout_console():
+def stdout_console(on_closed: Callable[[], None] | None = None):
+    """The console of a command's standard output. With `on_closed`, output that nobody reads any
+    more (a closed pipe such as `| head`, a closed terminal) is dropped and `on_closed` is called
+    once, instead of an exception ending the command wherever it next prints."""
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    if on_closed is None:
+        return Console(highlight=False, soft_wrap=True)
+    return Console(file=GuardedOutput(sys.stdout, on_closed), highlight=False, soft_wrap=True)
+
+
+class GuardedOutput(io.TextIOBase):
+    """A text stream that forwards to `stream` until a write or flush fails because the reader has
+    gone (EPIPE, or EIO from a closed terminal); from then on the process's standard output is
+    /dev/null (so nothing fails at exit either) and writes are dropped."""
+
+    def __init__(self, stream, on_closed: Callable[[], None]):
+        super().__init__()
+        self.stream, self.on_closed, self.gone = stream, on_closed, False
+
+    def _lost(self, err: OSError) -> None:
+        if not isinstance(err, BrokenPipeError) and err.errno not in (errno.EPIPE, errno.EIO):
+            raise err
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        self.on_closed()
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except OSError as err:
+                self._lost(err)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except OSError as err:
+                self._lost(err)
+
+    def isatty(self) -> bool:
+        return not self.gone and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
 
 
 def fail(err) -> None:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from moectl.cli import common
 from moectl.cli.common import handle_errors, single_process
@@ -80,7 +81,7 @@ def convert(
                          layers=layers, seed=seed, force=force, step=step, name=name)
     err = common.stderr_console()
     for note in notes:
-        err.print(f"note: {note}")
+        err.print(Text(f"note: {note}"))
 
 
 def _check_modes(to, from_, upcycle, experts, top_k) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from moectl.cli.common import OVERRIDES_HELP, RECIPE_HELP, handle_errors, stdout_console
+from moectl.cli.common import OVERRIDES_HELP, RECIPE_HELP, handle_errors, plain_log, stdout_console
 
 app = typer.Typer(help="Prepare training data (tokenizer and token shards).", no_args_is_help=True)
 
@@ -25,7 +25,7 @@ def prepare(
 
     rec = load_recipe(recipe, overrides or [])
     console = stdout_console()
-    data = prepare_data(rec, show_progress=not quiet, log=console.print if not quiet else (lambda *a: None))
+    data = prepare_data(rec, show_progress=not quiet, log=plain_log(console, "") if not quiet else (lambda *a: None))
     t = Table(title="prepared data", title_justify="left", show_header=False)
     t.add_column()
     t.add_column()

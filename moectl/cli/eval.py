@@ -12,6 +12,7 @@ from moectl.cli.common import (
     OVERRIDES_HELP,
     handle_errors,
     pick_device,
+    plain_log,
     single_process,
     stderr_console,
     stdout_console,
@@ -44,12 +45,12 @@ def eval_run(
                                     "router's top-1 expert dropped (CartesianMoE's robustness protocol; a second "
                                     "pass)."),
     tasks: str = typer.Option(None, "--tasks", help="Comma-separated lm-evaluation-harness tasks "
-                              "(e.g. hellaswag,arc_easy); needs pip install 'moectl[eval]'."),
+                              "(e.g. hellaswag,arc_easy); needs moectl's eval extra (lm-eval)."),
     limit: int = typer.Option(None, "--limit", min=1, help="At most this many documents per task (with --tasks)."),
     task_path: Path = typer.Option(None, "--task-path", help="A folder of local lm-eval task definitions (YAML)."),
     out: Path = typer.Option(None, "--out", help="Where results.json and the plots go (default: <run>/eval)."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs pip install "
-                               "'moectl[plot]')."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs moectl's plot "
+                               "extra: matplotlib)."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json to stdout instead of the tables."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
 ) -> None:
@@ -68,7 +69,7 @@ def eval_run(
     target = out if out is not None else loaded.home.eval_dir
     _check_writable(target)
     err = stderr_console()
-    log = (lambda msg: None) if quiet or as_json else (lambda msg: err.print(f"[dim]{msg}[/]"))
+    log = (lambda msg: None) if quiet or as_json else plain_log(err)
     task_list = _task_names(tasks, limit, task_path)
     data_ = runner.eval_data(loaded, data, split, overrides or [], show_progress=not (quiet or as_json), log=log)
     task_results = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.text import Text
 
 from moectl.cli.common import handle_errors, pick_device, single_process, stderr_console
 
@@ -72,7 +73,7 @@ def _generate(run: str, prompt: str, max_new_tokens: int, temperature: float, to
     err = stderr_console()
     note = capacity_note(model)
     if note:
-        err.print(f"note: {note}")
+        err.print(Text(f"note: {note}"))
     for i in range(num_samples):
         result = sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed + i, stop_ids={tok.eot_id})

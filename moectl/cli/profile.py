@@ -116,6 +116,7 @@ def _ms(v: float | None) -> str:
 
 def render(prof, console, weights: str, note: str | None) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console.print(f"[bold]device[/] {prof.device} · {prof.dtype} · torch {prof.torch_version} · "
                   f"{prof.tokens_per_step:,} tokens per step · weights {weights}")
@@ -124,7 +125,7 @@ def render(prof, console, weights: str, note: str | None) -> None:
                   f"{prof.peak_tflops:,.2f} TFLOP/s · MFU {100 * prof.mfu:.1f}% · peak memory "
                   + (f"{prof.peak_memory_mb:,.0f} MB ({prof.memory_kind})" if prof.peak_memory_mb else "unknown"))
     if note:
-        console.print(note)
+        console.print(Text(note))
     for title, rows in (("Whole model, per step", prof.model_stages),
                         (f"MoE block {prof.block_name} alone (forward + backward of {prof.tokens_per_step:,} tokens)",
                          prof.block_stages)):

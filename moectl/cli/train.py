@@ -29,7 +29,8 @@ def train(
 
     Exit codes: 0 done (also when the run had finished already: nothing is rewritten), 1 runtime failure (e.g. a
     non-finite loss) or interrupted before any checkpoint was saved, 2 bad recipe, data or run folder, 130
-    interrupted with a checkpoint to continue from (--resume auto)."""
+    interrupted with a checkpoint to continue from (--resume auto). Ctrl-C, SIGTERM, a closed terminal (SIGHUP)
+    and output nobody reads any more (`| head`) all stop the run at the end of a step, with a checkpoint."""
     from moectl.recipe.load import load_recipe
     from moectl.train.launch import is_worker, launch
 
@@ -43,10 +44,12 @@ def train(
         if quiet:
             argv.append("--quiet")
         raise typer.Exit(launch(nproc, argv))
+    from moectl.train.trainer import request_stop
     from moectl.train.trainer import train as run_training
 
     quiet = quiet or os.environ.get("MOECTL_QUIET") == "1"
-    console = stdout_console()
+    # Output nobody reads any more (`| head`, a closed terminal) stops the run as Ctrl-C does.
+    console = stdout_console(on_closed=lambda: request_stop("the output was closed"))
     if quiet:
         import warnings
 

@@ -19,10 +19,11 @@ import numpy as np
 
 from moectl.compare.comparison import validation_curve
 from moectl.errors import MoectlError
+from moectl.extras import install_hint
 from moectl.fsutil import atomic_write_bytes
 from moectl.rundir import RunDir
 
-PLOT_HINT = "pip install 'moectl[plot]'"
+PLOT_HINT = install_hint("plot")
 DPI = 110
 
 

@@ -123,7 +123,7 @@ def triton_usable(device: torch.device) -> str | None:
     """Why the Triton backend cannot run on `device`, or None when it can."""
     triton_experts = _triton()
     if not triton_experts.AVAILABLE:
-        return "triton is not installed (pip install 'moectl[triton]')"
+        return "triton is not installed (moectl's triton extra: pip install 'triton>=3.0')"
     if device.type != "cuda" and not triton_experts.interpreted():
         return "its kernels need CUDA (or TRITON_INTERPRET=1, the slow interpreter)"
     return None

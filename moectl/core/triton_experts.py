@@ -251,5 +251,5 @@ def triton_moe(x_TD: Tensor, order_N: Tensor, counts_E: Tensor, weights_TK: Tens
     """y_TD = sum_k weights[t, k] * expert_{e(t, k)}(x_t) for the slots `order_N` sorts by expert
     (`moectl.core.experts.sort_slots`; slots past sum(counts_E) are unused and contribute 0)."""
     if not AVAILABLE:
-        raise RuntimeError("the triton expert backend needs triton (pip install 'moectl[triton]')")
+        raise RuntimeError("the triton expert backend needs triton (moectl's triton extra: pip install 'triton>=3.0')")
     return _TritonMoE.apply(x_TD, order_N, counts_E, weights_TK, w1, w3, w2, activation)

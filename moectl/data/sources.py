@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moectl.errors import MoectlError
+from moectl.extras import install_hint
 from moectl.recipe.schema import FilesSource, HFSource, SourceConfig, StdlibSource
 
 
@@ -243,7 +244,7 @@ class FilesCorpus:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{p}: reading parquet needs pyarrow",
-                            hint="pip install 'moectl[data]'") from None
+                            hint=install_hint("data")) from None
         try:
             pf = pq.ParquetFile(gzip.open(p) if p.name.endswith(".gz") else p)
         except Exception as e:  # pyarrow raises several types for corrupt files
@@ -271,7 +272,7 @@ class HFCorpus:
             import datasets
         except ImportError:
             raise DataError("data.source.kind 'hf' needs the `datasets` package",
-                            hint="pip install 'moectl[data]'") from None
+                            hint=install_hint("data")) from None
         try:
             self.ds = datasets.load_dataset(cfg.name, cfg.config, split=cfg.split, data_files=cfg.data_files,
                                             revision=cfg.revision)

@@ -63,8 +63,9 @@ from moectl.core.generation import (
 )
 from moectl.core.routers.base import RoutingMode
 from moectl.errors import MoectlError, RuntimeFailure
+from moectl.extras import install_hint
 
-try:  # lm-eval is an extra (`pip install 'moectl[eval]'`); without it this module still imports
+try:  # lm-eval is an extra (moectl's eval extra); without it this module still imports
     from lm_eval.api.model import LM
 except ImportError:  # pragma: no cover - exercised only where lm-eval is missing
     LM = object  # type: ignore[assignment,misc]
@@ -72,7 +73,7 @@ except ImportError:  # pragma: no cover - exercised only where lm-eval is missin
 if TYPE_CHECKING:
     from moectl.runs import Run
 
-INSTALL_HINT = "pip install 'moectl[eval]'"
+INSTALL_HINT = install_hint("eval")
 DEFAULT_MAX_GEN_TOKS = 256
 
 

@@ -235,7 +235,7 @@ class FilesSource(Section):
 
 
 class HFSource(Section):
-    """A Hugging Face dataset (needs the `datasets` package: pip install 'moectl[data]')."""
+    """A Hugging Face dataset (needs the `datasets` package: moectl's data extra)."""
 
     kind: Literal["hf"] = Field("hf", description="Source kind.")
     name: str = Field(..., description="Dataset name on the Hub, or a builder such as json, parquet, text.")

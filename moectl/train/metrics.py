@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from moectl.errors import MoectlError
+from moectl.extras import install_hint
 from moectl.fsutil import json_safe
 from moectl.rundir import RunDir
 
@@ -29,7 +30,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise MoectlError("train.tensorboard needs the tensorboard package",
-                                  hint="pip install 'moectl[tb]', or set train.tensorboard=false") from None
+                                  hint=f"{install_hint('tb')}, or set train.tensorboard=false") from None
             # purge_step hides TensorBoard events past the resume point, like the JSON log.
             self.tb = SummaryWriter(str(run_dir.tensorboard), purge_step=resume_step + 1 if resume_step else None)
 

@@ -121,25 +121,47 @@ class LogWindow:
 
 
 class StopFlag:
-    """First SIGINT/SIGTERM asks for a clean stop at the end of the step; a second one aborts."""
+    """First SIGINT/SIGTERM/SIGHUP asks for a clean stop at the end of the step; a second one
+    aborts. `request_stop` asks the same of the flag in use (the command line calls it when its
+    output is closed: `| head`, a closed terminal)."""
+
+    active: StopFlag | None = None
+    pending: str | None = None   # a stop asked for before the loop began (its reason)
 
     def __init__(self) -> None:
         self.requested = False
+        self.reason = "interrupted"
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if signum == signal.SIGHUP:
+            self.reason = "the terminal closed"
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[sig] = signal.signal(sig, self._handle)
+        StopFlag.active = self
+        if StopFlag.pending is not None:
+            self.requested, self.reason, StopFlag.pending = True, StopFlag.pending, None
         return self
 
     def __exit__(self, *exc) -> None:
+        StopFlag.active = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def request_stop(reason: str) -> None:
+    """Ask the training loop for a clean stop (checkpoint, exit 130): the loop in progress, or the
+    next one to start in this process (it then stops after its first step)."""
+    flag = StopFlag.active
+    if flag is None:
+        StopFlag.pending = reason
+    elif not flag.requested:
+        flag.requested, flag.reason = True, reason
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -453,7 +475,9 @@ class Trainer:
     def _save_and_stop(self) -> None:
         if self.state.last_saved != self.state.step:
             self.save()
-        raise Interrupted(f"interrupted at step {self.state.step}; checkpoint saved to "
+        flag = StopFlag.active
+        reason = flag.reason if flag is not None else "interrupted"
+        raise Interrupted(f"{reason} at step {self.state.step}; checkpoint saved to "
                           f"{self.run_dir.checkpoints.step_dir(self.state.step)}", hint="continue with --resume auto")
 
     def _finished_summary(self) -> TrainResult:

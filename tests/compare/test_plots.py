@@ -107,7 +107,8 @@ def test_without_matplotlib(tmp_path, monkeypatch):
     for call in calls:
         with pytest.raises(plots.PlotsUnavailable) as info:
             call(tmp_path / "x.png")
-        assert info.value.exit_code == 2 and info.value.hint == plots.PLOT_HINT == "pip install 'moectl[plot]'"
+        assert info.value.exit_code == 2 and info.value.hint == plots.PLOT_HINT
+    assert "-m pip install 'matplotlib>=3.7'" in plots.PLOT_HINT
     assert not (tmp_path / "x.png").exists()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -213,3 +215,19 @@ def test_a_router_breaking_the_perturbation_is_an_error_not_a_traceback(trained_
     r = cli_module("eval", trained_run, "--out", tmp_path / "o", "--batches", "1", "-q")
     assert r.exit_code == 2 and "most probable expert" in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_without_matplotlib_eval_prints_a_hint_that_installs_it(trained_run, tmp_path, cli_module, monkeypatch):
+    """The hint, as the terminal shows it, is a command that installs the plot extra's packages into
+    this very interpreter (pasted into a shell, it works; nothing in it is eaten as markup)."""
+    import shlex
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = cli_module("eval", trained_run, "--out", tmp_path / "o", "--batches", "1", "--no-robustness")
+    assert r.exit_code == 0, r.output
+    line = next(line for line in r.stderr.splitlines() if "no plots" in line)
+    command = line[line.index("install it: ") + len("install it: "):line.index(" (moectl's")]
+    assert shlex.split(command) == [sys.executable, "-m", "pip", "install", "matplotlib>=3.7"]
+    assert (tmp_path / "o" / "results.json").is_file() and not list((tmp_path / "o").glob("*.png"))
+    help_text = " ".join(re.sub("[│╭╮╰╯─]", " ", cli_module("eval", "--help").output).split())
+    assert "needs moectl's plot extra: matplotlib" in help_text and "needs moectl's eval extra (lm-eval)" in help_text

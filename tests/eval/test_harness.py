@@ -317,7 +317,7 @@ def test_without_lm_eval_says_what_to_install(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)   # makes `import lm_eval` fail
     with pytest.raises(MoectlError) as e:
         harness.run_tasks(run, ["tiny_mc"], log=None)
-    assert e.value.exit_code == 2 and "moectl[eval]" in e.value.render()
+    assert e.value.exit_code == 2 and "-m pip install 'lm-eval>=0.4'" in e.value.render()
 
 
 def test_eval_command_runs_tasks_and_refuses_unknown_ones(trained_run, task_dir, tmp_path, cli):

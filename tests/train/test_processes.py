@@ -240,3 +240,29 @@ def test_a_process_whose_peers_never_come_says_so(corpus, write, tmp_path):
                            "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "process 0 of 2 could not join the others" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["closed pipe", "SIGHUP"])
+def test_closed_output_or_terminal_stops_with_a_checkpoint(corpus, write, tmp_path, how):
+    """`moectl train ... | head` and a closed terminal stop the run as Ctrl-C does: a checkpoint,
+    a message on stderr and exit code 130."""
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=400, checkpoint_every=1000, eval_every=1000,
+                                             warmup_steps=5))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "moectl", "train", str(path), "--run-dir", str(run)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if how == "closed pipe":
+        for _ in range(3):   # what `| head -3` reads before it exits
+            assert proc.stdout.readline()
+        proc.stdout.close()
+        expected = "the output was closed at step"
+    else:
+        metrics = run / "logs" / "metrics.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 3, proc)
+        proc.send_signal(signal.SIGHUP)
+        expected = "the terminal closed at step"
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert expected in err and "--resume auto" in err and "Traceback" not in err
+    stopped = CheckpointDir(run / "checkpoints").latest()
+    assert stopped is not None and 0 < load_run(stopped).step < 400
