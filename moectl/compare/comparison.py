@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moectl import provenance
 from moectl.errors import MoectlError
 from moectl.fsutil import json_safe
 from moectl.rundir import RunDir, damaged
@@ -405,6 +406,10 @@ def _notes(runs: list[RunData], groups: list[Group], base: Group) -> list[str]:
     if len({json.dumps(b, default=str) for b in budgets.values()}) > 1:
         notes.append("the groups were trained on different numbers of tokens: "
                      + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in budgets.items()))
+    made = provenance.differences({str(r.path): r.summary.get("provenance") for r in runs})
+    if made:
+        notes.append("warning: the runs were not made alike (software, hardware or launch), which can move their "
+                     "numbers: " + "; ".join(made))
     unsplit = [r for r in runs if (r.config.get("data") or {}).get("split_seed") is None]
     if unsplit and len({r.seed for r in unsplit}) > 1:
         why = ("it adds to the spread over seeds; a paired difference compares runs of one seed"

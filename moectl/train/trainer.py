@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moectl import __version__
+from moectl import __version__, provenance
 from moectl.checkpoint import load_weights, restore_training_state, save_checkpoint, tied_aliases
 from moectl.core.moe import RouterContractError
 from moectl.core.stats import RoutingAccumulator
@@ -459,9 +459,10 @@ class Trainer:
                    "global_batch": cfg.batch_size * cfg.grad_accum * world, "batch_size": cfg.batch_size,
                    "grad_accum": cfg.grad_accum, "world_size": world, "schedule": self.schedule.state_dict(),
                    "val_loss": s.val_loss if math.isfinite(s.val_loss) else None}
-        path = save_checkpoint(self.run_dir.checkpoints, s.step, self.model, self.optimizer, trainer,
-                               {"moectl": __version__, "recipe": self.recipe.name}, rank=self.procs.rank,
-                               world_size=world, barrier=parallel.barrier, keep_last=cfg.keep_last,
+        meta = {"moectl": __version__, "recipe": self.recipe.name, "provenance": provenance.record(world)}
+        path = save_checkpoint(self.run_dir.checkpoints, s.step, self.model, self.optimizer, trainer, meta,
+                               rank=self.procs.rank, world_size=world, barrier=parallel.barrier,
+                               keep_last=cfg.keep_last,
                                plan_state=self.plan.state_dict() if self.plan is not None else None,
                                aliases=self.aliases)
         s.last_saved = s.step
@@ -498,7 +499,7 @@ class Trainer:
             val_unigram_entropy=self.data.val_unigram_entropy, skipped_steps=self.state.skipped,
             steps_run=steps_run)
         if self.procs.main:
-            self.run_dir.write_summary(asdict(result))
+            self.run_dir.write_summary({**asdict(result), "provenance": provenance.record(self.procs.world)})
         return result
 
 

@@ -266,3 +266,24 @@ def test_labels_and_notes():
     doc = C.compare_runs([nan]).to_dict()
     assert doc["groups"][0]["runs"][0]["metrics"]["val_loss"] is None
     json.dumps(doc, allow_nan=False)
+
+
+def test_runs_record_what_made_them_and_compare_warns_when_it_differs(runs, tmp_path):
+    from moectl.rundir import RunDir
+
+    summary = json.loads((runs["a0"] / "logs" / "summary.json").read_text())
+    made = summary["provenance"]
+    import torch
+
+    assert made["torch"] == torch.__version__ and made["world_size"] == 1 and made["launcher"] == "direct"
+    assert made["threads"] >= 1 and made["cpu"] and made["python"] and isinstance(made["command"], str)
+    meta = json.loads(RunDir(runs["a0"]).checkpoints.latest().joinpath("meta.json").read_text())
+    assert meta["provenance"]["torch"] == torch.__version__
+    assert not any("not made alike" in n for n in C.compare_paths([runs["a0"], runs["a1"]]).notes)
+
+    other = copy_run(runs["a1"], tmp_path / "a1-old-torch")
+    edited = json.loads((other / "logs" / "summary.json").read_text())
+    edited["provenance"]["torch"] = "2.11.0"
+    (other / "logs" / "summary.json").write_text(json.dumps(edited))
+    notes = [n for n in C.compare_paths([runs["a0"], other]).notes if "not made alike" in n]
+    assert len(notes) == 1 and f"torch: {torch.__version__} ({runs['a0']}), 2.11.0 ({other})" in notes[0]
