@@ -61,6 +61,12 @@ METRICS_HINT = ("the log was changed by something other than moectl: restore it,
                 "then run again")
 
 
+def default_run_path(name: str, seed: int | None = None) -> Path:
+    """The default run folder: runs/<name>, or runs/<name>-seed<S> for a seed other than the
+    recipe's own (so that the seeds of one recipe never share a folder)."""
+    return Path("runs") / (name if seed is None else f"{name}-seed{seed}")
+
+
 def damaged(path: Path, why: str, hint: str = DAMAGED_HINT) -> MoectlError:
     return MoectlError(f"{path} is damaged ({why})", hint=hint)
 

@@ -35,7 +35,7 @@ from moectl.factory import build_model
 from moectl.profile import measure
 from moectl.recipe.load import dump_recipe
 from moectl.recipe.schema import Recipe
-from moectl.rundir import RunDir
+from moectl.rundir import RunDir, default_run_path
 from moectl.train import parallel
 from moectl.train.compiling import compile_model
 from moectl.train.lock import RunLock
@@ -216,7 +216,7 @@ class Trainer:
         self.procs, self.console = procs, console
         self.show_progress = show_progress and procs.main and not quiet
         self.log = (console.print if console is not None else print) if procs.main and not quiet else _silent
-        self.run_dir = RunDir(run_dir or recipe.train.run_dir or Path("runs") / recipe.name)
+        self.run_dir = RunDir(run_dir or recipe.train.run_dir or default_run_path(recipe.name))
         # Another training may be writing to an existing folder: find out before reading it. A new
         # folder is locked when it is first written (so a run that fails early leaves none behind).
         locked_early = self.run_dir.path.is_dir()
