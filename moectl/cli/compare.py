@@ -77,7 +77,9 @@ def _render(result, console) -> None:
 
     header, rows = table(result)
     n_runs = sum(len(g.runs) for g in result.groups)
-    title = f"comparison of {n_runs} runs in {len(result.groups)} groups"
+    n_groups = len(result.groups)
+    title = (f"comparison of {n_runs} run{'s' if n_runs != 1 else ''} in {n_groups} "
+             f"group{'s' if n_groups != 1 else ''}")
 
     def make(header: list[str], rows: list[list[str]], left: int) -> Table:
         t = Table(title=title, title_justify="left", caption=explanation(result), caption_justify="left")

@@ -164,6 +164,7 @@ def _summary(r, console) -> None:
         t.add_row("skipped steps (non-finite)", str(r.skipped_steps))
     t.add_row("final validation loss", f"{r.final_val_loss:.4f} nats")
     t.add_row("validation unigram entropy", f"{r.val_unigram_entropy:.4f} nats")
-    t.add_row("below unigram entropy", f"{r.val_unigram_entropy - r.final_val_loss:.4f} nats")
+    gap = r.val_unigram_entropy - r.final_val_loss   # a model that learned anything is below it
+    t.add_row("below unigram entropy" if gap >= 0 else "above unigram entropy", f"{abs(gap):.4f} nats")
     console.print(t)
     sys.stdout.flush()

@@ -66,7 +66,8 @@ def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
     assert f"final validation loss {summary['final_val_loss']:.4f} nats" in out
     assert f"validation unigram entropy {summary['val_unigram_entropy']:.4f} nats" in out
     gap = summary["val_unigram_entropy"] - summary["final_val_loss"]
-    assert f"below unigram entropy {gap:.4f} nats" in out
+    assert f"{'below' if gap >= 0 else 'above'} unigram entropy {abs(gap):.4f} nats" in out
+    assert "entropy -" not in out   # never a negative distance
 
 
 @pytest.mark.train
