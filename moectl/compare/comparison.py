@@ -341,6 +341,7 @@ class Comparison:
     baseline: str               # the baseline group's label
     groups: list[Group]
     notes: list[str]
+    val_tokens: list[int] = field(default_factory=list)   # the tokens each run's loss averages over, if known
 
     def metrics(self, table: bool = False) -> list[Metric]:
         """The metrics that at least one run has (those of the table only, with `table`)."""
@@ -385,7 +386,10 @@ def compare_runs(runs: list[RunData], group_by: str = "recipe", baseline: str | 
         if g is not base:
             g.paired = {m.key: paired_difference(g, base, m.key, group_by == "recipe") for m in METRICS}
             g.differs = differences(base.content, g.content)
-    return Comparison(group_by, source, base.label, groups, notes + _notes(runs, groups, base))
+    counts = [(r.results or {}).get("tokens_evaluated") if source == "eval" else r.summary.get("val_tokens")
+              for r in runs]
+    return Comparison(group_by, source, base.label, groups, notes + _notes(runs, groups, base),
+                      [n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 0])
 
 
 def _notes(runs: list[RunData], groups: list[Group], base: Group) -> list[str]:
@@ -472,7 +476,11 @@ def explanation(c: Comparison) -> str:
     how = ("Each cell: mean ± sample standard deviation over the group's runs. Δ: the group's metric "
            "minus the baseline's at the same seed, mean ± sample sd over the n seeds both have. "
            if c.group_by == "recipe" else "Each group is one run; Δ: its metric minus the baseline run's. ")
-    return (f"Grouped by {c.group_by}; metrics from {SOURCES[c.source]}; baseline: {c.baseline}. {how}"
+    tokens = ""
+    if c.val_tokens:
+        lo, hi = min(c.val_tokens), max(c.val_tokens)
+        tokens = f"Losses over {lo:,} validation tokens{' each' if lo == hi else f' to {hi:,}'}. "
+    return (f"Grouped by {c.group_by}; metrics from {SOURCES[c.source]}; baseline: {c.baseline}. {tokens}{how}"
             "ppl: perplexity; entropy: routing entropy (nats, mean over layers) and imbalance: the "
             "worst layer's max/mean expert load, both of the last logged training window.")
 

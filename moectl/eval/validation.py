@@ -24,7 +24,8 @@ def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[i
              autocast: Callable[[], AbstractContextManager] = nullcontext,
              reduce: Reduce = _no_reduce, rounds: int | None = None, *, mode: RoutingMode = PLAIN,
              on_batch: Callable[[], None] | None = None) -> tuple[float, dict[str, Any]]:
-    """(mean next-token loss, routing summary) over `batches` of sequence indices. With `reduce`
+    """(mean next-token loss, routing summary with `val_tokens`, the target tokens it averaged over)
+    over `batches` of sequence indices. With `reduce`
     summing over processes, each process passes its own batches and all get the global result;
     `rounds` is then the most batches any process has: every process runs that many forwards (the
     extra ones count for nothing), so a sharded model's collectives stay in step whatever the
@@ -50,4 +51,4 @@ def evaluate(model: torch.nn.Module, seqs: PackedSequences, batches: list[list[i
         model.train(was_training)
     total = reduce(total)
     loss = (total[0] / total[1]).item() if total[1] > 0 else math.nan
-    return loss, routing.summary(reduce)
+    return loss, {**routing.summary(reduce), "val_tokens": int(total[1].item())}

@@ -68,6 +68,11 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _count(value: Any) -> int:
+    """A non-negative integer from JSON, else 0 (older checkpoints have no such field)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _agreed(error: MoectlError) -> MoectlError:
     error.agreed = True
     return error
@@ -85,6 +90,8 @@ class TrainResult:
     val_unigram_entropy: float
     skipped_steps: int
     steps_run: int = 0            # steps this invocation trained (0: the run had finished already)
+    val_tokens: int = 0           # target tokens the final validation loss averages over
+    val_split_tokens: int = 0     # target tokens of the whole validation split (what `moectl eval` takes)
 
 
 @dataclass
@@ -97,6 +104,7 @@ class TrainState:
     skipped: int = 0              # steps skipped for a non-finite loss (on_nonfinite: skip)
     consecutive_skips: int = 0
     val_loss: float = math.nan    # the latest validation loss
+    val_tokens: int = 0           # the target tokens it averaged over
     last_saved: int = 0           # the step of the latest checkpoint
 
 
@@ -343,7 +351,8 @@ class Trainer:
             if why_not:
                 self.log(f"{why_not}: using the plan drawn from this run's seed")
         self.state = TrainState(step=saved["step"], tokens=saved["tokens"], skipped=saved.get("skipped_steps", 0),
-                                last_saved=saved["step"], val_loss=_number(saved.get("val_loss")))
+                                last_saved=saved["step"], val_loss=_number(saved.get("val_loss")),
+                                val_tokens=_count(saved.get("val_tokens")))
         self.log(f"resuming {self.run_dir.path} from {checkpoint.name} (step {self.state.step})")
         before = Schedule.from_state(saved.get("schedule"),
                                      budget_before(checkpoint, self.start.tokens_per_step, total))
@@ -446,7 +455,7 @@ class Trainer:
         batches, rounds = self.val_plan
         loss, routing = evaluate(self.model, self.val_seqs, batches, self.procs.device, self.step_fn.autocast,
                                  reduce=parallel.all_reduce_sum, rounds=rounds)
-        self.state.val_loss = loss
+        self.state.val_loss, self.state.val_tokens = loss, routing["val_tokens"]
         self.metrics.write({"type": "eval", "step": done, "tokens": self.state.tokens, "val_loss": loss,
                             "val_ppl": math.exp(min(loss, 50)), **routing})
         self.progress.note(f"step {done}: validation loss {loss:.4f}")
@@ -458,7 +467,7 @@ class Trainer:
                    "data": {"order": "step", "epoch": self.order.epoch_of(s.step)},
                    "global_batch": cfg.batch_size * cfg.grad_accum * world, "batch_size": cfg.batch_size,
                    "grad_accum": cfg.grad_accum, "world_size": world, "schedule": self.schedule.state_dict(),
-                   "val_loss": s.val_loss if math.isfinite(s.val_loss) else None}
+                   "val_loss": s.val_loss if math.isfinite(s.val_loss) else None, "val_tokens": s.val_tokens}
         meta = {"moectl": __version__, "recipe": self.recipe.name, "provenance": provenance.record(world)}
         path = save_checkpoint(self.run_dir.checkpoints, s.step, self.model, self.optimizer, trainer, meta,
                                rank=self.procs.rank, world_size=world, barrier=parallel.barrier,
@@ -485,8 +494,9 @@ class Trainer:
         """The summary a finished run wrote, read back (or rebuilt from its checkpoint)."""
         try:
             saved = self.run_dir.read_summary() or {}
-            return TrainResult(**{k: saved[k] for k in TrainResult.__dataclass_fields__ if k != "steps_run"},
-                               steps_run=0)
+            optional = {"val_tokens", "val_split_tokens"}   # absent from older summaries
+            return TrainResult(**{k: saved[k] for k in TrainResult.__dataclass_fields__
+                                  if k != "steps_run" and (k in saved or k not in optional)}, steps_run=0)
         except (MoectlError, KeyError, TypeError):
             return TrainResult(str(self.run_dir.path), self.start.total_steps, self.state.tokens, 0.0, 0.0, 0,
                                self.state.val_loss, self.data.val_unigram_entropy, self.state.skipped, steps_run=0)
@@ -497,7 +507,8 @@ class Trainer:
             tokens_per_s=steps_run * self.start.tokens_per_step / max(seconds, 1e-9),
             peak_memory_bytes=measure.peak_memory(self.procs.device)[0] or 0, final_val_loss=self.state.val_loss,
             val_unigram_entropy=self.data.val_unigram_entropy, skipped_steps=self.state.skipped,
-            steps_run=steps_run)
+            steps_run=steps_run, val_tokens=self.state.val_tokens,
+            val_split_tokens=len(self.val_seqs) * self.val_seqs.seq_len)
         if self.procs.main:
             self.run_dir.write_summary({**asdict(result), "provenance": provenance.record(self.procs.world)})
         return result

@@ -279,7 +279,9 @@ def test_runs_record_what_made_them_and_compare_warns_when_it_differs(runs, tmp_
     assert made["threads"] >= 1 and made["cpu"] and made["python"] and isinstance(made["command"], str)
     meta = json.loads(RunDir(runs["a0"]).checkpoints.latest().joinpath("meta.json").read_text())
     assert meta["provenance"]["torch"] == torch.__version__
-    assert not any("not made alike" in n for n in C.compare_paths([runs["a0"], runs["a1"]]).notes)
+    same = C.compare_paths([runs["a0"], runs["a1"]])
+    assert not any("not made alike" in n for n in same.notes)
+    assert f"Losses over {summary['val_tokens']:,} validation tokens each" in C.explanation(same)
 
     other = copy_run(runs["a1"], tmp_path / "a1-old-torch")
     edited = json.loads((other / "logs" / "summary.json").read_text())

@@ -68,6 +68,10 @@ def test_same_numbers_as_the_training_run_validation(trained_run, tmp_path, cli_
     r = cli_module("eval", trained_run, "--batches", "2", "--json", "--no-robustness", "--out", tmp_path)
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["loss"] == summary["final_val_loss"]
+    # each says over how many tokens: the same ones here, fewer than the whole split that plain eval takes
+    assert json.loads(r.stdout)["tokens_evaluated"] == summary["val_tokens"] < summary["val_split_tokens"]
+    whole = cli_module("eval", trained_run, "--json", "--no-robustness", "--out", tmp_path / "whole")
+    assert json.loads(whole.stdout)["tokens_evaluated"] == summary["val_split_tokens"]
 
 
 def test_report_holds_every_section(evaluated):
