@@ -165,7 +165,7 @@ def _summary(r, console) -> None:
     t.add_row("final validation loss", f"{r.final_val_loss:.4f} nats")
     if r.val_tokens:
         whole = " (the whole validation split)" if r.val_tokens == r.val_split_tokens else (
-            f" of {r.val_split_tokens:,}: train.eval_batches batches; moectl eval takes the whole split")
+            f" of {r.val_split_tokens:,} (train.eval_batches; moectl eval: all)")
         t.add_row("validation tokens", f"{r.val_tokens:,}{whole}")
     t.add_row("validation unigram entropy", f"{r.val_unigram_entropy:.4f} nats")
     gap = r.val_unigram_entropy - r.final_val_loss   # a model that learned anything is below it
