@@ -20,6 +20,8 @@ DECLARED = {
     "plot": ["matplotlib>=3.7"],
     "triton": ["triton>=3.0"],
     "eval": ["lm-eval>=0.4"],
+    "wandb": ["wandb>=0.19"],
+    "mlflow": ["mlflow-skinny>=3", "sqlalchemy>=2", "alembic>=1.13"],
 }
 
 

@@ -8,6 +8,8 @@
       logs/metrics.jsonl          one JSON object per logged step and per evaluation
       logs/summary.json           the training summary, written at the end
       tb/                         TensorBoard, when enabled
+      tracking/                   the experiment trackers' own files (train.track), and state.json:
+                                  each tracker's run id, so that a resumed run continues it
       eval/results.json           `moectl eval`, and its PNG plots (EVAL_PLOTS)
       checkpoints/latest          names the newest complete checkpoint (`CheckpointDir`)
       checkpoints/step-NNNNNNNN/  a checkpoint (`ModelFolder`)
@@ -40,6 +42,7 @@ from moectl.fsutil import atomic_copy, atomic_write_text, fsync_dir, json_safe, 
 
 CONFIG, TOKENIZER, DATA_INDEX, LOCK = "config.yaml", "tokenizer.json", "data.json", ".lock"
 LOGS, METRICS, SUMMARY, TENSORBOARD = "logs", "metrics.jsonl", "summary.json", "tb"
+TRACKING, TRACKING_STATE = "tracking", "state.json"
 EVAL, RESULTS = "eval", "results.json"
 CURVES = "curves.png"   # validation curves, in eval/ and in a comparison's folder
 EVAL_PLOTS = {"expert_load": "expert_load.png", "router_entropy": "router_entropy.png",
@@ -324,6 +327,21 @@ class RunDir(_Folder):
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / TRACKING
+
+    def read_tracking_state(self) -> dict[str, Any]:
+        """Each tracker's saved state (its run id), {} before the first tracked start."""
+        path = self.tracking / TRACKING_STATE
+        if not path.exists():
+            return {}
+        return read_json(path, hint="delete it to start new tracker runs (the old ones stay where they are)")
+
+    def write_tracking_state(self, state: dict[str, Any]) -> None:
+        self.tracking.mkdir(parents=True, exist_ok=True)
+        write_json(self.tracking / TRACKING_STATE, state)
 
     @property
     def eval_results(self) -> Path:

@@ -77,7 +77,7 @@ def profile(
     with out.status("profiling…"):
         prof = run_profile(model, optimizer, batch_size or rec.train.batch_size, dev, bf16, steps=steps,
                            warmup=warmup, trace=trace, backends=backends and rec.model.moe is not None,
-                           seed=rec.seed, grad_clip=rec.train.grad_clip)
+                           seed=rec.seed, grad_clip=rec.train.grad_clip, peak_tflops=rec.train.peak_tflops)
     render(prof, out, weights, note)
     if json_out is not None:
         write_profile(prof, json_out)
@@ -121,9 +121,10 @@ def render(prof, console, weights: str, note: str | None) -> None:
     console.print(f"[bold]device[/] {prof.device} · {prof.dtype} · torch {prof.torch_version} · "
                   f"{prof.tokens_per_step:,} tokens per step · weights {weights}")
     console.print(f"step {prof.step_ms:,.1f} ms ({prof.tokens_per_step / prof.step_ms * 1e3:,.0f} tokens/s; "
-                  f"{prof.profiled_step_ms:,.1f} ms under the profiler) · peak matmul "
-                  f"{prof.peak_tflops:,.2f} TFLOP/s · MFU {100 * prof.mfu:.1f}% · peak memory "
+                  f"{prof.profiled_step_ms:,.1f} ms under the profiler) · MFU {100 * prof.mfu:.1f}% · peak memory "
                   + (f"{prof.peak_memory_mb:,.0f} MB ({prof.memory_kind})" if prof.peak_memory_mb else "unknown"))
+    console.print(Text(f"MFU and each stage's share of peak are against {prof.peak_tflops:,.3f} TFLOP/s "
+                       f"({prof.peak_source})"))
     if note:
         console.print(Text(note))
     for title, rows in (("Whole model, per step", prof.model_stages),

@@ -160,6 +160,8 @@ def _summary(r, console) -> None:
     t.add_row("time", f"{r.seconds:.1f} s")
     t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}")
     t.add_row("peak memory", human_bytes(r.peak_memory_bytes))
+    if r.mfu_peak:
+        t.add_row("MFU", f"{100 * r.mfu:.1f}% of {r.mfu_peak}")
     if r.skipped_steps:
         t.add_row("skipped steps (non-finite)", str(r.skipped_steps))
     t.add_row("final validation loss", f"{r.final_val_loss:.4f} nats")

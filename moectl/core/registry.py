@@ -4,6 +4,8 @@
     blocks        `model.moe.block.kind`     what a MoE layer is made of       (core/model.py)
     variants      `model.moe.<name>`         a routed layer that replaces the plain one
                                              (CompeteSMoE's competing layer, core/compete.py)
+    trackers      `train.track.<name>`       where a run's metrics go besides metrics.jsonl
+                                             (moectl/tracking.py; not part of the engine)
 
 A part registers itself where it is defined, with its options:
 
@@ -142,3 +144,4 @@ class Registry:
 routers = Registry("router", "moectl.core.routers.Router")
 blocks = Registry("block kind", "torch.nn.Module")
 variants = Registry("routed-layer variant", "moectl.core.moe.RoutedFFN")
+trackers = Registry("tracker", "moectl.tracking.Tracker")

@@ -42,6 +42,7 @@ class Profile:
     step_ms: float               # median of the unprofiled timed steps
     profiled_step_ms: float      # the step under the profiler (its overhead included)
     peak_tflops: float
+    peak_source: str
     peak_memory_mb: float | None
     memory_kind: str
     model_stages: list[StageRow]
@@ -55,7 +56,7 @@ class Profile:
 
     @property
     def mfu(self) -> float:
-        """Model FLOPs utilisation: model FLOPs per step / step time / the measured matmul peak."""
+        """Model FLOPs utilisation: model FLOPs per step / step time / the stated peak (`peak_source`)."""
         return self.model_flops_per_step / (self.step_ms * 1e-3) / (self.peak_tflops * 1e12)
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +166,8 @@ def quiet_native_stderr():
 
 def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, device: torch.device,
                 bf16: bool, steps: int = 3, warmup: int = 2, trace: Path | None = None,
-                backends: bool = True, seed: int = 0, grad_clip: float = 1.0) -> Profile:
+                backends: bool = True, seed: int = 0, grad_clip: float = 1.0,
+                peak_tflops: float | None = None) -> Profile:
     """Profile training steps of `model` (the trainer's own step, `TrainStep`, on random tokens of
     `batch_size` sequences), its first MoE block alone and, with `backends`, the expert backends."""
     args = model.args
@@ -187,12 +189,13 @@ def run_profile(model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: 
     rows = stage_rows(per_step, stage_flops(model, T, seq))
     mem, mem_kind = measure.peak_memory(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = measure.device_peak(device, dtype, peak_tflops)
     block_name, block_rows = block_profile(model, T, device, bf16, steps, 1)
     prof = Profile(
         device=(torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"CPU ({torch.get_num_threads()} threads)"),
         dtype="bf16 autocast" if bf16 else "fp32", torch_version=torch.__version__, tokens_per_step=T,
-        step_ms=plain_ms, profiled_step_ms=profiled_ms, peak_tflops=measure.peak_flops(device, dtype) / 1e12,
+        step_ms=plain_ms, profiled_step_ms=profiled_ms, peak_tflops=peak.flops / 1e12, peak_source=peak.source,
         peak_memory_mb=mem / 2**20 if mem is not None else None, memory_kind=mem_kind, model_stages=rows,
         block_stages=block_rows,
         block_name=block_name, kernel_share=share, trace=str(trace) if trace else None,

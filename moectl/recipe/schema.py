@@ -30,6 +30,7 @@ from pydantic import (
     create_model,
 )
 
+from moectl import tracking  # noqa: F401  (registers the built-in trackers)
 from moectl.core import registry
 from moectl.errors import MoectlError
 from moectl.recipe import plugins
@@ -361,6 +362,9 @@ class TrainConfig(Section):
         "stop", description="A NaN/inf loss stops the run (latest stays the last good checkpoint) or skips the step."
     )
     tensorboard: bool = Field(False, description="Also log to TensorBoard under <run>/tb (needs tensorboard).")
+    peak_tflops: PosFloat | None = Field(
+        None, description="The device's peak TFLOP/s that MFU is stated against (per process). null: moectl's "
+        "datasheet table for known GPUs, a load-proof measurement on CPUs, else a measured matmul.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism with several processes.")
 
 
@@ -462,7 +466,7 @@ def _sections_of(reg, registry_name: str, default: str | None = None, only=None)
     sections = []
     for e in entries:
         try:
-            sections.append(section_for(registry_name, e, with_kind=registry_name != "variant"))
+            sections.append(section_for(registry_name, e, with_kind=registry_name not in ("variant", "tracker")))
         except Exception as err:   # a plugin's options that pydantic cannot validate
             reg.remove(e.name)
             raise MoectlError(f"{reg.what} {e.name!r} ({e.module}): its options ({e.options.__qualname__}) cannot "
@@ -492,6 +496,14 @@ def _moe_fields() -> dict[str, Any]:
     return fields
 
 
+def _track_section() -> type[Section]:
+    """train.track: one optional section per registered tracker; a section given switches it on."""
+    fields = {e.name: (_sections_of(registry.trackers, "tracker", only=e)[0] | None,
+                       Field(None, description=f"{_docstring(e)} Given (even as {{}}), it is switched on."))
+              for e in sorted(registry.trackers, key=lambda e: e.name)}
+    return create_model("TrackConfig", __base__=Section, __doc__="Experiment trackers (docs/training.md).", **fields)
+
+
 def recipe_schema() -> type[Recipe]:
     """The schema of a recipe with the sections of every part registered so far (entry-point
     plugins imported first). Built once per state of the registries."""
@@ -502,8 +514,14 @@ def recipe_schema() -> type[Recipe]:
         moe = create_model("MoEConfig", __base__=MoEConfig, __doc__=MoEConfig.__doc__, **_moe_fields())
         model = create_model("ModelConfig", __base__=ModelConfig, __doc__=ModelConfig.__doc__,
                              moe=(moe | None, ModelConfig.model_fields["moe"]))
+        track = _track_section()
+        track_help = "Experiment trackers besides logs/metrics.jsonl: wandb, mlflow, or a plugin's (docs/training.md)."
+        train = create_model("TrainConfig", __base__=TrainConfig, __doc__=TrainConfig.__doc__,
+                             track=(track, Field(default_factory=track, description=track_help)))
+        train_help = Recipe.model_fields["train"].description
         schema = create_model("Recipe", __base__=Recipe, __doc__=Recipe.__doc__,
-                              model=(model, Recipe.model_fields["model"]))
+                              model=(model, Recipe.model_fields["model"]),
+                              train=(train, Field(default_factory=train, description=train_help)))
         _schema = (version, schema)
     return _schema[1]
 

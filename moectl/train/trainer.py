@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from moectl import __version__, provenance
+from moectl import __version__, provenance, tracking
 from moectl.checkpoint import load_weights, restore_training_state, save_checkpoint, tied_aliases
 from moectl.core.moe import RouterContractError
 from moectl.core.stats import RoutingAccumulator
@@ -92,6 +92,8 @@ class TrainResult:
     steps_run: int = 0            # steps this invocation trained (0: the run had finished already)
     val_tokens: int = 0           # target tokens the final validation loss averages over
     val_split_tokens: int = 0     # target tokens of the whole validation split (what `moectl eval` takes)
+    mfu: float = 0.0              # model FLOPs utilisation of this invocation's steps, against `mfu_peak`
+    mfu_peak: str = ""            # the peak FLOP/s MFU is stated against, and where it comes from
 
 
 @dataclass
@@ -378,10 +380,15 @@ class Trainer:
             self.log(f"{self.run_dir.path} has already run {self.state.step} of {total} steps; nothing to do")
             return self._finished_summary()
         self.metrics = MetricsLog(self.run_dir, self.procs.main, self.cfg.tensorboard, resume_step=self.state.step)
-        # a small matmul: measured at every start, it must be quick (a profile measures a larger one)
+        try:
+            self._start_trackers()
+        except BaseException:
+            self.metrics.close("failed")
+            raise
         dtype = torch.bfloat16 if self.step_fn.bf16 else torch.float32
-        self.peak_flops = measure.peak_flops(self.procs.device, dtype,
-                                             size=4096 if self.procs.device.type == "cuda" else 1024, reps=5)
+        self.peak = measure.device_peak(self.procs.device, dtype, self.cfg.peak_tflops)
+        self.peak_flops = self.peak.flops
+        self.log(f"MFU is stated against {self.peak.describe()}" + (" per process" if self.procs.world > 1 else ""))
         self.flops_per_token = measure.train_flops_per_token(self.core)
         self.window = LogWindow()
         self.progress = Progress(self.show_progress, total, self.state.step, self.console)
@@ -392,9 +399,26 @@ class Trainer:
                     self.train_step(step)
                     if self._stop_agreed(stop) and self.state.step < total:
                         self._save_and_stop()
-        finally:
-            self.metrics.close()
+        except BaseException as e:
+            self.metrics.close("stopped" if isinstance(e, (Interrupted, KeyboardInterrupt)) else "failed")
+            raise
+        self.metrics.close("finished")
         return self._summary(time.perf_counter() - t_start, total - first_step)
+
+    def _start_trackers(self) -> None:
+        """The recipe's experiment trackers (train.track), on the first process, resumed into the
+        tracker runs this run folder started before."""
+        sections = tracking.sections(self.cfg.track)
+        if not (sections and self.procs.main):
+            return
+        trackers = tracking.Trackers(sections)
+        run = tracking.TrackedRun(
+            name=self.run_dir.path.name, recipe_name=self.recipe.name, run_dir=self.run_dir.path,
+            folder=self.run_dir.tracking, config=self.recipe.model_dump(mode="json"),
+            provenance=provenance.record(self.procs.world), resume_step=self.state.step)
+        self.metrics.attach(trackers)
+        self.run_dir.write_tracking_state(trackers.start(run, self.run_dir.read_tracking_state()))
+        self.log(f"tracking with {', '.join(sections)}")
 
     def train_step(self, step: int) -> None:
         """One optimizer step (`step` counts from 0), then what comes after it."""
@@ -494,7 +518,7 @@ class Trainer:
         """The summary a finished run wrote, read back (or rebuilt from its checkpoint)."""
         try:
             saved = self.run_dir.read_summary() or {}
-            optional = {"val_tokens", "val_split_tokens"}   # absent from older summaries
+            optional = {"val_tokens", "val_split_tokens", "mfu", "mfu_peak"}   # absent from older summaries
             return TrainResult(**{k: saved[k] for k in TrainResult.__dataclass_fields__
                                   if k != "steps_run" and (k in saved or k not in optional)}, steps_run=0)
         except (MoectlError, KeyError, TypeError):
@@ -509,6 +533,9 @@ class Trainer:
             val_unigram_entropy=self.data.val_unigram_entropy, skipped_steps=self.state.skipped,
             steps_run=steps_run, val_tokens=self.state.val_tokens,
             val_split_tokens=len(self.val_seqs) * self.val_seqs.seq_len)
+        if steps_run:
+            result.mfu = result.tokens_per_s * self.flops_per_token / (self.procs.world * self.peak.flops)
+            result.mfu_peak = self.peak.describe()
         if self.procs.main:
             self.run_dir.write_summary({**asdict(result), "provenance": provenance.record(self.procs.world)})
         return result
