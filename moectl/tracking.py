@@ -34,6 +34,7 @@ from moectl.errors import MoectlError
 from moectl.extras import install_hint
 
 Status = Literal["finished", "stopped", "failed"]
+RESTART = "delete <run>/tracking/state.json to start new tracker runs (the old ones stay where they are)"
 
 
 @dataclass
@@ -252,16 +253,21 @@ class Trackers:
         for name, options in self.sections.items():
             entry = registry.trackers.get(name)
             tracker = entry.cls(options)
-            sub = replace(run, folder=run.folder / name, state=dict(saved.get(name) or {}))
+            kept_state = saved.get(name) or {}
+            if not isinstance(kept_state, dict):
+                self.finish("failed")
+                raise MoectlError(f"{run.folder / 'state.json'} is damaged ({name}: not an object)", hint=RESTART)
             try:
-                kept = tracker.start(sub)
+                kept = tracker.start(replace(run, folder=run.folder / name, state=dict(kept_state)))
             except MoectlError:
                 self.finish("failed")
                 raise
             except Exception as e:
                 self.finish("failed")
-                raise MoectlError(f"the {name} tracker could not start: {type(e).__name__}: {e}",
-                                  hint=f"check train.track.{name}, or remove it to train without it") from None
+                hint = f"check train.track.{name}, or remove it to train without it"
+                if kept_state:
+                    hint += f"; if its earlier run is gone, {RESTART}"
+                raise MoectlError(f"the {name} tracker could not start: {type(e).__name__}: {e}", hint=hint) from None
             state[name] = kept or {}
             self.active.append((name, tracker))
         return state

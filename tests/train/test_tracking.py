@@ -201,6 +201,7 @@ def test_wandb_offline_logs_the_same_losses(corpus, tmp_path, monkeypatch):
 
 
 @pytest.mark.train
+@pytest.mark.processes   # MLflow asks `uname` for the platform
 def test_mlflow_local_store_logs_the_same_losses_and_resumes(corpus, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -273,3 +274,18 @@ def test_docs_name_every_builtin_tracker():
     text = (Path(__file__).parents[2] / "docs" / "training.md").read_text()
     for name in registry.trackers.names():
         assert f"train.track.{name}" in text, name
+
+
+@pytest.mark.train
+@pytest.mark.processes
+@pytest.mark.parametrize("damage", ["{not json", '{"mlflow": "abc"}', '{"mlflow": {"run_id": "0123"}}'])
+def test_damaged_tracking_state_is_a_message(corpus, tmp_path, cli, damage):
+    pytest.importorskip("mlflow")
+    path = tmp_path / "r.yaml"
+    path.write_text(train_recipe_text(corpus, max_steps=2, checkpoint_every=2))
+    run = tmp_path / "run"
+    (run / "tracking").mkdir(parents=True)
+    (run / "tracking" / "state.json").write_text(damage)
+    result = cli("train", path, "--run-dir", run, "-q", "train.track.mlflow={}")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "state.json" in result.output
