@@ -186,6 +186,10 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
+        # A tracking server that does not answer fails in seconds, not after MLflow's default 7 retries
+        # with doubling waits (over four minutes of a stalled training); the environment can say otherwise.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         for name in ("mlflow", "alembic"):   # their start-up chatter is not moectl's output
             logging.getLogger(name).setLevel(logging.WARNING)
         self.Metric = Metric

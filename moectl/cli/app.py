@@ -5,6 +5,7 @@ Nothing heavy (torch, pydantic) is imported until a command runs, so `moectl --h
 from __future__ import annotations
 
 import typer
+import typer.core
 
 from moectl import __version__
 from moectl.cli import build as build_cmd
@@ -16,6 +17,23 @@ from moectl.cli import generate as generate_cmd
 from moectl.cli import profile as profile_cmd
 from moectl.cli import recipes as recipes_cmd
 from moectl.cli import train as train_cmd
+
+
+def _hide_flag_types() -> None:
+    """--help shows no `<bool>` type beside on/off flags (they take no value): newer Typer prints one."""
+    option = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "moectl", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.moectl = True
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_types()
 
 app = typer.Typer(
     name="moectl",

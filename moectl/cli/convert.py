@@ -70,15 +70,18 @@ def convert(
     model.safetensors, tokenizer.json. Continue with `moectl train OUT train.max_steps=N`, `moectl eval OUT` or
     `moectl generate OUT`. Exit codes: 0 done, 2 bad input (unknown architecture, missing or damaged files, shapes
     that do not fit, a non-empty OUT)."""
+    from moectl.progress import JobProgress
+
     single_process("convert")
     _check_modes(to, from_, upcycle, experts, top_k)
-    if to is not None:
-        notes = _export(source, out, dtype, force, generated_code, step, parse_size(max_shard_size))
-    elif from_ is not None:
-        notes = _import(source, out, force, name)
-    else:
-        notes = _upcycle(source, out, experts=experts, top_k=top_k, noise=noise, granularity=granularity,
-                         layers=layers, seed=seed, force=force, step=step, name=name)
+    with JobProgress(console=common.stderr_console()):   # shards read and written, on stderr
+        if to is not None:
+            notes = _export(source, out, dtype, force, generated_code, step, parse_size(max_shard_size))
+        elif from_ is not None:
+            notes = _import(source, out, force, name)
+        else:
+            notes = _upcycle(source, out, experts=experts, top_k=top_k, noise=noise, granularity=granularity,
+                             layers=layers, seed=seed, force=force, step=step, name=name)
     err = common.stderr_console()
     for note in notes:
         err.print(Text(f"note: {note}"))

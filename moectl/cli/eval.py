@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -78,10 +77,12 @@ def eval_run(
 
         task_results = run_tasks(loaded, task_list, limit=limit, include_path=task_path,
                                  batch_size=batch_size or 8, log=None if quiet or as_json else log)
-    with _progress(not (quiet or as_json)) as progress:
+    from moectl.progress import JobProgress
+
+    with JobProgress(not (quiet or as_json), console=stderr_console()) as progress:
         body = runner.evaluate_run(loaded, data_, batch_size=batch_size or loaded.recipe.train.batch_size,
                                    max_batches=batches, device=dev, autocast=autocast, robustness=robustness,
-                                   progress=progress)
+                                   progress=lambda label, total: progress.task(label, total, unit="batches"))
     body["tasks"] = task_results
     results = runner.results_record(loaded, data_, dev, dtype_name, body)
     written = runner.write_results(results, target, loaded.run_dir, plots=plots, log=log)
@@ -120,36 +121,3 @@ def _check_writable(target: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise MoectlError(f"cannot write the results to {target} ({probe} is not a writable folder)",
                           hint="choose another place with --out")
-
-
-class _progress:
-    """A rich progress bar per pass; `progress(label, total)` returns the per-batch callback."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=stderr_console(), transient=True)
-            self.bar.start()
-        return self
-
-    def __call__(self, label: str, total: int):
-        if self.bar is None:
-            return None
-        task = self.bar.add_task(label, total=total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()

@@ -266,15 +266,16 @@ def _short(value: Any) -> str:
 
 def _recipe_labels(groups: list[Group]) -> None:
     """The recipe name; groups of different recipes with one name get what sets them apart from
-    the first of that name (at most two keys), or a number."""
+    the first of that name (two keys, and how many more)."""
     first: dict[str, Group] = {}
     for i, g in enumerate(groups, 1):
         if g.recipe not in first:
             first[g.recipe], g.label = g, g.recipe
             continue
         diff = differences(first[g.recipe].content, g.content)
-        words = ", ".join(f"{k}={_short(v[1])}" for k, v in diff.items())
-        g.label = f"{g.recipe} ({words})" if len(diff) <= 2 else f"{g.recipe} #{i}"
+        words = ", ".join(f"{k}={_short(v[1])}" for k, v in list(diff.items())[:2])
+        more = f", +{len(diff) - 2} more" if len(diff) > 2 else ""
+        g.label = f"{g.recipe} ({words}{more})" if diff else f"{g.recipe} #{i}"
     _make_unique(groups)
 
 

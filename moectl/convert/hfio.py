@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moectl import progress
 from moectl.errors import MoectlError
 from moectl.rundir import TOKENIZER, WEIGHTS, ModelFolder
 
@@ -79,8 +80,10 @@ def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
                           f"({', '.join(map(str, missing[:3]))}{' ...' if len(missing) > 3 else ''})",
                           hint="download the missing shard files")
     state: dict[str, Any] = {}
+    advance = progress.current().task(f"reading {folder.name}", len(shards), unit="files")
     for shard in shards:
         state.update(read_one(folder / shard))
+        advance()
     absent = [k for k in weight_map if k not in state]
     if absent:
         raise MoectlError(f"{folder / index_name} names tensors no shard holds ({', '.join(absent[:3])})",
@@ -127,9 +130,11 @@ def write_weights(folder: Path, state: dict[str, Any], max_shard_bytes: int = DE
         return [SAFE_FILE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
+    advance = progress.current().task("writing weights", len(shards), unit="files")
     for file, shard in zip(names, shards, strict=True):
         save_file(shard, str(Path(folder) / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
+        advance()
     total = sum(t.numel() * t.element_size() for t in state.values())
     (Path(folder) / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                        "weight_map": weight_map}, indent=2))

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moectl.data.sources import DataError, Document, content_hash, open_source
 from moectl.data.tokenizer import EOT, eot_id_of, load_tokenizer, train_bpe
 from moectl.fsutil import atomic_dir
+from moectl.progress import JobProgress
 from moectl.recipe.schema import BPETokenizer, DataConfig, Recipe
 from moectl.rundir import TOKENIZER
 
@@ -127,12 +127,6 @@ class PreparedData:
 
 
 # --------------------------------------------------------------------------- the pipeline
-
-
-def _progress(enabled: bool):
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not enabled,
-                    transient=False)
 
 
 def _check_training_text(source, counts: dict[str, dict[str, int]], for_training: bool = True) -> None:
@@ -251,10 +245,10 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
     total_docs = job.source.size_hint()
     if total_docs is not None and job.cfg.max_documents is not None:
         total_docs = min(total_docs, job.cfg.max_documents)
-    with (_progress(show_progress) as bar, open(out / "train.bin", "wb") as f_train,
+    with (JobProgress(show_progress) as bar, open(out / "train.bin", "wb") as f_train,
           open(out / "val.bin", "wb") as f_val):
         files = {"train": f_train, "val": f_val}
-        task = bar.add_task("tokenising", total=total_docs, info="")
+        advance = bar.task("tokenising", total_docs, unit="documents")
 
         def flush(batch: list[tuple[str, Document]]) -> None:
             encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=False)
@@ -265,7 +259,7 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
                 counts[split]["tokens"] += len(ids)
                 if split == "val":
                     val_freq[:] += np.bincount(ids, minlength=job.vocab_limit)[:job.vocab_limit]
-            bar.update(task, advance=len(batch), info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
+            advance(len(batch), info=f"{counts['train']['tokens'] + counts['val']['tokens']:,} tokens")
 
         batch: list[tuple[str, Document]] = []
         for item in job.documents():

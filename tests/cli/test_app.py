@@ -20,6 +20,13 @@ def test_help_lists_commands(cli):
     assert {"build", "train", "data", "recipes"} <= commands
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "convert", "profile", "compare", "build", "generate"])
+def test_flags_show_no_type(cli, command):
+    """On/off flags take no value: --help shows no `<bool>` beside them; valued options keep theirs."""
+    out = cli(command, "--help").output
+    assert "--help" in out and "<bool>" not in out
+
+
 @pytest.mark.processes
 def test_help_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "moectl", "--help"],

@@ -258,7 +258,8 @@ def test_statistics_by_hand():
 def test_labels_and_notes():
     runs = [fake("x/seed0", 0, 3.0), fake("y/seed0", 0, 3.0, d_model=4, n_layers=2, n_heads=1),
             fake("z/seed0", 0, 3.0, d_model=12)]
-    assert [g.label for g in C.compare_runs(runs).groups] == ["r", "r #2", "r (model.d_model=12)"]
+    assert [g.label for g in C.compare_runs(runs).groups] == [
+        "r", "r (model.d_model=4, model.n_heads=1, +1 more)", "r (model.d_model=12)"]   # what differs, not "#2"
     assert [g.label for g in C.compare_runs(runs, group_by="run").groups] == ["x/seed0", "y/seed0", "z/seed0"]
     runs[2].summary["tokens"] = 200
     assert any("different numbers of tokens" in n for n in C.compare_runs(runs).notes)

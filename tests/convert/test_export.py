@@ -351,3 +351,19 @@ def test_moectl_models_export_to_native_classes(spec, family, tmp_path):
         assert rel_diff(load_run(src).model(tokens).logits, model.eval()(tokens).logits) <= 1e-4
 
 
+
+
+def test_the_quickstart_exports_natively(tmp_path, cli):
+    """The README's model loads in transformers without custom code (Qwen3-MoE), logits equal."""
+    from transformers import AutoModelForCausalLM
+
+    from moectl.convert.export import export_hf
+    from moectl.runs import load_run
+
+    assert cli("build", "quickstart", "--save", tmp_path / "qs").exit_code == 0
+    result = export_hf(tmp_path / "qs", tmp_path / "hf")
+    assert result.family == "Qwen3-MoE" and not any(f.endswith(".py") for f in result.files)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_diff(load_run(tmp_path / "qs").model(tokens).logits, model(tokens).logits) <= 1e-4

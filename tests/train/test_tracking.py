@@ -289,3 +289,18 @@ def test_damaged_tracking_state_is_a_message(corpus, tmp_path, cli, damage):
     result = cli("train", path, "--run-dir", run, "-q", "train.track.mlflow={}")
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "state.json" in result.output
+
+
+@pytest.mark.train
+@pytest.mark.processes
+def test_an_unreachable_mlflow_server_is_a_message(corpus, tmp_path, cli, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    path = tmp_path / "r.yaml"
+    path.write_text(train_recipe_text(corpus, max_steps=2))
+    result = cli("train", path, "--run-dir", tmp_path / "run", "-q", "train.track.mlflow.tracking_uri=http://127.0.0.1:9")
+    assert result.exit_code == 2, result.output
+    assert "the mlflow tracker could not start" in result.output and "Traceback" not in result.output
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+    # Nothing in the folder stands in the way of the next attempt.
+    assert cli("train", path, "--run-dir", tmp_path / "run", "-q").exit_code == 0
