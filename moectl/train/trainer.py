@@ -482,7 +482,7 @@ class Trainer:
         self.state.val_loss, self.state.val_tokens = loss, routing["val_tokens"]
         self.metrics.write({"type": "eval", "step": done, "tokens": self.state.tokens, "val_loss": loss,
                             "val_ppl": math.exp(min(loss, 50)), **routing})
-        self.progress.note(f"step {done}: validation loss {loss:.4f}")
+        self.progress.note(f"step {done}: validation loss {loss:.4f} ({self.state.val_tokens:,} tokens)")
 
     def save(self) -> Path:
         """A checkpoint of the current step (collective: every process calls it)."""

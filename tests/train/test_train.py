@@ -65,6 +65,7 @@ def test_summary_compares_with_unigram_entropy(cli, recipe_path, tmp_path):
     out = " ".join(result.output.replace("│", " ").split())   # the table's text, without its borders
     assert f"final validation loss {summary['final_val_loss']:.4f} nats" in out
     assert f"validation tokens {summary['val_tokens']:,}" in out and summary["val_tokens"] > 0
+    assert f"step 2: validation loss {summary['final_val_loss']:.4f} ({summary['val_tokens']:,} tokens)" in out
     assert f"validation unigram entropy {summary['val_unigram_entropy']:.4f} nats" in out
     gap = summary["val_unigram_entropy"] - summary["final_val_loss"]
     assert f"{'below' if gap >= 0 else 'above'} unigram entropy {abs(gap):.4f} nats" in out
