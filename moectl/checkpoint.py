@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import random
@@ -63,7 +64,32 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def check_rng_state(state: Any) -> None:
+    """Raise ValueError unless `state` is what `rng_state` writes: a CPU generator state of this
+    torch's size, a Python Mersenne Twister state, a NumPy MT19937 state."""
+    if not isinstance(state, dict):
+        raise ValueError("not a mapping")
+    t = state.get("torch")
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.shape == torch.get_rng_state().shape):
+        raise ValueError("torch: not a generator state")
+    py = state.get("python")
+    if not (isinstance(py, (tuple, list)) and len(py) == 3 and isinstance(py[1], (tuple, list)) and len(py[1]) == 625
+            and all(isinstance(x, int) and 0 <= x < 2**32 for x in py[1])):
+        raise ValueError("python: not a Mersenne Twister state")
+    n = state.get("numpy")
+    if not (isinstance(n, dict) and n.get("kind") == "MT19937" and isinstance(n.get("keys"), torch.Tensor)
+            and tuple(n["keys"].shape) == (624,) and bool(((n["keys"] >= 0) & (n["keys"] < 2**32)).all())
+            and isinstance(n.get("pos"), int) and 0 <= n["pos"] <= 624 and n.get("has_gauss") in (0, 1)
+            and isinstance(n.get("gauss"), float) and math.isfinite(n["gauss"])):
+        raise ValueError("numpy: not an MT19937 state")
+    cuda = state.get("cuda")
+    if cuda is not None and not (isinstance(cuda, (list, tuple)) and all(
+            isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda)):
+        raise ValueError("cuda: not generator states")
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    check_rng_state(state)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     n = state["numpy"]
@@ -225,13 +251,33 @@ def check_weights(model, state: dict[str, Any], path: Path, aliases: dict[str, s
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in expected
               if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or shapes:
+    reference = model.state_dict()
+    kinds = [f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(reference[k].dtype).removeprefix('torch.')}"
+             for k in expected if k in state and not _same_kind(state[k].dtype, reference[k].dtype)]
+    if missing or unexpected or shapes or kinds:
         parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)):
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes),
+                             ("dtype differs", kinds)):
             if names:
-                more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-                parts.append(f"{label}: {', '.join(names[:5])}{more}")
+                parts.append(f"{label}: {_some(names)}")
         raise MoectlError(f"{path} does not match the recipe's model ({'; '.join(parts)})", hint=SAME_MODEL_HINT)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MoectlError(f"{path}: its weights hold NaN or infinite values ({_some(bad)})",
+                          hint="the checkpoint is damaged: use another checkpoint of the run (checkpoints/step-*)")
+
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _same_kind(got: torch.dtype, want: torch.dtype) -> bool:
+    """A floating tensor may be stored in any float dtype (it is cast on load); others exactly."""
+    return got in FLOATS if want.is_floating_point else got == want
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def load_weights(path: Path, model, *, device: Any = "cpu", assign: bool = False,
@@ -252,6 +298,66 @@ def load_weights(path: Path, model, *, device: Any = "cpu", assign: bool = False
 
 # --------------------------------------------------------------------------- training state
 
+OPTIMIZER_HINT = "the file was changed or damaged: resume from another checkpoint of the run (checkpoints/step-*)"
+
+
+def check_optimizer_state(state: Any, model, path: Path) -> None:
+    """Refuse an optimizer.pt that is not AdamW state for `model`, before it reaches the optimizer:
+    every moment tensor of a parameter's shape, floating and finite (second moments not negative),
+    step counts finite and not negative, hyperparameters in range. (A fused AdamW step given
+    smaller moments writes past their end and crashes the process.)"""
+
+    def refuse(why: str) -> MoectlError:
+        return MoectlError(f"{path} is not this model's optimizer state: {why}", hint=OPTIMIZER_HINT)
+
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        raise refuse("it has no `state` and `param_groups`")
+    params = dict(model.named_parameters())
+    for name, entry in state["state"].items():
+        if name not in params:
+            raise refuse(f"it holds state for {name!r}, which the model does not have")
+        if not isinstance(entry, dict):
+            raise refuse(f"the state of {name} is not a mapping")
+        for key, value in entry.items():
+            where = f"{name} {key}"
+            if key == "step":
+                number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 2**53:
+                    raise refuse(f"{where} is not a step count ({_brief(value)})")
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise refuse(f"{where} is not a tensor ({_brief(value)})")
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise refuse(f"{where} has shape {list(value.shape)}, the parameter {list(params[name].shape)}")
+            if value.dtype not in FLOATS:
+                raise refuse(f"{where} is {value.dtype}, not a floating tensor")
+            if not bool(torch.isfinite(value).all()) or (key == "exp_avg_sq" and bool((value < 0).any())):
+                raise refuse(f"{where} holds NaN, infinite{' or negative' if key == 'exp_avg_sq' else ''} values")
+    for i, group in enumerate(state["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise refuse(f"param_groups[{i}] has no list of parameters")
+        unknown = [p for p in group["params"] if not isinstance(p, str) or p not in params]
+        if unknown:
+            raise refuse(f"param_groups[{i}] names parameters the model does not have ({_brief(unknown[:3])})")
+        for key, low, high in (("lr", 0, math.inf), ("eps", 0, math.inf), ("weight_decay", 0, math.inf)):
+            value = group.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not low <= value < high):
+                raise refuse(f"param_groups[{i}].{key} is {_brief(value)}")
+        betas = group.get("betas")
+        if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise refuse(f"param_groups[{i}].betas is {_brief(betas)}")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 
 def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
                            aliases: dict[str, str] | None = None) -> dict[str, Any]:
@@ -269,6 +375,7 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
         state[alias] = state[name]
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     optim_state = _load_pt(folder.optimizer)
+    check_optimizer_state(optim_state, core, folder.optimizer)
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     except (KeyError, ValueError, RuntimeError) as e:
@@ -281,7 +388,7 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
         try:
             set_rng_state(_load_pt(rng_file))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            raise MoectlError(f"{rng_file} does not hold moectl's random generator states ({type(e).__name__})",
+            raise MoectlError(f"{rng_file} does not hold moectl's random generator states ({type(e).__name__}: {e})",
                               hint="resume from another checkpoint of the run") from None
     trainer = folder.read_trainer_state()
     if folder.plan.is_file():

@@ -29,6 +29,7 @@ torn last line (`read_metrics`). Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -114,6 +115,46 @@ def read_metrics(path: Path, hint: str = DAMAGED_HINT) -> list[dict[str, Any]]:
             raise damaged(path, f"line {i} is not a JSON object", hint)
         records.append(record)
     return records
+
+
+def _count(value: Any, positive: bool = False) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (value > 0 if positive else value >= 0)
+
+
+def _finite(value: Any, low: float = -math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+def trainer_state_problem(state: Any, folder_step: int | None) -> str | None:
+    """What is wrong with a trainer.json (None: nothing). Every value the trainer uses is checked
+    for type and range, and the step against the folder's name (step-NNNNNNNN)."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    if not _count(state.get("step")):
+        return f"step is {state.get('step')!r}, not a count of steps"
+    if folder_step is not None and state["step"] != folder_step:
+        return f"step {state['step']} in a folder of step {folder_step}"
+    for key in ("tokens", "skipped_steps", "val_tokens"):
+        if key in state and not _count(state[key]):
+            return f"{key} is {state[key]!r}, not a count"
+    for key in ("global_batch", "batch_size", "grad_accum", "world_size"):
+        if key in state and not _count(state[key], positive=True):
+            return f"{key} is {state[key]!r}, not a positive count"
+    if state.get("val_loss") is not None and not _finite(state["val_loss"]):
+        return f"val_loss is {state['val_loss']!r}"
+    data = state.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("order", ""), str)
+                                 and _finite(data.get("epoch", 0), 0)):
+        return f"data is {data!r}"
+    schedule = state.get("schedule")
+    if schedule is not None:
+        if not isinstance(schedule, list):
+            return "schedule is not a list"
+        for seg in schedule:
+            if not (isinstance(seg, dict) and _count(seg.get("start")) and _count(seg.get("total"), positive=True)
+                    and (seg.get("start_lr") is None or _finite(seg["start_lr"], 0))):
+                return f"schedule segment {seg!r} is not (start, total, start_lr)"
+    return None
 
 
 def step_of(path: Path) -> int | None:
@@ -202,8 +243,10 @@ class ModelFolder(_Folder):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise MoectlError(f"{self.trainer} cannot be read ({type(e).__name__}: {e})",
                               hint="resume from another checkpoint of the run") from None
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise MoectlError(f"{self.trainer} is not a moectl trainer state")
+        problem = trainer_state_problem(state, step_of(self.path))
+        if problem:
+            raise MoectlError(f"{self.trainer} is not a valid trainer state: {problem}",
+                              hint="the file was changed or damaged: resume from another checkpoint of the run")
         return state
 
     def write_recipe(self, text: str) -> None:

@@ -121,3 +121,10 @@ def _check_writable(target: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise MoectlError(f"cannot write the results to {target} ({probe} is not a writable folder)",
                           hint="choose another place with --out")
+    from moectl.eval.runner import foreign_files
+
+    foreign = foreign_files(target)
+    if foreign:
+        raise MoectlError(f"{target} holds files moectl eval did not write ({', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}), which its report could replace",
+                          hint="give --out a new or empty folder, or a folder an earlier `moectl eval` wrote")

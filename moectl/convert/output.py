@@ -1,11 +1,17 @@
 """Output folders of `moectl convert`: written under a temporary name next to the target and renamed
-into place, so a folder is complete or absent; an existing non-empty one is replaced only with
---force (and only once the new one is complete)."""
+into place, so a folder is complete or absent.
+
+The policy for an existing OUT: an empty folder is used; a non-empty one is replaced only with
+--force, only once the new one is complete, and only when moectl wrote it (it holds the marker
+file `.moectl-output`, or is an older moectl export or import). Whatever --force says, OUT may never
+be an input, lie inside an input's run folder or hold an input, be a run folder, or be the current
+folder or one of its parents."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,19 +19,57 @@ from pathlib import Path
 
 from moectl.errors import MoectlError
 from moectl.fsutil import clean_stale, fsync_dir, fsync_tree, temp_tag
+from moectl.rundir import CONVERT_INFO, RunDir
+
+MARKER = ".moectl-output"   # in every folder convert writes: what --force may replace
+ELSEWHERE = "write the result to another folder"
+
+
+def written_by_moectl(folder: Path) -> bool:
+    """A folder `moectl convert` wrote (and so may replace with --force): it holds the marker, or it
+    is an older export (config.json naming moectl's version) or import (convert.json). Never a run."""
+    folder = Path(folder)
+    if (folder / "checkpoints").exists() or (folder / "logs").exists():
+        return False
+    if (folder / MARKER).is_file() or (folder / CONVERT_INFO).is_file():
+        return True
+    try:
+        return "moectl_version" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _run_of(path: Path) -> Path:
+    """The run folder an input belongs to (a checkpoint's run, the run of a `latest` file), or itself."""
+    run = RunDir.of_checkpoint(path) or RunDir.of_latest_file(path)
+    return run.path.resolve() if run is not None else path
 
 
 def check_target(out: Path, force: bool, source: Path | None = None) -> None:
     out = Path(out)
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise MoectlError(f"the output folder {out} is the input", hint="write the result to another folder")
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or cwd.is_relative_to(target):
+        raise MoectlError(f"the output folder {out} is the current folder or holds it", hint=ELSEWHERE)
+    if source is not None:
+        src = Path(source).resolve()
+        if target == src:
+            raise MoectlError(f"the output folder {out} is the input", hint=ELSEWHERE)
+        if src.is_relative_to(target):
+            raise MoectlError(f"the input {source} lies inside the output folder {out}", hint=ELSEWHERE)
+        for inside in {src, _run_of(src)}:
+            if target.is_relative_to(inside):
+                raise MoectlError(f"the output folder {out} lies inside the input {inside}, whose files it could "
+                                  "replace", hint=ELSEWHERE)
     if out.exists() and not out.is_dir():
         raise MoectlError(f"{out} exists and is not a folder", hint="choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MoectlError(f"{out} is not empty", hint="choose another output folder, or pass --force to replace it")
-    if source is not None and out.exists() and Path(source).resolve().is_relative_to(out.resolve()):
-        raise MoectlError(f"the input {source} lies inside the output folder {out}",
-                          hint="write the result to another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise MoectlError(f"{out} is not empty", hint="choose another output folder, or pass --force to replace "
+                              "a folder moectl convert wrote")
+        if not written_by_moectl(out):
+            raise MoectlError(f"{out} holds files moectl did not write, so --force does not replace it",
+                              hint="choose a new or empty output folder (or remove it yourself)")
 
 
 @contextlib.contextmanager
@@ -45,10 +89,11 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        (tmp / MARKER).write_text("written by moectl convert; `--force` may replace this folder\n")
         fsync_tree(tmp)
         if out.exists():
-            if not force and any(out.iterdir()):
-                raise MoectlError(f"{out} was filled by something else meanwhile", hint="run again with --force")
+            if any(out.iterdir()) and not (force and written_by_moectl(out)):
+                raise MoectlError(f"{out} was filled by something else meanwhile", hint="choose another output folder")
             old = out.parent / f".{out.name}.old-{temp_tag()}"
             os.rename(out, old)
         os.rename(tmp, out)

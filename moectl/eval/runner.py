@@ -37,6 +37,7 @@ from moectl.rundir import (
     RESULTS_FORMAT,
     RESULTS_VERSION,
     RunDir,
+    read_eval_results,
     results_file,
     write_eval_results,
 )
@@ -220,6 +221,23 @@ def results_record(run: Run, data: EvalData, device: torch.device, dtype: str, b
             "data": {"description": data.description, "split": data.split, "tokens": data.tokens,
                      "seq_len": data.seqs.seq_len},
             **body}
+
+
+def foreign_files(target: Path) -> list[str]:
+    """What in an --out folder moectl eval did not write: [] for a new or empty folder, or one that
+    holds a moectl results.json (an earlier report, whose files eval replaces). Otherwise the
+    folder's entries, which eval must not touch."""
+    target = Path(target)
+    if not target.is_dir():
+        return [] if not target.exists() else [target.name]
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return []
+    try:
+        read_eval_results(results_file(target))
+        return []
+    except MoectlError:
+        return entries
 
 
 def write_results(results: dict[str, Any], target: Path, run_dir: Path | None, *, plots: bool,

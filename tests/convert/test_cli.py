@@ -61,9 +61,14 @@ def test_output_folder_rules(trained_run, tmp_path, cli):
     r = cli("convert", trained_run, "--to", "hf", out)
     assert r.exit_code == 2 and "is not empty" in r.output and "--force" in r.output
     assert (out / "keep.txt").read_text() == "mine"
-    r = cli("convert", trained_run, "--to", "hf", out, "--force")
+    r = cli("convert", trained_run, "--to", "hf", out, "--force")      # not a folder moectl wrote: kept
+    assert r.exit_code == 2 and "holds files moectl did not write" in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli("convert", trained_run, "--to", "hf", out).exit_code == 0   # empty: used
+    r = cli("convert", trained_run, "--to", "hf", out, "--force")          # moectl's own output: replaced
     assert r.exit_code == 0, r.output
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / ".moectl-output").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no temporaries left
     r = cli("convert", out, "--from", "hf", out)
     assert r.exit_code == 2 and "is the input" in r.output
