@@ -367,3 +367,114 @@ def test_the_quickstart_exports_natively(tmp_path, cli):
     tokens = torch.randint(0, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel_diff(load_run(tmp_path / "qs").model(tokens).logits, model(tokens).logits) <= 1e-4
+
+
+# A bf16 export loaded in bf16: every tensor of a router stays fp32 (as written, bit for bit), also
+# through `.to(torch.bfloat16)`, `.half()` and `from_config(..., dtype=torch.bfloat16)`; the model
+# computes what moectl's engine computes on the same weights (equal logits), and what moectl's bf16
+# evaluation (autocast over the fp32 model) computes within bf16 tolerance.
+CHECK_BF16 = CHECK[:CHECK.index("results = {}")] + r"""
+from transformers import AutoConfig
+
+BF16 = torch.bfloat16
+
+
+def rel(a, b, norm):   # relative difference of b to a: max-abs (norm False) or Frobenius (norm True)
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / a.norm()) if norm else float((a - b).abs().max() / a.abs().max())
+
+
+def router_dtypes(model, routers):
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return sorted({str(tensors[n].dtype) for n in routers if n in tensors})
+
+
+results = {}
+for folder in sys.argv[1:]:
+    ref = load_file(folder + "/expected.safetensors")
+    written = load_file(folder + "/model.safetensors")
+    routers = set(json.load(open(folder + "/routers.json")))
+    tokens = ref["tokens"]
+    model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=BF16,
+                                                       output_loading_info=True)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    r = {"routers": len(routers), "missing_routers": sorted(routers - set(tensors)),
+         "router_dtypes": router_dtypes(model, routers),
+         "routers_as_written": all(torch.equal(tensors[n], written[n]) for n in routers if n in written),
+         "dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if n not in routers}),
+         "load_problems": sorted(str(x) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                                 for x in info[k])}
+    with torch.no_grad():
+        logits = model(tokens).logits
+        r["logits_dtype"] = str(logits.dtype)
+        r["engine_diff"] = rel(ref["engine"], logits, norm=False)
+        r["autocast_diff"] = rel(ref["autocast"], logits, norm=True)
+        r["autocast_max_diff"] = rel(ref["autocast"], logits, norm=False)
+        r["generated"] = model.generate(tokens[:1, :5], max_new_tokens=4, do_sample=False).shape[1] - 5
+        model.float().to(BF16)
+        r["cast_router_dtypes"] = router_dtypes(model, routers)
+        r["cast_diff"] = rel(logits, model(tokens).logits, norm=False)
+        model.half()
+        r["half_router_dtypes"] = router_dtypes(model, routers)
+        r["half_finite"] = bool(torch.isfinite(model(tokens).logits).all())
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True),
+                                                 trust_remote_code=True, dtype=BF16)
+        r["built_router_dtypes"] = router_dtypes(built, routers)
+        r["built_finite"] = bool(torch.isfinite(built(tokens).logits).all())
+    results[folder] = r
+imported = sorted(m for m in sys.modules if m.split(".")[0] in ("moectl", "exportlab"))
+print(json.dumps({"results": results, "imported": imported}))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_bf16(tmp_path_factory) -> dict[str, dict]:
+    """Export every case with `--dtype bf16`, with moectl's bf16 logits beside it, and load them all
+    in bf16 in one fresh process."""
+    from safetensors.torch import save_file
+
+    from moectl.convert.export import export_hf
+    from moectl.core.accounting import component_parameters
+    from moectl.runs import load_run
+
+    tmp = tmp_path_factory.mktemp("generated-bf16")
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    decoding = RoutingMode(decoding=True)   # the exported model routes as moectl decodes (dropless)
+    folders = {}
+    for name, spec in CASES.items():
+        src = model_folder(tmp / "src", name, spec)
+        out = tmp / "hf" / name
+        export_hf(src, out, generated=True, dtype="bf16")
+        model = load_run(src).model
+        with torch.no_grad():
+            engine = load_run(src, dtype=torch.bfloat16).model(tokens, mode=decoding).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):   # what `moectl eval --dtype bfloat16` runs
+                autocast = model(tokens, mode=decoding).logits
+        save_file({"tokens": tokens, "engine": engine, "autocast": autocast}, str(out / "expected.safetensors"))
+        routers = [f"model.{n}" for n, t, component, _ in component_parameters(model, buffers=True)
+                   if component == "router" and t.is_floating_point()]
+        (out / "routers.json").write_text(json.dumps(routers))
+        folders[name] = str(out)
+    env = {**os.environ, "HF_HOME": str(tmp / "hf-home")}
+    proc = subprocess.run([sys.executable, "-c", CHECK_BF16, *folders.values()], capture_output=True, text=True,
+                          timeout=600, cwd=tmp, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["imported"] == [], report["imported"]
+    return {name: report["results"][folder] for name, folder in folders.items()}
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("name", CASES)
+def test_a_bf16_export_loaded_in_bf16_keeps_its_routers_fp32(name, fresh_process_bf16):
+    r = fresh_process_bf16[name]
+    assert not r["missing_routers"] and not r["load_problems"], r
+    assert bool(r["routers"]) == ("moe" in CASES[name]), r   # a dense model has no router
+    fp32 = ["torch.float32"] if r["routers"] else []
+    for stage in ("router_dtypes", "cast_router_dtypes", "half_router_dtypes", "built_router_dtypes"):
+        assert r[stage] == fp32, (stage, r)
+    assert r["routers_as_written"], r
+    assert r["dtypes"] == ["torch.bfloat16"] and r["logits_dtype"] == "torch.bfloat16", r
+    assert r["engine_diff"] <= 1e-5, r       # moectl's engine on the same bf16 weights: equal
+    assert r["autocast_diff"] < 0.05, r      # moectl's bf16 evaluation: within bf16 tolerance
+    assert r["generated"] == 4 and r["cast_diff"] == 0.0 and r["half_finite"] and r["built_finite"], r

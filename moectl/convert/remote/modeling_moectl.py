@@ -56,13 +56,43 @@ class MoectlForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.model = MoETransformer(ModelArgs.from_dict(config.moectl_args))
-        # Everything of a router (gates, biases, recurrent cells, hash tables) stays fp32 in any dtype.
-        routers = [f"model.{name}" for name, _, component, _ in component_parameters(self.model, buffers=True)
-                   if component == "router"]
+        # Everything of a router (gates, biases, recurrent cells, hash tables) stays fp32 in any dtype:
+        # built fp32 whatever the default dtype, loaded fp32 (transformers' keep-in-fp32 lists name
+        # every router tensor), and left fp32 by a cast of the model (see `_apply`). The engine's
+        # routers compute in fp32 from the tensors of the rest in whatever dtype they have, as moectl
+        # does with a model loaded in bf16.
+        routers = [f"model.{name}" for name, _ in self._router_tensors()]
         self._keep_in_fp32_modules = self._keep_in_fp32_modules_strict = routers
+        for _, t in self._router_tensors():
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
         if self.model.args.tie_embeddings:
             self._tied_weights_keys = {"model.head.weight": "model.embed.weight"}
         self.post_init()
+
+    def _router_tensors(self):
+        """(name in the engine, tensor) of every parameter and buffer of a router."""
+        return [(name, t) for name, t, component, _ in component_parameters(self.model, buffers=True)
+                if component == "router"]
+
+    def _apply(self, fn, recurse=True):
+        # Every cast and move of the model (`.to(torch.bfloat16)`, `.half()`, `.cuda()`, ...) comes
+        # here: a router's tensors (and their gradients) follow a move to another device but keep fp32.
+        if "model" not in self._modules:   # not built yet
+            return super()._apply(fn, recurse)
+        keep = set()
+        for _, t in self._router_tensors():
+            keep.add(id(t))
+            if t.grad is not None:
+                keep.add(id(t.grad))
+
+        def apply(t):
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and out.dtype != torch.float32:
+                out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(apply, recurse)
 
     def _init_weights(self, module):
         # Every tensor comes from the folder's weights; buffers a part computes when it is built
