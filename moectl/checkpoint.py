@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from moectl.errors import MoectlError
-from moectl.fsutil import fsync_dir, fsync_tree
+from moectl.fsutil import disk_full, free_space, fsync_dir, fsync_tree
 from moectl.rundir import CheckpointDir, ModelFolder
 
 SAME_MODEL_HINT = "the recipe's model section must be the one the checkpoint was trained with"
@@ -167,9 +167,7 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
 def _write_failure(e: BaseException, root: Path, *states: Any) -> MoectlError | None:
     """A clear error for a checkpoint that could not be written (a full disk, a folder gone
     read-only); None for anything else. torch.save reports a full disk as a RuntimeError."""
-    text = str(e)
-    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text or (
-        isinstance(e, RuntimeError) and "failed writing" in text)
+    full = disk_full(e)
     denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
     if not (full or denied):
         return None
@@ -186,10 +184,7 @@ def _write_failure(e: BaseException, root: Path, *states: Any) -> MoectlError | 
             return sum(size(v) for v in x)
         return 0
 
-    try:
-        free = f"{shutil.disk_usage(root).free / 1e6:,.1f} MB free"
-    except OSError:
-        free = "free space unknown"
+    free = free_space(root)
     need = sum(size(st) for st in states) / 1e6
     return MoectlError(f"no space left on the device for a checkpoint in {root} (it needs about {need:,.1f} MB; "
                        f"{free}); the half-written checkpoint was removed and `latest` still names the last "

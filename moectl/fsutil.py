@@ -14,6 +14,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_FULL_TEXTS = ("No space left", "os error 28", "StorageFull", "Disk quota exceeded", "os error 122")
+_TORCH_WRITE_TEXTS = ("failed writing", "file write failed", "unexpected pos")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether an error means the disk (or quota) is full, however the library reports it: an
+    OSError, a safetensors error carrying the OS error, or PyTorch's writer failing mid-file."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(t in text for t in _FULL_TEXTS) or (
+        isinstance(e, RuntimeError) and any(t in text for t in _TORCH_WRITE_TEXTS))
+
+
+def free_space(path: Path | str) -> str:
+    """'N MB free on the disk of PATH' for the nearest existing folder of `path`."""
+    probe = Path(os.path.abspath(str(path)))
+    while not probe.is_dir() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return f"{shutil.disk_usage(probe).free / 1e6:,.1f} MB free on the disk of {probe}"
+    except OSError:
+        return "free space unknown"
+
 
 def fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):

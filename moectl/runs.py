@@ -108,6 +108,10 @@ def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
     tokenizer = None
     if home.tokenizer.is_file():
         tokenizer = load_run_tokenizer(home.tokenizer, getattr(recipe.data.tokenizer, "eot_token", None))
+        if tokenizer.vocab_size > model.args.vocab_size:
+            raise MoectlError(f"{home.tokenizer} has {tokenizer.vocab_size:,} tokens but the model has "
+                              f"{model.args.vocab_size:,} (model.vocab_size): its ids would not fit the embedding",
+                              hint="the tokenizer does not belong to this model: restore the run's own tokenizer.json")
     return Run(recipe, model, tokenizer, ModelFolder(checkpoint).step, checkpoint, run_dir)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
@@ -131,8 +132,23 @@ def handle_errors(fn: F) -> F:
             if err is None:
                 raise
             fail(err)
-        except (MemoryError, RuntimeError) as e:
-            if not out_of_memory(e):
+        except Exception as e:
+            from moectl.fsutil import disk_full
+
+            if disk_full(e):   # a write that no command-specific handler caught
+                where = getattr(e, "filename", None)
+                fail(MoectlError(f"no space left on the device{f' writing {where}' if where else ''} "
+                                 f"({type(e).__name__}: {str(e).strip()[:160]})",
+                                 hint="free some space (or write to another disk), then run the command again"))
+            if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop from"):
+                fail(MoectlError(f"{str(e).removeprefix('Symlink loop from').strip()} is a symbolic link in a loop "
+                                 "(links that point at each other)", hint="give the real path"))
+            if isinstance(e, RecursionError):
+                fail(MoectlError("an input nests too deeply to read (RecursionError)",
+                                 hint="the file is damaged or crafted; use the original"))
+            if type(e).__name__ == "RouterContractError":   # a plugin's router (the engine's are tested)
+                fail(MoectlError(str(e), hint="fix the router's forward, or leave that router out of the recipe"))
+            if not (isinstance(e, (MemoryError, RuntimeError)) and out_of_memory(e)):
                 raise
             what = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             fail(MoectlError(f"out of memory ({what})",
@@ -144,6 +160,29 @@ def handle_errors(fn: F) -> F:
 
     wrapper.__doc__ = _paragraphs(fn.__doc__)
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def terminate_cleanly():
+    """SIGTERM and SIGHUP stop the command the way Ctrl-C does (exit 130): the command's own
+    clean-up runs, so a half-written output is removed instead of left behind."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                saved[sig] = signal.signal(sig, stop)
+            except ValueError:   # not the main thread: leave the signals alone
+                pass
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def out_of_memory(e: BaseException) -> bool:

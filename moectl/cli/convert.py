@@ -74,7 +74,7 @@ def convert(
 
     single_process("convert")
     _check_modes(to, from_, upcycle, experts, top_k)
-    with JobProgress(console=common.stderr_console()):   # shards read and written, on stderr
+    with common.terminate_cleanly(), JobProgress(console=common.stderr_console()):   # progress on stderr
         if to is not None:
             notes = _export(source, out, dtype, force, generated_code, step, parse_size(max_shard_size))
         elif from_ is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import typer
 from rich.text import Text
 
@@ -24,8 +26,8 @@ def generate(
     top_p: float = typer.Option(None, "--top-p", help="Sample only from the "
                                 "smallest set of most probable tokens whose probability reaches P, 0 < P <= 1 "
                                 "(default: all)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampling generator; sample i uses seed + i. The same "
-                             "seed gives the same text."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed of the sampling generator; sample i "
+                             "uses seed + i. The same seed gives the same text."),
     step: int = typer.Option(None, "--step", help="Use the checkpoint of this step (default: the run's latest)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda or cuda:N."),
     num_samples: int = typer.Option(1, "--num-samples", min=1, help="How many samples to draw (needs "
@@ -55,6 +57,13 @@ def _generate(run: str, prompt: str, max_new_tokens: int, temperature: float, to
     if not prompt:
         raise MoectlError("--prompt is empty: generation continues a prompt of at least one token",
                           hint="give the text to continue, e.g. --prompt 'def '")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:   # bytes the shell passed that are not UTF-8 arrive as surrogates
+        raise MoectlError("--prompt is not valid UTF-8 text", hint="give the prompt as UTF-8 text") from None
+    if not math.isfinite(temperature):
+        raise MoectlError(f"--temperature {temperature} is not a finite number",
+                          hint="use 0 (greedy) or a positive temperature such as 0.8")
     if num_samples > 1 and temperature == 0:
         raise MoectlError(f"--num-samples {num_samples} with --temperature 0 (greedy) prints the same text "
                           f"{num_samples} times", hint="sample with a temperature above 0, e.g. --temperature 0.8")

@@ -107,5 +107,7 @@ def schema(
     else:
         from moectl.fsutil import atomic_write_text
 
+        if output.is_dir():
+            raise MoectlError(f"{output} is a folder", hint="give -o a file name, e.g. recipe.schema.json")
         atomic_write_text(output, text)
         typer.echo(f"wrote {output}")

@@ -36,6 +36,9 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoectlError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})",
                           hint=f"the {what} is damaged; download or export the model again") from None
+    except RecursionError:
+        raise MoectlError(f"{path} cannot be read as JSON: it nests too deeply",
+                          hint=f"the {what} is damaged; download or export the model again") from None
     if not isinstance(data, dict):
         raise MoectlError(f"{path} is not a JSON object", hint=f"the {what} is damaged")
     return data

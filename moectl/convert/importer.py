@@ -9,11 +9,11 @@ weights with fresh optimizer state and writes its checkpoints into the same fold
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 from safetensors.torch import save_file
 
@@ -134,6 +134,25 @@ def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokeni
     return data
 
 
+def checked_tokenizer(path: Path, vocab_limit: int) -> bytes:
+    """The bytes of a tokenizer.json that will be written into a model folder, once checked: read
+    once (a link is followed once, and what lands in the output is what was checked), a valid
+    tokenizer, and no larger than the model's vocabulary."""
+    try:
+        raw = Path(path).read_bytes()
+        inner = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except OSError as e:
+        raise MoectlError(f"{path} cannot be read ({e.strerror or e})", hint="download the tokenizer again") from None
+    except Exception as e:   # tokenizers raises a bare Exception for a malformed file
+        raise MoectlError(f"{path} is not a valid tokenizer.json ({type(e).__name__}: {str(e)[:120]})",
+                          hint="download the tokenizer again, or remove it and set data.tokenizer later") from None
+    vocab = inner.get_vocab_size(with_added_tokens=True)
+    if vocab > vocab_limit:
+        raise MoectlError(f"{path} has {vocab:,} tokens but the model's vocabulary is {vocab_limit:,}: its ids would "
+                          "not fit the embedding", hint="the tokenizer does not belong to this model")
+    return raw
+
+
 def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, Any], tokenizer: Path | None,
                        provenance: dict[str, Any], force: bool):
     """Validate the recipe, check the tensors fit it, and write the folder atomically."""
@@ -144,7 +163,7 @@ def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, 
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder.weights), metadata={"format": "pt"})
         folder.write_recipe(dump_recipe(recipe))
         if tokenizer is not None:
-            shutil.copyfile(tokenizer, folder.tokenizer)
+            folder.tokenizer.write_bytes(checked_tokenizer(tokenizer, recipe.model.vocab_size))
         folder.write_convert_info({**provenance, "moectl_version": __version__})
     return recipe
 

@@ -10,7 +10,6 @@ folder or one of its parents."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moectl.errors import MoectlError
-from moectl.fsutil import clean_stale, fsync_dir, fsync_tree, temp_tag
+from moectl.fsutil import clean_stale, disk_full, free_space, fsync_dir, fsync_tree, temp_tag
 from moectl.rundir import CONVERT_INFO, RunDir
 
 MARKER = ".moectl-output"   # in every folder convert writes: what --force may replace
@@ -101,17 +100,15 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
             old = None
-    except OSError as e:
+    except BaseException as e:
         _put_back(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise MoectlError(f"no space left on the device while writing {out}; nothing was written",
-                              hint="free some space, or write to another disk") from None
-        raise MoectlError(f"cannot write {out} ({e.strerror or e}); nothing was written",
-                          hint="choose a folder you can write to") from None
-    except BaseException:
-        _put_back(old, out)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):   # an OSError, or the safetensors / torch writer's own error
+            raise MoectlError(f"no space left on the device while writing {out}; nothing was written "
+                              f"({free_space(out.parent)})", hint="free some space, or write to another disk") from None
+        if isinstance(e, OSError):
+            raise MoectlError(f"cannot write {out} ({e.strerror or e}); nothing was written",
+                              hint="choose a folder you can write to") from None
         raise
 
 

@@ -12,6 +12,7 @@ between copies at the price of that exactness.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,23 @@ def parse_layers(spec: str, n_layers: int) -> str | list[int]:
     return layers
 
 
+def w3_present(state: dict[str, Any]) -> bool:
+    return any(k.endswith("ffn.w3.weight") or k.endswith("mlp.w3.weight") for k in state)
+
+
+def _check_memory(experts: int, hidden: int, d_model: int, matrices: int, moe_layers: int) -> None:
+    """Refuse an upcycle whose expert weights cannot fit in this machine's memory, before any is made."""
+    need = 4 * experts * hidden * d_model * matrices * moe_layers   # fp32
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > 0.8 * total:
+        raise MoectlError(f"cannot upcycle: {experts:,} experts per layer need about {need / 2**30:,.1f} GiB of expert "
+                          f"weights, more than this machine's memory ({total / 2**30:,.1f} GiB)",
+                          hint="use fewer --experts, a larger --granularity or fewer --layers")
+
+
 def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise: float = 0.0,
             granularity: int = 1, layers: str = "all", seed: int = 0, force: bool = False,
             step: int | None = None, name: str | None = None) -> UpcycleResult:
@@ -74,6 +92,7 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
     moe_spec = parse_layers(layers, n_layers)
     moe_layers = (list(range(0, n_layers, 1 if moe_spec == "all" else 2)) if isinstance(moe_spec, str)
                   else moe_spec)
+    _check_memory(experts, Fg, model["d_model"], 3 if w3_present(state) else 2, len(moe_layers))
     model = {**model, "moe": {"num_experts": experts, "top_k": top_k, "expert_hidden": Fg, "layers": moe_spec,
                               "router": {"kind": "topk", "renormalize": True}}}
     gen = torch.Generator().manual_seed(seed)
@@ -89,10 +108,10 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
                 "w2": torch.stack([shard(w2.t(), e % G) * G for e in range(experts)])}
         if w3 is not None:
             bank["w3"] = torch.stack([shard(w3.float(), e % G).t() for e in range(experts)])
-        for name, w in bank.items():
+        for tensor, w in bank.items():
             if noise > 0:
                 w = w + noise * w[0].std() * torch.randn(w.shape, generator=gen)
-            new[p + "moe.experts." + name] = w.contiguous()
+            new[p + "moe.experts." + tensor] = w.contiguous()
         rows = torch.randn(experts // G, w1.shape[1], generator=gen) * std
         new[p + "moe.router.weight"] = rows.repeat_interleave(G, dim=0).contiguous()
     notes = []

@@ -21,7 +21,7 @@ from moectl.errors import Issue, MoectlError, RecipeError
 from moectl.recipe.checks import check_recipe
 from moectl.recipe.plugins import load_plugins
 from moectl.recipe.schema import Recipe, recipe_schema, variant_fields
-from moectl.rundir import RunDir
+from moectl.rundir import CHECKPOINTS, CONFIG, WEIGHTS, RunDir
 
 Key = tuple[Any, ...]
 Sources = dict[Key, str]
@@ -505,10 +505,22 @@ def _issue(err: dict[str, Any], data: dict[str, Any], sources: Sources) -> Issue
     return Issue(_dotted(path), msg, where)
 
 
+def _folder_read(source_name: str) -> Path | None:
+    """The folder whose config.yaml this is, when it is a run or model folder (data moectl reads,
+    not a recipe the user wrote): its plugins must not come from that folder."""
+    path = Path(source_name)
+    if path.name != CONFIG:
+        return None
+    folder = path.parent
+    if RunDir(folder).looks_like_run() and ((folder / CHECKPOINTS).is_dir() or (folder / WEIGHTS).is_file()):
+        return folder
+    return None
+
+
 def validate(data: dict[str, Any], sources: Sources, source_name: str) -> Recipe:
     """Validate a merged recipe: import its plugins, check every key and type (all problems
     together), then the checks that relate several keys (all of those together)."""
-    load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name)
+    load_plugins(data.get("plugins"), sources.get(("plugins",)), source_name, read_from=_folder_read(source_name))
     schema = recipe_schema()
     non_finite = [_issue_at(path, "must be a finite number (use null to turn a setting off)", sources)
                   for path in _non_finite(data)]

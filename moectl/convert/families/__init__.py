@@ -68,6 +68,9 @@ def family_of(cfg: dict[str, Any], where: str) -> Family:
     """The family of a config.json (its model_type), or a clear error."""
     known = families()
     model_type = cfg.get("model_type")
+    if not isinstance(model_type, str):
+        raise MoectlError(f"{where}: config.json's model_type is {str(model_type)[:60]!r}, not a name",
+                          hint="the config.json is damaged; download the model again")
     if model_type in known:
         return known[model_type]
     arch = (cfg.get("architectures") or ["?"])[0] if isinstance(cfg.get("architectures"), list) else "?"

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .moectl_core import MoETransformer
 from .moectl_core_accounting import component_parameters
 from .moectl_core_config import ModelArgs
+from .moectl_core_generation import check_generatable
 from .moectl_core_losses import IGNORE_INDEX
 from .moectl_core_routers_base import RoutingMode
 
@@ -127,6 +128,12 @@ class MoectlForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # No key/value cache: every step runs the whole sequence (routing may depend on it).
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def generate(self, *args, **kwargs):
+        # A router that looks at the whole batch (expert choice) would route a decoded token unlike
+        # in training: refused, as `moectl generate` refuses it. Scoring with forward() still works.
+        check_generatable(self.model)
+        return super().generate(*args, **kwargs)
 
     def engine(self, input_ids, targets=None):
         """The one call of moectl's forward: dropless routing, as moectl decodes and evaluates."""
