@@ -18,7 +18,7 @@ from pathlib import Path
 
 from moectl.errors import MoectlError
 from moectl.fsutil import clean_stale, disk_full, free_space, fsync_dir, fsync_tree, temp_tag
-from moectl.rundir import CONVERT_INFO, RunDir
+from moectl.rundir import CHECKPOINTS, CONVERT_INFO, LOGS, RunDir
 
 MARKER = ".moectl-output"   # in every folder convert writes: what --force may replace
 ELSEWHERE = "write the result to another folder"
@@ -28,7 +28,7 @@ def written_by_moectl(folder: Path) -> bool:
     """A folder `moectl convert` wrote (and so may replace with --force): it holds the marker, or it
     is an older export (config.json naming moectl's version) or import (convert.json). Never a run."""
     folder = Path(folder)
-    if (folder / "checkpoints").exists() or (folder / "logs").exists():
+    if (folder / CHECKPOINTS).exists() or (folder / LOGS).exists():
         return False
     if (folder / MARKER).is_file() or (folder / CONVERT_INFO).is_file():
         return True
