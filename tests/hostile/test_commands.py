@@ -634,3 +634,36 @@ def test_a_router_that_breaks_its_contract_later_under_profile(flaky_recipe, cli
 def test_profile_refuses_bad_options(options, words, cli):
     out = clean(cli("profile", "quickstart", "--no-backends", *options))
     assert words in out
+
+
+# --------------------------------------------------------------------------- full disks
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KB tmpfs (skipped where this machine cannot mount one)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()[:100]}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("mode", ["export", "import"])
+def test_convert_onto_a_full_disk(mode, run_copy, dense_source, cli, tiny_disk):
+    source, how = (run_copy, ["--to", "hf"]) if mode == "export" else (dense_source["hf"], ["--from", "hf"])
+    out = clean(cli("convert", source, tiny_disk / "out", *how))
+    assert "no space left" in out and str(tiny_disk) in out
+    assert not list(tiny_disk.iterdir())        # neither the output nor a temporary
+
+
+@pytest.mark.processes
+def test_eval_onto_a_full_disk(run_copy, cli, tiny_disk):
+    (tiny_disk / "fill").write_bytes(b"x" * (60 * 1024))
+    out = clean(cli("eval", run_copy, "-q", "--batches", "1", "--no-plots", "--out", tiny_disk / "ev"))
+    assert "no space left" in out or "cannot write" in out
+    assert not (tiny_disk / "ev" / "results.json").exists()
