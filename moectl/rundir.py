@@ -408,6 +408,14 @@ class RunDir(_Folder):
         p = Path(path)
         return cls(p.parent.parent) if p.name == LATEST and p.parent.name == CHECKPOINTS else None
 
+    def foreign_entries(self) -> list[str]:
+        """What in a folder that is not (yet) a run is not a run's own file: a training refuses to
+        write among someone else's files. Empty for a new, empty or run folder."""
+        if not self.path.is_dir() or self.looks_like_run():
+            return []
+        own = {CONFIG, TOKENIZER, DATA_INDEX, LOCK, LOGS, TENSORBOARD, TRACKING, EVAL, CHECKPOINTS}
+        return sorted(p.name for p in self.path.iterdir() if p.name not in own and ".tmp-" not in p.name)
+
     def looks_like_run(self) -> bool:
         """Whether the folder holds a recipe or checkpoints (a run folder, maybe not trained yet)."""
         return self.config.is_file() or (self.path / CHECKPOINTS).is_dir()

@@ -3,12 +3,13 @@ validation curves, with matplotlib) and compare.json (every number, docs/compare
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moectl.compare import plots
-from moectl.compare.comparison import Comparison, to_markdown
+from moectl.compare.comparison import FORMAT, Comparison, to_markdown
 from moectl.errors import MoectlError
 from moectl.fsutil import atomic_write_text, write_json
 from moectl.rundir import CURVES
@@ -16,10 +17,33 @@ from moectl.rundir import CURVES
 COMPARE_JSON, COMPARE_MD = "compare.json", "compare.md"
 
 
+def foreign_files(out: Path) -> list[str]:
+    """What in an --out folder an earlier `moectl compare` did not write: [] for a new or empty
+    folder or one holding a compare.json of moectl's; otherwise its entries, left alone."""
+    out = Path(out)
+    if not out.is_dir():
+        return [] if not out.exists() else [out.name]
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return []
+    try:
+        doc = json.loads((out / COMPARE_JSON).read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and doc.get("format") == FORMAT:
+            return []
+    except (OSError, ValueError, RecursionError):
+        pass
+    return entries
+
+
 def write_comparison(result: Comparison, out: Path, log: Callable[[str], Any]) -> str | None:
     """Write the folder; returns the curves file name, or None without matplotlib (then an old
     curves.png is removed: a folder never shows the curves of another comparison)."""
     curves = CURVES if plots.plots_available() else None
+    foreign = foreign_files(out)
+    if foreign:
+        raise MoectlError(f"--out {out} holds files moectl compare did not write ({', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}), which the comparison could replace",
+                          hint="give --out a new or empty folder, or one an earlier comparison wrote")
     try:
         out.mkdir(parents=True, exist_ok=True)
         if curves:

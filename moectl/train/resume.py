@@ -49,6 +49,15 @@ def total_steps(recipe: Recipe, tokens_per_step: int) -> int:
                                                           "or train.max_tokens")])
 
 
+def check_run_folder(run: RunDir) -> None:
+    """A training writes only into a new or empty folder or a run: never among someone's files."""
+    foreign = run.foreign_entries()
+    if foreign:
+        raise MoectlError(f"{run.path} holds files that are not a run's ({', '.join(foreign[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}), and a training writes config.yaml, logs/ and "
+                          "checkpoints/ there", hint="give --run-dir a new or empty folder, or an existing run")
+
+
 def plan_start(run: RunDir, recipe: Recipe, resume: str, world: int, log: Callable[[str], Any]) -> Start:
     """The checkpoint `resume` means for this run (checked against the run folder), the recipe
     that continues it, and the budget in steps of the global batch."""

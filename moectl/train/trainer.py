@@ -44,6 +44,7 @@ from moectl.train.optim import Schedule, apply_hyperparameters, make_optimizer, 
 from moectl.train.progress import Progress
 from moectl.train.resume import (
     budget_before,
+    check_run_folder,
     check_tokenizers,
     init_source,
     plan_start,
@@ -229,6 +230,10 @@ class Trainer:
         self.run_dir = RunDir(run_dir or recipe.train.run_dir or default_run_path(recipe.name))
         # Another training may be writing to an existing folder: find out before reading it. A new
         # folder is locked when it is first written (so a run that fails early leaves none behind).
+        try:   # before the lock file: nothing lands among someone's files (every process sees the same)
+            check_run_folder(self.run_dir)
+        except MoectlError as e:
+            raise _agreed(e) from None
         locked_early = self.run_dir.path.is_dir()
         self.lock = RunLock(self.run_dir.path)
         if locked_early:

@@ -667,3 +667,34 @@ def test_eval_onto_a_full_disk(run_copy, cli, tiny_disk):
     out = clean(cli("eval", run_copy, "-q", "--batches", "1", "--no-plots", "--out", tiny_disk / "ev"))
     assert "no space left" in out or "cannot write" in out
     assert not (tiny_disk / "ev" / "results.json").exists()
+
+
+# --------------------------------------------------------------------------- compare --out, train --run-dir
+
+@pytest.mark.parametrize("files", [["curves.png"], ["compare.md"], ["compare.json"], ["paper.pdf"]])
+def test_compare_out_keeps_the_users_files(files, trained_run, cli, tmp_path):
+    out_dir = tmp_path / "cmp"
+    out_dir.mkdir()
+    for name in files:
+        (out_dir / name).write_text("the user's own")
+    before = snapshot(out_dir)
+    assert "did not write" in clean(cli("compare", trained_run, "--out", out_dir))
+    assert snapshot(out_dir) == before
+
+
+def test_compare_out_replaces_its_own_comparison(trained_run, cli, tmp_path):
+    for _ in range(2):
+        r = cli("compare", trained_run, "--out", tmp_path / "cmp")
+        assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["format"] == "moectl.compare"
+
+
+@pytest.mark.parametrize("files", [["thesis.tex"], ["data", "notes.md"], ["model.safetensors"]])
+def test_train_never_writes_among_the_users_files(files, trained_run, cli, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text("the user's own")
+    before = snapshot(folder)
+    out = clean(cli("train", trained_run.parent / "run.yaml", "--run-dir", folder, "-q"))
+    assert "not a run's" in out and snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == files
