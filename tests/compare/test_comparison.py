@@ -170,6 +170,7 @@ def test_compare_without_matplotlib(cli, runs, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "curves.png").write_bytes(b"old")   # from an earlier comparison: removed, not left stale
+    (out / "compare.json").write_text(json.dumps({"format": "moectl.compare", "version": 1}))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     result = cli("compare", runs["a0"], runs["k0"], "--out", out)
     assert result.exit_code == 0, result.output
