@@ -244,7 +244,7 @@ def pick_device(name: str):
 def single_process(command: str) -> None:
     """Refuse to run `command` as one of several launched processes (torchrun, accelerate), where
     every process would do the same work and write the same files."""
-    world = os.environ.get("WORLD_SIZE", "1")
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS", "1")   # torchrun, or srun -n N
     if world.isdigit() and int(world) > 1:
         from moectl.errors import MoectlError
 

@@ -2,7 +2,8 @@
 
 Any launcher that sets the usual variables works the same way: `moectl train --nproc N`, torchrun,
 `accelerate launch --multi_gpu` (accelerate's torchrun-based launcher, which also runs CPU
-processes), on one machine or several. Each process reads RANK / WORLD_SIZE / LOCAL_RANK /
+processes), on one machine or several; a SLURM step that srun started with several tasks is mapped
+to them (`slurm_variables`). Each process reads RANK / WORLD_SIZE / LOCAL_RANK /
 MASTER_ADDR / MASTER_PORT, joins a process group (gloo on CPU, NCCL on GPUs) and trains its
 share of the global batch; `parallel: ddp` replicates the model (PyTorch's
 DistributedDataParallel), `parallel: fsdp` shards it (PyTorch's `fully_shard`). Precision is
@@ -14,6 +15,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,8 +56,44 @@ def _env_int(name: str, default: int) -> int:
     return _env_number(name, default, int)
 
 
+def first_host(nodelist: str) -> str | None:
+    """The first host of a SLURM node list: 'gpu-[003-005,007],cpu1' -> 'gpu-003' (None if unreadable)."""
+    m = re.match(r"^([^,\[\]]+)(?:\[([0-9]+)[^\]]*\])?", nodelist.strip())
+    if not m:
+        return None
+    return m.group(1) + (m.group(2) or "")
+
+
+def slurm_variables(env: dict[str, str]) -> dict[str, str]:
+    """The process-group variables of a task of a SLURM step that srun started with several tasks
+    (and no torchrun, which would set WORLD_SIZE itself): {} outside such a step. A multi-node step
+    without MASTER_ADDR whose node list cannot be read is refused rather than trained alone."""
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env:
+        return {}
+    tasks = env.get("SLURM_STEP_NUM_TASKS")   # set by srun for its step, not in the batch script itself
+    if not tasks or not tasks.isdigit() or int(tasks) < 2:
+        return {}
+    out = {"WORLD_SIZE": tasks, "RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or "1"
+        host = "127.0.0.1" if nodes == "1" else first_host(env.get("SLURM_STEP_NODELIST")
+                                                          or env.get("SLURM_JOB_NODELIST") or "")
+        if host is None:
+            raise MoectlError(
+                f"this SLURM step has {tasks} tasks on {nodes} nodes, and neither MASTER_ADDR nor the node list "
+                "says where they meet",
+                hint="export MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1) before "
+                "srun, or launch srun torchrun --nnodes ... (see docs/training.md)")
+        out["MASTER_ADDR"] = host
+    if "MASTER_PORT" not in env:   # jobs sharing a node meet on different ports
+        job = env.get("SLURM_JOB_ID", "0")
+        out["MASTER_PORT"] = str(20000 + int(job) % 10000 if job.isdigit() else 29500)
+    return out
+
+
 def start() -> Processes:
     """Join the launcher's process group (if it started several processes) and pick the device."""
+    os.environ.update(slurm_variables(dict(os.environ)))
     if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
         # accelerate's plain launcher sets MASTER_ADDR only when asked for several processes, but on
         # a machine without several GPUs it starts just this one: refuse instead of training alone.

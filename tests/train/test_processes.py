@@ -266,3 +266,58 @@ def test_closed_output_or_terminal_stops_with_a_checkpoint(corpus, write, tmp_pa
     assert expected in err and "--resume auto" in err and "Traceback" not in err
     stopped = CheckpointDir(run / "checkpoints").latest()
     assert stopped is not None and 0 < load_run(stopped).step < 400
+
+
+def _slurm_task(path, run, rank, job="4242", extra=None):
+    """One task of an srun step with two tasks on one node (no torchrun: no WORLD_SIZE)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_NTASKS": "2", "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_ID": job, "OMP_NUM_THREADS": "1",
+                **(extra or {})})
+    return subprocess.Popen([sys.executable, "-m", "moectl", "train", str(path), "train.batch_size=2", "--run-dir",
+                             str(run), "-q"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_an_srun_step_with_two_tasks_trains_as_one_run(corpus, write, tmp_path):
+    """srun -n 2 moectl train ...: the two tasks find each other from SLURM's variables and train
+    with world size 2 (neither trains alone, neither exits on the lock)."""
+    from moectl.train.launch import free_port
+
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=3, eval_every="null", checkpoint_every=3))
+    port = str(free_port())
+    procs = [_slurm_task(path, tmp_path / "run", r, extra={"MASTER_PORT": port}) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    latest = CheckpointDir(tmp_path / "run" / "checkpoints").latest()
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
+    assert json.loads((latest / "meta.json").read_text())["provenance"]["launcher"] == "slurm"
+
+
+def test_two_torchrun_agents_meet_through_c10d(corpus, write, tmp_path):
+    """A two-node launch on one machine: two torchrun agents, one process each, a c10d rendezvous."""
+    from moectl.train.launch import free_port
+
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=3, eval_every="null", checkpoint_every=3))
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+                                "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "moectl-test",
+                                "--node_rank", str(node), "-m", "moectl", "train", str(path), "train.batch_size=2",
+                                "--run-dir", str(tmp_path / "run"), "-q"], cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    for a in agents:
+        _, err = a.communicate(timeout=300)
+        assert a.returncode == 0, err[-3000:]
+    latest = CheckpointDir(tmp_path / "run" / "checkpoints").latest()
+    assert json.loads((latest / "meta.json").read_text())["world_size"] == 2
+
+
+def test_a_multi_node_srun_step_without_a_meeting_place_is_refused(corpus, write, tmp_path):
+    path = write("r.yaml", train_recipe_text(corpus, max_steps=2))
+    proc = _slurm_task(path, tmp_path / "run", 0, extra={"SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "[",
+                                                        "SLURM_JOB_NODELIST": ""})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "MASTER_ADDR" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
