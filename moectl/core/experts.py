@@ -160,6 +160,9 @@ class ExpertBank(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.active_fraction = active_fraction   # share of the bank one token uses (k / E), for counting
+        # Expert parallelism: when the training side shards the bank over processes it installs an
+        # exchange here (moectl.train.expert_parallel); the engine itself knows no collectives.
+        self.exchange: Callable[[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]], Tensor] | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -193,7 +196,7 @@ class ExpertBank(nn.Module):
 
     def fused_backend(self, x: Tensor) -> bool:
         """Whether this forward's backend does dispatch and combine itself (triton)."""
-        return self.backend == "triton" and self.backend_for(x) == "triton"
+        return self.backend == "triton" and self.exchange is None and self.backend_for(x) == "triton"
 
     def compute(self, x_ND: Tensor, counts_E: Tensor, tail: bool = True,
                 operands: tuple[Tensor, Tensor | None, Tensor] | None = None) -> Tensor:
@@ -205,6 +208,9 @@ class ExpertBank(nn.Module):
             w1, w3, w2 = operands
         name = self.backend_for(x_ND)
         fn = BACKENDS.get(name, experts_loop)
+        if self.exchange is not None:   # rows travel to the process holding their expert, and back
+            return self.exchange(x_ND, counts_E, lambda rows, counts: fn(rows, counts, w1, w3, w2, self.act,
+                                                                          tail=False))
         return fn(x_ND, counts_E, w1, w3, w2, self.act, tail=tail)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
