@@ -12,7 +12,9 @@ from rich.table import Table
 from safetensors.torch import save_model
 
 from moectl.core.accounting import TRAIN_FLOPS_FACTOR, count_parameters, training_memory
+from moectl.core.experts import ExpertBank
 from moectl.core.init import describe
+from moectl.errors import MoectlError
 from moectl.factory import build_model
 from moectl.fsutil import atomic_dir
 from moectl.recipe.load import dump_recipe
@@ -46,6 +48,8 @@ class BuildReport:
     memory: dict[str, int]
     moe: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    expert_parallel: int = 1
+    per_rank: dict[str, int] | None = None   # memory of one process with the experts split expert_parallel ways
 
     @property
     def flops_train(self) -> int:
@@ -59,11 +63,30 @@ class BuildReport:
             "flops_per_token": {"forward": self.flops_forward, "train": self.flops_train, "seq_len": self.seq_len},
             "memory_bytes": self.memory,
             "moe": self.moe,
+            **({"expert_parallel": {"degree": self.expert_parallel, "memory_bytes_per_rank": self.per_rank}}
+               if self.per_rank else {}),
             "notes": self.notes,
         }
 
 
-def build_report(recipe: Recipe) -> BuildReport:
+def per_rank_memory(model, total: int, degree: int) -> dict[str, int]:
+    """Training memory of one process when every expert bank is split `degree` ways (expert
+    parallelism): its share of the experts, and every other parameter whole."""
+    banks = [m for m in model.modules() if isinstance(m, ExpertBank)]
+    if not banks:
+        raise MoectlError(f"--expert-parallel {degree}: the model has no routed experts to place on other processes",
+                          hint="use it with an MoE recipe")
+    uneven = sorted({b.num_experts for b in banks if b.num_experts % degree})
+    if uneven:
+        raise MoectlError(f"--expert-parallel {degree} must divide every routed layer's number of experts "
+                          f"({', '.join(map(str, uneven))} experts cannot be split {degree} ways)",
+                          hint="choose a degree that divides model.moe.num_experts")
+    experts = sum(p.numel() for b in banks for p in b.parameters())
+    mem = training_memory(total - experts + experts // degree)
+    return {"weights": mem.weights, "grads": mem.grads, "optimizer": mem.optimizer, "total": mem.total}
+
+
+def build_report(recipe: Recipe, expert_parallel: int = 1) -> BuildReport:
     model = build_model(recipe, device="meta")
     counts = count_parameters(model)
     mem = training_memory(counts.total)
@@ -91,7 +114,9 @@ def build_report(recipe: Recipe) -> BuildReport:
     notes.append(describe(cfg.init, m.init if m else None, m.router_init if m else None, cfg.init_std,
                           cfg.scale_residual_init) + ".")
     notes.append("memory: fp32 weights + fp32 gradients + AdamW moments (2 x fp32); activations excluded.")
+    per_rank = per_rank_memory(model, counts.total, expert_parallel) if expert_parallel > 1 else None
     return BuildReport(
+        per_rank=per_rank, expert_parallel=expert_parallel,
         name=recipe.name, rows=counts.rows, total=counts.total, active=counts.active,
         embedding=counts.embedding, seq_len=recipe.model.seq_len,
         flops_forward=model.flops_per_token(),
@@ -131,6 +156,11 @@ def render(report: BuildReport, console) -> None:
     console.print(f"[bold]training memory[/]  weights {human_bytes(mem['weights'])} + grads "
                   f"{human_bytes(mem['grads'])} + optimizer {human_bytes(mem['optimizer'])} = "
                   f"{human_bytes(mem['total'])}")
+    if report.per_rank:
+        r = report.per_rank
+        console.print(f"[bold]per process, experts split {report.expert_parallel} ways[/]  weights "
+                      f"{human_bytes(r['weights'])} + grads {human_bytes(r['grads'])} + optimizer "
+                      f"{human_bytes(r['optimizer'])} = {human_bytes(r['total'])}")
     for note in report.notes:
         console.print(f"[dim]note: {note}[/]")
 

@@ -17,6 +17,9 @@ def build(
     save: Path = typer.Option(None, "--save", help="Also write an initialised checkpoint to this folder "
                               "(model.safetensors + the resolved config.yaml). The folder must not exist."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    expert_parallel: int = typer.Option(1, "--expert-parallel", min=1, help="Also show the training memory of one "
+                                        "process when every routed layer's experts are split this many ways over "
+                                        "processes (expert parallelism); it must divide num_experts."),
 ) -> None:
     """Count a recipe's parameters (total and active per token), training FLOPs per token and training memory, without
     allocating the model."""
@@ -27,7 +30,7 @@ def build(
     rec = load_recipe(recipe, overrides or [])
     if save is not None and save.exists():
         raise MoectlError(f"{save} already exists", hint="choose a new folder for --save")
-    report = build_report(rec)
+    report = build_report(rec, expert_parallel)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

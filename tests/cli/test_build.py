@@ -109,3 +109,31 @@ def test_save_writes_loadable_checkpoint(cli, tiny_recipe, tmp_path):
     for name, tensor in expected.items():
         torch.testing.assert_close(state[name], tensor)
     assert not list(tmp_path.glob(".init.tmp*"))
+
+
+@pytest.mark.parametrize("degree", [2, 4, 8])
+def test_per_process_memory_with_the_experts_split(cli, degree):
+    """--expert-parallel N: each process holds exactly 1/N of every expert bank and all the rest."""
+    from moectl.core.experts import ExpertBank
+    from moectl.factory import build_model
+    from moectl.recipe.load import load_recipe
+
+    r = cli("build", "bench/finegrained-1b", "--json", "--expert-parallel", str(degree))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    model = build_model(load_recipe("bench/finegrained-1b"), device="meta")
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, ExpertBank) for p in m.parameters())
+    assert experts % degree == 0
+    per_rank = doc["params"]["total"] - experts + experts // degree
+    assert doc["expert_parallel"] == {"degree": degree, "memory_bytes_per_rank": {
+        "weights": 4 * per_rank, "grads": 4 * per_rank, "optimizer": 8 * per_rank, "total": 16 * per_rank}}
+    assert f"experts split {degree} ways" in cli("build", "bench/finegrained-1b", "--expert-parallel",
+                                                  str(degree)).output
+
+
+@pytest.mark.parametrize(("args", "words"), [(["--expert-parallel", "3"], "cannot be split 3 ways"),
+                                             (["model.moe=null", "--expert-parallel", "2"], "no routed experts"),
+                                             (["--expert-parallel", "0"], "--expert-parallel")])
+def test_expert_parallel_degree_refusals(cli, args, words):
+    r = cli("build", "quickstart", *args)
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
