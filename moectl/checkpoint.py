@@ -116,7 +116,8 @@ def _load_pt(path: Path) -> Any:
 
 def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: dict[str, Any],
                     meta: dict[str, Any], *, rank: int, world_size: int, barrier, keep_last: int,
-                    plan_state: dict[str, Any] | None = None, aliases: dict[str, str] | None = None) -> Path:
+                    plan_state: dict[str, Any] | None = None, aliases: dict[str, str] | None = None,
+                    globalize=None) -> Path:
     """Collective: every process calls it. Rank 0 writes model, optimizer and trainer state; every
     rank writes its RNG state; rank 0 then publishes the folder and moves `latest`. `aliases`
     (tied weights, see `tied_aliases` of the unwrapped model) are stored once, under their first name."""
@@ -125,6 +126,8 @@ def save_checkpoint(ckpts: CheckpointDir, step: int, model, optimizer, trainer: 
     for alias in aliases or {}:      # a sharded model gathers tied weights as separate copies
         model_state.pop(alias, None)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    if globalize is not None:   # expert shards -> the global tensors (collective)
+        globalize(model_state, optim_state)
     final = ckpts.step_dir(step)
     tmp = ModelFolder(ckpts.temporary(step))
     if rank == 0:
@@ -355,7 +358,7 @@ def _brief(value: Any) -> str:
 
 
 def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
-                           aliases: dict[str, str] | None = None) -> dict[str, Any]:
+                           aliases: dict[str, str] | None = None, localize=None) -> dict[str, Any]:
     """Resume training from a checkpoint: weights into the (possibly wrapped) model, the optimizer
     state, this process's random generators. Returns trainer.json, plus the routing plan's state
     under "plan" when the checkpoint has one. `core` is the unwrapped model, `aliases` its tied
@@ -365,11 +368,15 @@ def restore_training_state(path: Path, model, optimizer, *, rank: int, core,
         raise MoectlError(f"{path} is not a complete checkpoint (no {folder.meta.name} / {folder.weights.name})")
     aliases = tied_aliases(core) if aliases is None else aliases
     state = read_weights(path)
+    if localize is not None:   # expert parallelism: this process's rows of the global expert tensors
+        localize(model_state=state)
     check_weights(core, state, path, aliases)
     for alias, name in aliases.items():
         state[alias] = state[name]
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     optim_state = _load_pt(folder.optimizer)
+    if localize is not None and isinstance(optim_state, dict):
+        localize(optim_state=optim_state)
     check_optimizer_state(optim_state, core, folder.optimizer)
     try:
         set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))

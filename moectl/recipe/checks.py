@@ -34,6 +34,26 @@ def check_recipe(r: Recipe) -> list[Issue]:
             "train.max_steps")
     if m.moe is not None:
         issues += _check_moe(r)
+    if t.expert_parallel > 1:
+        issues += _check_expert_parallel(r)
+    return issues
+
+
+def _check_expert_parallel(r: Recipe) -> list[Issue]:
+    n, moe, key = r.train.expert_parallel, r.model.moe, "train.expert_parallel"
+    if moe is None:
+        return [Issue(key, f"{n} needs routed experts to split, and the model has no model.moe")]
+    issues = []
+    if moe.num_experts % n:
+        issues.append(Issue(key, f"{n} must divide model.moe.num_experts ({moe.num_experts})",
+                            related="model.moe.num_experts"))
+    variants = [name for name in variant_fields() if getattr(moe, name, None) is not None]
+    if variants:
+        issues.append(Issue(key, f"model.moe.{variants[0]} is not supported with expert parallelism yet (its steps "
+                            "run every expert on every token); set train.expert_parallel: 1"))
+    if r.train.parallel == "fsdp":
+        issues.append(Issue(key, "does not combine with train.parallel: fsdp yet; use ddp (the default)",
+                            related="train.parallel"))
     return issues
 
 

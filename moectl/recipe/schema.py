@@ -366,6 +366,9 @@ class TrainConfig(Section):
         None, description="The device's peak TFLOP/s that MFU is stated against (per process). null: moectl's "
         "datasheet table for known GPUs, a load-proof measurement on CPUs, else a measured matmul.")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism with several processes.")
+    expert_parallel: PosInt = Field(
+        1, description="Expert parallelism: split every routed layer's experts over this many processes (it must "
+        "divide num_experts and the process count); tokens travel to their experts and back (docs/training.md).")
 
 
 def _run_name(value: str) -> str:

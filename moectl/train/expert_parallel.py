@@ -84,3 +84,120 @@ def shard_bank(bank, exchange: AllToAllExchange) -> None:
         if w is not None:
             setattr(bank, name, nn.Parameter(w.detach()[part].clone(), requires_grad=w.requires_grad))
     bank.exchange = exchange
+
+
+# --------------------------------------------------------------------------- training with it
+
+
+class ExpertSharding:
+    """Expert parallelism in a training run: the process groups (expert-parallel groups of `degree`
+    consecutive ranks, so that with torchrun's numbering a group stays inside a node; data-parallel
+    groups of the ranks that hold the same experts), the banks cut to their local experts, the
+    gradient synchronisation and clipping that replace DDP's, and the conversion of checkpoint
+    state between the global tensors on disk and the local shards in memory."""
+
+    def __init__(self, core, rank: int, world: int, degree: int):
+        if degree < 2 or world % degree:
+            raise MoectlError(f"train.expert_parallel {degree} needs a number of processes it divides, not {world}",
+                              hint=f"launch a multiple of {degree} processes (--nproc, torchrun), or set "
+                              "train.expert_parallel: 1")
+        self.degree, self.world, self.core = degree, world, core
+        self.optimizer = None   # set once the optimizer exists (its state is gathered for checkpoints)
+        self.ep_group = self.dp_group = None
+        for d in range(world // degree):   # every process creates every group, in the same order
+            ranks = list(range(d * degree, (d + 1) * degree))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.ep_group = group
+        for e in range(degree):
+            ranks = list(range(e, world, degree))
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.dp_group = group
+        from moectl.core.experts import ExpertBank
+
+        self.sharded: dict[str, slice] = {}   # parameter name -> this process's rows of the global tensor
+        for name, module in core.named_modules():
+            if isinstance(module, ExpertBank):
+                exchange = AllToAllExchange(module.num_experts, self.ep_group)
+                shard_bank(module, exchange)
+                for w in ("w1", "w3", "w2"):
+                    if getattr(module, w) is not None:
+                        self.sharded[f"{name}.{w}"] = exchange.local_slice()
+        if not self.sharded:
+            raise MoectlError("train.expert_parallel needs a model with routed experts", hint="set it to 1")
+
+    # gradients ------------------------------------------------------------------------------
+
+    def sync_gradients(self, core) -> None:
+        """The data-parallel mean gradient: a replicated parameter's gradient summed over every
+        process, an expert's (which the exchange already summed over its expert-parallel group)
+        over its data-parallel group only; both divided by the number of processes."""
+        for name, p in core.named_parameters():
+            if p.grad is None:
+                continue
+            group = self.dp_group if name in self.sharded else None
+            dist.all_reduce(p.grad, group=group)
+            p.grad.div_(self.world)
+
+    def clip(self, core, max_norm: float) -> Tensor:
+        """Clip the global gradient norm: replicated gradients count once, each expert shard once."""
+        local = torch.zeros((), dtype=torch.float64)
+        shard = torch.zeros((), dtype=torch.float64)
+        grads = []
+        for name, p in core.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if name in self.sharded:
+                shard += sq
+            else:
+                local += sq
+        dist.all_reduce(shard, group=self.ep_group)
+        norm = (local + shard).sqrt().to(torch.float32)
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.device, g.dtype))
+        return norm
+
+    # checkpoint state -----------------------------------------------------------------------
+
+    def _gather(self, t: Tensor) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.degree)]
+        dist.all_gather(parts, t.contiguous(), group=self.ep_group)
+        return torch.cat(parts)
+
+    def globalize(self, model_state: dict, optim_state: dict) -> None:
+        """Collective: the global tensors of the expert shards, for a checkpoint (the same files
+        whatever the expert-parallel degree). Gathered from the live parameters and optimizer
+        state on every process (a full state dict exists on the first process only); written into
+        the state dicts where they hold the entry."""
+        params = dict(self.core.named_parameters())
+        states = optim_state.get("state") if isinstance(optim_state, dict) else None
+        for name in self.sharded:
+            p = params[name]
+            full = self._gather(p.detach())
+            if name in model_state:
+                model_state[name] = full.cpu()
+            live = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+            entry = states.get(name) if isinstance(states, dict) else None
+            for key in sorted(live):
+                value = live[key]
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    gathered = self._gather(value.detach())
+                    if isinstance(entry, dict):
+                        entry[key] = gathered.cpu()
+
+    def localize(self, model_state: dict | None = None, optim_state: dict | None = None) -> None:
+        """This process's rows of the global expert tensors of a checkpoint, in place."""
+        states = optim_state.get("state") if isinstance(optim_state, dict) else None
+        for name, part in self.sharded.items():
+            if model_state is not None and isinstance(model_state.get(name), Tensor) and model_state[name].dim():
+                model_state[name] = model_state[name][part].contiguous()
+            entry = states.get(name) if isinstance(states, dict) else None
+            if isinstance(entry, dict):
+                for key, value in entry.items():
+                    if isinstance(value, Tensor) and value.dim() > 0:
+                        entry[key] = value[part].contiguous()

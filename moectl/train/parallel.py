@@ -136,10 +136,11 @@ def _store(addr: str, port: int, rank: int, world: int, timeout: datetime.timede
     return dist.PrefixStore(f"moectl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def wrap(model: nn.Module, parallel: str, procs: Processes) -> nn.Module:
-    """Place the model on its device and make it data-parallel across the processes."""
+def wrap(model: nn.Module, parallel: str, procs: Processes, replicate: bool = True) -> nn.Module:
+    """Place the model on its device and make it data-parallel across the processes (not with
+    `replicate=False`: expert parallelism synchronises its gradients itself)."""
     model.to(procs.device)
-    if procs.world == 1:
+    if procs.world == 1 or not replicate:
         return model
     if parallel == "fsdp":
         mesh = init_device_mesh(procs.device.type, (procs.world,))

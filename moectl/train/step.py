@@ -42,8 +42,9 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, core: MoETransformer, optimizer: torch.optim.Optimizer, *,
                  device: torch.device, bf16: bool, grad_clip: float, compiled: bool = False, world: int = 1,
-                 reduce: Callable[[Tensor], Tensor] = parallel.all_reduce_sum):
+                 reduce: Callable[[Tensor], Tensor] = parallel.all_reduce_sum, sharding=None):
         self.model, self.core, self.optimizer = model, core, optimizer
+        self.sharding = sharding   # expert parallelism (moectl.train.expert_parallel): syncs and clips itself
         self.device, self.bf16, self.grad_clip, self.compiled = device, bf16, grad_clip, compiled
         self.world, self.reduce = world, reduce
 
@@ -67,7 +68,11 @@ class TrainStep:
             aux_sum += out.aux_loss.detach()
             routing.add(out.records)
             records.append(out.records)
-        grad_norm = parallel.clip_gradients(self.model, self.grad_clip)
+        if self.sharding is not None:
+            self.sharding.sync_gradients(self.core)
+            grad_norm = self.sharding.clip(self.core, self.grad_clip)
+        else:
+            grad_norm = parallel.clip_gradients(self.model, self.grad_clip)
         agreed = self.reduce(torch.stack([loss_sum, aux_sum, grad_norm.float().to(device)]))
         n = n_micro * self.world
         loss, aux, norm = agreed[0].item() / n, agreed[1].item() / n, agreed[2].item() / self.world

@@ -38,6 +38,7 @@ from moectl.recipe.schema import Recipe
 from moectl.rundir import RunDir, default_run_path
 from moectl.train import parallel
 from moectl.train.compiling import compile_model
+from moectl.train.expert_parallel import ExpertSharding
 from moectl.train.lock import RunLock
 from moectl.train.metrics import MetricsLog
 from moectl.train.optim import Schedule, apply_hyperparameters, make_optimizer, set_lr
@@ -274,16 +275,25 @@ class Trainer:
         self.core = build_model(recipe)
         if start.checkpoint is None and self.cfg.init_from:
             self._init_from()
+        self.sharding = None
+        if self.cfg.expert_parallel > 1:   # experts split over processes: before the optimizer sees them
+            try:
+                self.sharding = ExpertSharding(self.core, procs.rank, procs.world, self.cfg.expert_parallel)
+            except MoectlError as e:
+                raise _agreed(e) from None
         self.core.activation_checkpointing = self.cfg.activation_checkpointing
         if self.cfg.compile:
             compile_model(self.core, lambda m: self.log(f"warning: {m}"))
         self.aliases = tied_aliases(self.core)   # before sharding, which hides them
-        self.model = parallel.wrap(self.core, self.cfg.parallel, procs)
+        self.model = parallel.wrap(self.core, self.cfg.parallel, procs, replicate=self.sharding is None)
         self.core.count_reducer = parallel.all_reduce_sum if procs.world > 1 else None
         self.optimizer = make_optimizer(self.core, self.cfg)
+        if self.sharding is not None:
+            self.sharding.optimizer = self.optimizer
         bf16 = resolve_precision(self.cfg.precision, procs.device) == "bf16"
         self.step_fn = TrainStep(self.model, self.core, self.optimizer, device=procs.device, bf16=bf16,
-                                 grad_clip=self.cfg.grad_clip, compiled=self.cfg.compile, world=procs.world)
+                                 grad_clip=self.cfg.grad_clip, compiled=self.cfg.compile, world=procs.world,
+                                 sharding=self.sharding)
         torch.manual_seed(recipe.seed * 7919 + 17 * procs.rank + 1)   # training-time noise (jitter), per process
         self.plan = self.core.make_plan(recipe.seed, start.total_steps)
         self.state = TrainState()
@@ -351,7 +361,8 @@ class Trainer:
     def _resume(self) -> None:
         checkpoint, total = self.start.checkpoint, self.start.total_steps
         saved = recoverable(checkpoint, lambda: restore_training_state(
-            checkpoint, self.model, self.optimizer, rank=self.procs.rank, core=self.core, aliases=self.aliases))
+            checkpoint, self.model, self.optimizer, rank=self.procs.rank, core=self.core, aliases=self.aliases,
+            localize=self.sharding.localize if self.sharding is not None else None))
         apply_hyperparameters(self.optimizer, self.cfg)   # the recipe's settings win over the checkpoint's
         if self.plan is not None and "plan" in saved:
             why_not = self.plan.resume(saved["plan"])
@@ -502,7 +513,8 @@ class Trainer:
                                rank=self.procs.rank, world_size=world, barrier=parallel.barrier,
                                keep_last=cfg.keep_last,
                                plan_state=self.plan.state_dict() if self.plan is not None else None,
-                               aliases=self.aliases)
+                               aliases=self.aliases,
+                               globalize=self.sharding.globalize if self.sharding is not None else None)
         s.last_saved = s.step
         return path
 
