@@ -25,9 +25,10 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
+from moectl.core.experts import ExpertBank
 from moectl.errors import MoectlError
 
 
@@ -76,8 +77,6 @@ class AllToAllExchange:
 def shard_bank(bank, exchange: AllToAllExchange) -> None:
     """Keep only this process's experts in `bank` (its w1, w3, w2 become their local slices, as new
     parameters) and install the exchange. `bank.num_experts` stays global: routing is unchanged."""
-    from torch import nn
-
     part = exchange.local_slice()
     for name in ("w1", "w3", "w2"):
         w = getattr(bank, name)
@@ -114,8 +113,6 @@ class ExpertSharding:
             group = dist.new_group(ranks)
             if rank in ranks:
                 self.dp_group = group
-        from moectl.core.experts import ExpertBank
-
         self.sharded: dict[str, slice] = {}   # parameter name -> this process's rows of the global tensor
         for name, module in core.named_modules():
             if isinstance(module, ExpertBank):
