@@ -104,6 +104,14 @@ def fail(err) -> None:
     if rank == "0" or not getattr(err, "agreed", False):
         prefix = "" if rank == "0" else f"[process {rank}] "
         stderr_console().print(f"[red]{escape(prefix + err.render())}[/]")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        # One of several processes: leave now. Tearing torch's process group down at interpreter exit
+        # can deadlock (gloo's worker thread waits for the interpreter lock the exiting thread holds),
+        # which would leave the run hanging after its message.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(err.exit_code)
     raise typer.Exit(err.exit_code)
 
 
