@@ -104,11 +104,11 @@ def fail(err) -> None:
     if rank == "0" or not getattr(err, "agreed", False):
         prefix = "" if rank == "0" else f"[process {rank}] "
         stderr_console().print(f"[red]{escape(prefix + err.render())}[/]")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        # One of several processes: leave now. Tearing torch's process group down at interpreter exit
-        # can deadlock (gloo's worker thread waits for the interpreter lock the exiting thread holds),
-        # which would leave the run hanging after its message.
+    parallel = sys.modules.get("moectl.train.parallel")
+    if parallel is not None and getattr(parallel, "joined", False):
+        # One of several processes that joined a process group: leave now. Tearing torch's process
+        # group down at interpreter exit can deadlock (gloo's worker thread waits for the interpreter
+        # lock the exiting thread holds), which would leave the run hanging after its message.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(err.exit_code)

@@ -28,6 +28,8 @@ from torch.distributed.fsdp import fully_shard
 
 from moectl.errors import MoectlError, RuntimeFailure
 
+joined = False   # this process joined a process group (an error then ends it at once: cli.common.fail)
+
 
 @dataclass
 class Processes:
@@ -118,6 +120,8 @@ def start() -> Processes:
         store = _store(addr, port, rank, world, timeout)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
                                 device_id=device if cuda else None)
+        global joined
+        joined = True
     except (RuntimeError, ValueError, OSError) as e:   # torch's DistNetworkError / DistStoreError among them
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeFailure(
