@@ -52,6 +52,27 @@ def test_gpu_check_script_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_ep_check_script_dry_run(tmp_path):
+    """The expert-parallel GPU script runs end to end on CPU (--dry: two gloo processes, tiny sizes):
+    the exchange table, parity against FSDP within its tolerance, and a speed row per degree and routing."""
+    import os
+
+    env = dict(os.environ, OUT=str(tmp_path), PY_OVERRIDE=sys.executable)
+    proc = subprocess.run(["bash", "bench/ep_check.sh", "--dry"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    exchange = (tmp_path / "exchange.txt").read_text()
+    assert "raw all_to_all_single" in exchange and "moectl exchange there and back, skewed routing" in exchange
+    parity = (tmp_path / "parity.txt").read_text()
+    assert "parity-ep2" in parity and "exit 0" in parity
+    speed = (tmp_path / "speed.txt").read_text()
+    for name in ("speed-ep1-learned", "speed-ep1-uniform", "speed-ep2-learned", "speed-ep2-uniform"):
+        assert name in speed, speed
+    ep_rows = [line for line in speed.splitlines() if line.startswith("speed-ep2")]
+    assert all(line.rstrip().endswith("%") for line in ep_rows), speed   # the exchange's share is measured
+
+
+@pytest.mark.slow
 def test_experiments_report_is_built_by_compare(tmp_path):
     """--report-only on finished runs (their files written here, not trained): the study's table is
     `moectl compare`'s (mean, sd and paired difference of the eval losses), and the robustness

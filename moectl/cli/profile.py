@@ -64,6 +64,10 @@ def profile(
     rec = load_recipe(recipe, overrides or [])
     if rec.model.moe is None:
         note = "the model has no MoE layers: only the whole-model table is shown"
+    elif rec.train.expert_parallel > 1:
+        note = (f"one process with every expert: train.expert_parallel {rec.train.expert_parallel} is not applied "
+                "here; a training run with it logs the exchange's time as its own stage (exchange_s_per_step and "
+                "exchange_share in metrics.jsonl)")
     else:
         note = None
     dev = pick_device(device)

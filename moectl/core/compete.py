@@ -136,6 +136,9 @@ class CompeteFFN(RoutedFFN):
 
     alternative_name = "competition"
     balance_losses = ("load_balance", "compete_balance")
+    # Runs under expert parallelism: its competition steps reach every expert through the bank's
+    # forward_all, which the exchange serves (moectl.train.expert_parallel.AllToAllExchange.every_expert).
+    expert_parallel = True
 
     def __init__(self, args, index: int = 0, name: str = ""):
         super().__init__(args, index, name)

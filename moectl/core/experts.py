@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,21 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 # --------------------------------------------------------------------------- the bank
 
 
+class Exchange(Protocol):
+    """What expert parallelism installs on a bank (`moectl.train.expert_parallel`): the bank then
+    holds only its process's experts, and the exchange moves rows to the processes that hold theirs."""
+
+    def __call__(self, x_ND: Tensor, counts_E: Tensor, run_local: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """Rows sorted by global expert id (counts_E rows each, unused rows after): every row run by its
+        expert wherever that expert lives (`run_local(rows, local_counts)` here), outputs in the same order."""
+        ...
+
+    def every_expert(self, x_TD: Tensor, run_local: Callable[[Tensor], Tensor]) -> Tensor:
+        """Every expert of the layer on every token of this process: [E, T, D]
+        (`run_local(x)` gives this process's experts on x: [E_local, T', D])."""
+        ...
+
+
 class ExpertBank(nn.Module):
     """E feed-forward experts with stacked weights."""
 
@@ -162,7 +178,7 @@ class ExpertBank(nn.Module):
         self.active_fraction = active_fraction   # share of the bank one token uses (k / E), for counting
         # Expert parallelism: when the training side shards the bank over processes it installs an
         # exchange here (moectl.train.expert_parallel); the engine itself knows no collectives.
-        self.exchange: Callable[[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]], Tensor] | None = None
+        self.exchange: Exchange | None = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w1, std=std)
@@ -209,6 +225,7 @@ class ExpertBank(nn.Module):
         name = self.backend_for(x_ND)
         fn = BACKENDS.get(name, experts_loop)
         if self.exchange is not None:   # rows travel to the process holding their expert, and back
+            fn = BACKENDS.get(name, experts_grouped)   # triton's fused path needs every expert here: unfused
             return self.exchange(x_ND, counts_E, lambda rows, counts: fn(rows, counts, w1, w3, w2, self.act,
                                                                           tail=False))
         return fn(x_ND, counts_E, w1, w3, w2, self.act, tail=tail)
@@ -223,13 +240,18 @@ class ExpertBank(nn.Module):
         return _triton().triton_moe(x, order_N, counts_E, weights_TK, w1, w3, w2, self.activation)
 
     def forward_all(self, x_TD: Tensor) -> Tensor:
-        """Every expert on every token: [E, T, D] (for methods that compare all experts)."""
+        """Every expert on every token: [E, T, D] (for methods that compare all experts). Under
+        expert parallelism the exchange brings every process's tokens to every expert and back."""
         x, w1, w3, w2 = self.operands(x_TD)
-        x = x.unsqueeze(0).expand(self.num_experts, -1, -1)
-        h = self.act(torch.bmm(x, w1))
-        if w3 is not None:
-            h = h * torch.bmm(x, w3)
-        return torch.bmm(h, w2)
+
+        def run(x: Tensor) -> Tensor:   # this bank's experts (all of them, or its process's share)
+            x = x.unsqueeze(0).expand(w1.shape[0], -1, -1)
+            h = self.act(torch.bmm(x, w1))
+            if w3 is not None:
+                h = h * torch.bmm(x, w3)
+            return torch.bmm(h, w2)
+
+        return run(x) if self.exchange is None else self.exchange.every_expert(x, run)
 
     def flops_per_slot(self) -> int:
         return mlp_matrices(self.activation) * 2 * self.d_model * self.hidden

@@ -1,10 +1,10 @@
 """Stage labels of the engine, for `moectl profile`.
 
 The engine wraps each part of a step in `record_stage(name)`: router, dispatch, experts, combine,
-shared experts, attention, norms, head + loss (and the trainer: optimizer). Outside a profile the
-labels are plain no-op context managers (nothing is recorded, nothing is allocated, and compiled
-graphs see no profiler calls); inside `profiling_stages()` they are torch.profiler ranges named
-`moectl::<stage>`, so a trace shows the real layer's work under the stage it belongs to.
+shared experts, attention, norms, head + loss (and the trainer: optimizer; expert parallelism:
+exchange). Outside a profile the labels are plain no-op context managers (nothing is recorded,
+nothing is allocated, and compiled graphs see no profiler calls); inside `profiling_stages()` they
+are torch.profiler ranges named `moectl::<stage>`, so a trace shows the real layer's work under the stage it belongs to.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 
 PREFIX = "moectl::"
-STAGES = ("embedding", "attention", "norms", "router", "dispatch", "experts", "combine", "shared_experts",
-          "dense_ffn", "head_loss", "optimizer")
+STAGES = ("embedding", "attention", "norms", "router", "dispatch", "exchange", "experts", "combine",
+          "shared_experts", "dense_ffn", "head_loss", "optimizer")
 
 _active = False
 _null = contextlib.nullcontext()

@@ -47,13 +47,10 @@ def _check_expert_parallel(r: Recipe) -> list[Issue]:
     if moe.num_experts % n:
         issues.append(Issue(key, f"{n} must divide model.moe.num_experts ({moe.num_experts})",
                             related="model.moe.num_experts"))
-    variants = [name for name in variant_fields() if getattr(moe, name, None) is not None]
-    if variants:
-        issues.append(Issue(key, f"model.moe.{variants[0]} is not supported with expert parallelism yet (its steps "
-                            "run every expert on every token); set train.expert_parallel: 1"))
-    if r.train.parallel == "fsdp":
-        issues.append(Issue(key, "does not combine with train.parallel: fsdp yet; use ddp (the default)",
-                            related="train.parallel"))
+    for name in variant_fields():   # a variant says whether it runs under expert parallelism
+        if getattr(moe, name, None) is not None and not vars(registry.variants.get(name).cls).get("expert_parallel"):
+            issues.append(Issue(key, f"model.moe.{name} does not declare support for expert parallelism (its layer "
+                                "would need every expert in every process); set train.expert_parallel: 1"))
     return issues
 
 

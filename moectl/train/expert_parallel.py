@@ -17,25 +17,89 @@ bound for each process are contiguous already. One exchange:
 
 Gradients follow by autograd: an expert weight's gradient sums the rows of every process of the
 group, and an input row's gradient comes home through the backward of step 2.
+
+CompeteSMoE's competition steps need every expert's response to every token (`every_expert`):
+each process sends all its tokens to every process of the group, which runs its local experts on
+all of them and sends each process its responses back, [E/N, T, D] from each (about E/K times
+the traffic of a routed exchange).
+
+The time spent in exchanges, forward and backward, is kept by an `ExchangeClock` for the training
+log (host time on the CPU, CUDA events on a GPU), and the collectives carry the `exchange` stage
+label that `moectl profile`'s attribution reads.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+from torch.distributed.tensor import DTensor
 
 from moectl.core.experts import ExpertBank
+from moectl.core.stages import record_stage
 from moectl.errors import MoectlError
+
+
+class ExchangeClock:
+    """Time spent in exchanges since the last `take()`, forward and backward. On the CPU the host
+    clock (gloo's collectives block); on a GPU CUDA events on the current stream, read only at
+    `take()`, so nothing synchronises during the step. The backward part runs from the moment an
+    exchange's output gradient is ready to the moment its input gradient is (the reverse collective
+    plus the reordering around it)."""
+
+    def __init__(self):
+        self.seconds, self.pairs = 0.0, []
+
+    def mark(self, device: torch.device):
+        if device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def add(self, start, stop) -> None:
+        if isinstance(start, float):
+            self.seconds += stop - start
+        else:
+            self.pairs.append((start, stop))
+
+    def take(self) -> float:
+        """Seconds in exchanges since the last call."""
+        total, self.seconds = self.seconds, 0.0
+        for start, stop in self.pairs:
+            stop.synchronize()
+            total += start.elapsed_time(stop) / 1e3
+        self.pairs = []
+        return total
+
+
+class _Tick(torch.autograd.Function):
+    """Identity whose backward reads the clock: placed after an exchange it marks the start of that
+    exchange's backward, placed before it the end."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clock: ExchangeClock, box: list, end: bool) -> Tensor:
+        ctx.clock, ctx.box, ctx.end = clock, box, end
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        now = ctx.clock.mark(g.device)
+        if ctx.end and ctx.box:
+            ctx.clock.add(ctx.box.pop(), now)
+        elif not ctx.end:
+            ctx.box.append(now)
+        return g, None, None, None
 
 
 class AllToAllExchange:
     """The exchange of one expert-parallel group, installed as `ExpertBank.exchange`."""
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None):
+    def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None, clock: ExchangeClock | None = None):
         self.group = group if group is not None else dist.group.WORLD
         self.size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
@@ -43,6 +107,31 @@ class AllToAllExchange:
             raise MoectlError(f"expert parallelism over {self.size} processes needs num_experts divisible by "
                               f"{self.size}, not {num_experts}")
         self.num_experts, self.local = num_experts, num_experts // self.size
+        self.clock = clock
+
+    def _send(self, x: Tensor, out_splits: list[int], in_splits: list[int]) -> Tensor:
+        """One autograd-aware all-to-all of rows (its backward is the reverse exchange), timed."""
+        clock = self.clock
+        if clock is None or not torch.is_grad_enabled() or not x.requires_grad:
+            with record_stage("exchange"):
+                return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.group))
+        box: list = []
+        x = _Tick.apply(x, clock, box, True)
+        start = clock.mark(x.device)
+        with record_stage("exchange"):
+            y = wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.group))
+        clock.add(start, clock.mark(y.device))
+        return _Tick.apply(y, clock, box, False)
+
+    def _counts(self, counts: Tensor) -> Tensor:
+        """An all-to-all of the int64 counts (on the CPU for gloo; the device for NCCL)."""
+        got = torch.empty_like(counts)
+        start = self.clock.mark(counts.device) if self.clock is not None else None
+        with record_stage("exchange"):
+            dist.all_to_all_single(got, counts, group=self.group)
+        if start is not None:
+            self.clock.add(start, self.clock.mark(counts.device))
+        return got
 
     def local_slice(self) -> slice:
         """The experts this process holds (their ids in the global numbering)."""
@@ -50,16 +139,15 @@ class AllToAllExchange:
 
     def __call__(self, x_ND: Tensor, counts_E: Tensor, run_local: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         N, L = self.size, self.local
+        # 1. counts: E per process out, E/N from each source in ([source, local expert]); on the
+        # device (NCCL exchanges device memory only), then read on the host for the splits
+        got_counts = self._counts(counts_E.to(torch.int64)).cpu().view(N, L)
         counts = counts_E.to(torch.int64).cpu()
         used = int(counts.sum())
-        # 1. counts: E per process out, E/N from each source in ([source, local expert])
-        got_counts = torch.empty_like(counts)
-        dist.all_to_all_single(got_counts, counts, group=self.group)
-        got_counts = got_counts.view(N, L)
         send = counts.view(N, L).sum(1).tolist()
         recv = got_counts.sum(1).tolist()
         # 2. the rows
-        rows = wait_tensor(all_to_all_single_autograd(x_ND[:used].contiguous(), recv, send, self.group))
+        rows = self._send(x_ND[:used], recv, send)
         # 3. (source, expert) blocks -> (expert, source), run the local experts, and back
         block = torch.arange(N * L).repeat_interleave(got_counts.reshape(-1))   # each row's block, row-major
         key = (block % L) * N + block // L                                      # expert-major order
@@ -67,14 +155,28 @@ class AllToAllExchange:
         y_local = run_local(rows[order], got_counts.sum(0).to(counts_E.device))
         y_rows = y_local[torch.argsort(order)]
         # 4. the outputs, home
-        y = wait_tensor(all_to_all_single_autograd(y_rows.contiguous(), send, recv, self.group))
+        y = self._send(y_rows, send, recv)
         rest = x_ND.shape[0] - used
         if rest:   # slots no expert took (dropped): zero, as the backends give them
             y = torch.cat([y, y.new_zeros(rest, y.shape[-1])])
         return y
 
+    def every_expert(self, x_TD: Tensor, run_local: Callable[[Tensor], Tensor]) -> Tensor:
+        """Every expert of the group on every token of this process, [E, T, D]: the tokens go to every
+        process (counts first: processes may hold different numbers), each runs its local experts on
+        all of them, and each process gets its tokens' responses back, E/N experts from each."""
+        N, L = self.size, self.local
+        T, D = x_TD.shape
+        counts = self._counts(torch.full((N,), T, dtype=torch.int64, device=x_TD.device))
+        theirs = counts.tolist()                                    # tokens of each process of the group
+        tokens = self._send(x_TD.unsqueeze(0).expand(N, T, D).reshape(N * T, D), theirs, [T] * N)
+        o_LSD = run_local(tokens)                                   # [L, sum of theirs, D]
+        o_rows = o_LSD.transpose(0, 1).reshape(-1, L * D)           # rows by source process
+        mine = self._send(o_rows, [T] * N, theirs)                  # [N * T, L * D], by holder
+        return mine.view(N, T, L, D).permute(0, 2, 1, 3).reshape(N * L, T, D)
 
-def shard_bank(bank, exchange: AllToAllExchange) -> None:
+
+def shard_bank(bank: ExpertBank, exchange: AllToAllExchange) -> None:
     """Keep only this process's experts in `bank` (its w1, w3, w2 become their local slices, as new
     parameters) and install the exchange. `bank.num_experts` stays global: routing is unchanged."""
     part = exchange.local_slice()
@@ -114,9 +216,10 @@ class ExpertSharding:
             if rank in ranks:
                 self.dp_group = group
         self.sharded: dict[str, slice] = {}   # parameter name -> this process's rows of the global tensor
+        self.clock = ExchangeClock()
         for name, module in core.named_modules():
             if isinstance(module, ExpertBank):
-                exchange = AllToAllExchange(module.num_experts, self.ep_group)
+                exchange = AllToAllExchange(module.num_experts, self.ep_group, self.clock)
                 shard_bank(module, exchange)
                 for w in ("w1", "w3", "w2"):
                     if getattr(module, w) is not None:
@@ -124,35 +227,48 @@ class ExpertSharding:
         if not self.sharded:
             raise MoectlError("train.expert_parallel needs a model with routed experts", hint="set it to 1")
 
+    def parameters(self) -> set[nn.Parameter]:
+        """The expert shards (which FSDP must leave alone)."""
+        return {p for name, p in self.core.named_parameters() if name in self.sharded}
+
     # gradients ------------------------------------------------------------------------------
 
     def sync_gradients(self, core) -> None:
         """The data-parallel mean gradient: a replicated parameter's gradient summed over every
         process, an expert's (which the exchange already summed over its expert-parallel group)
-        over its data-parallel group only; both divided by the number of processes."""
+        over its data-parallel group only; both divided by the number of processes. Under FSDP its
+        own parameters (DTensors) are already reduced, to the same mean."""
         for name, p in core.named_parameters():
-            if p.grad is None:
+            if p.grad is None or isinstance(p.grad, DTensor):
                 continue
             group = self.dp_group if name in self.sharded else None
             dist.all_reduce(p.grad, group=group)
             p.grad.div_(self.world)
 
     def clip(self, core, max_norm: float) -> Tensor:
-        """Clip the global gradient norm: replicated gradients count once, each expert shard once."""
+        """Clip the global gradient norm: replicated gradients count once, each expert shard once,
+        each piece of an FSDP-sharded gradient once."""
         local = torch.zeros((), dtype=torch.float64)
         shard = torch.zeros((), dtype=torch.float64)
+        pieces = torch.zeros((), dtype=torch.float64)
         grads = []
         for name, p in core.named_parameters():
             if p.grad is None:
                 continue
-            grads.append(p.grad)
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            grads.append(g)
+            sq = g.detach().double().pow(2).sum().cpu()
             if name in self.sharded:
                 shard += sq
+            elif isinstance(p.grad, DTensor):
+                pieces += sq
             else:
                 local += sq
-        dist.all_reduce(shard, group=self.ep_group)
-        norm = (local + shard).sqrt().to(torch.float32)
+        device = grads[0].device if grads else torch.device("cpu")
+        sums = torch.stack([shard, pieces]).to(device)
+        dist.all_reduce(sums[:1], group=self.ep_group)
+        dist.all_reduce(sums[1:])
+        norm = (local + sums.cpu().sum()).sqrt().to(torch.float32)
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moectl.core.accounting import component_parameters
 from moectl.recipe.schema import TrainConfig
@@ -22,8 +23,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p, component, _ in component_parameters(model):
         if p.requires_grad:
             (no_decay if p.ndim < 2 or component in NO_DECAY_COMPONENTS else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    # FSDP's parameters are DTensors; expert parallelism's expert shards stay plain tensors beside
+    # them, and fused (or foreach) AdamW refuses a group that mixes the two: such a mix is split.
+    split = []
+    for g in groups:
+        kinds = [[p for p in g["params"] if isinstance(p, DTensor) == dt] for dt in (True, False)]
+        split += [{**g, "params": ps} for ps in kinds if ps] if all(kinds) else [g]
+    return split
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

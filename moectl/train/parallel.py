@@ -140,17 +140,21 @@ def _store(addr: str, port: int, rank: int, world: int, timeout: datetime.timede
     return dist.PrefixStore(f"moectl/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def wrap(model: nn.Module, parallel: str, procs: Processes, replicate: bool = True) -> nn.Module:
-    """Place the model on its device and make it data-parallel across the processes (not with
-    `replicate=False`: expert parallelism synchronises its gradients itself)."""
+def wrap(model: nn.Module, parallel: str, procs: Processes, experts: set[nn.Parameter] | None = None) -> nn.Module:
+    """Place the model on its device and make it data-parallel across the processes. `experts`:
+    expert parallelism's shards, which it synchronises itself: under DDP the model stays unwrapped
+    (every other gradient is then summed by expert parallelism too), under FSDP they are left out
+    of its sharding and every other parameter is sharded over all processes."""
     model.to(procs.device)
-    if procs.world == 1 or not replicate:
+    if procs.world == 1:
         return model
     if parallel == "fsdp":
         mesh = init_device_mesh(procs.device.type, (procs.world,))
         for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, ignored_params=experts)
+        fully_shard(model, mesh=mesh, ignored_params=experts)
+        return model
+    if experts is not None:
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda"
                                                else None)

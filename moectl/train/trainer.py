@@ -281,11 +281,15 @@ class Trainer:
                 self.sharding = ExpertSharding(self.core, procs.rank, procs.world, self.cfg.expert_parallel)
             except MoectlError as e:
                 raise _agreed(e) from None
+            if recipe.model.moe.backend == "triton":
+                self.log("note: with train.expert_parallel the triton backend runs unfused (grouped_mm): its fused "
+                         "kernels gather rows of experts that live on other processes")
         self.core.activation_checkpointing = self.cfg.activation_checkpointing
         if self.cfg.compile:
             compile_model(self.core, lambda m: self.log(f"warning: {m}"))
         self.aliases = tied_aliases(self.core)   # before sharding, which hides them
-        self.model = parallel.wrap(self.core, self.cfg.parallel, procs, replicate=self.sharding is None)
+        self.model = parallel.wrap(self.core, self.cfg.parallel, procs,
+                                   experts=self.sharding.parameters() if self.sharding is not None else None)
         self.core.count_reducer = parallel.all_reduce_sum if procs.world > 1 else None
         self.optimizer = make_optimizer(self.core, self.cfg)
         if self.sharding is not None:
@@ -482,11 +486,16 @@ class Trainer:
 
     def _log_window(self, done: int, outcome: StepOutcome, lr: float) -> None:
         w = self.window
-        tps = w.tokens / max(time.perf_counter() - w.t0, 1e-9)
+        seconds = max(time.perf_counter() - w.t0, 1e-9)
+        tps = w.tokens / seconds
         record = {"type": "train", "step": done, "tokens": self.state.tokens, "loss": w.loss / w.steps,
                   "aux_loss": w.aux / w.steps, "lr": lr, "grad_norm": outcome.grad_norm, "tokens_per_s": tps,
                   "mfu": tps * self.flops_per_token / (self.procs.world * self.peak_flops),
                   "epoch": self.order.epoch_of(done), **w.routing.summary(parallel.all_reduce_sum)}
+        if self.sharding is not None:   # the exchange as its own stage: mean over processes
+            mine = torch.tensor([self.sharding.clock.take()], device=self.procs.device)
+            spent = parallel.all_reduce_sum(mine).item() / self.procs.world
+            record.update(exchange_s_per_step=spent / w.steps, exchange_share=min(spent / seconds, 1.0))
         self.metrics.write(record)
         self.progress.update(done, record)
         self.window = LogWindow()
