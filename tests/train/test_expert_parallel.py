@@ -175,16 +175,17 @@ def test_two_processes_with_experts_split_follow_one(spec, parallel, ep_recipe, 
 
 
 @pytest.mark.train
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_data_and_expert_parallel_together(parallel, ep_recipe, tmp_path):
+@pytest.mark.parametrize(("spec", "parallel"), [*((spec, "ddp") for spec in SPECS), ("topk", "fsdp"),
+                                                 ("CompeteSMoE", "fsdp")])
+def test_data_and_expert_parallel_together(spec, parallel, ep_recipe, tmp_path):
     """Four processes, dp 2 x ep 2, follow one process with the same global batch."""
     from moectl.recipe.load import load_recipe
     from moectl.train.trainer import train
 
-    train(load_recipe(ep_recipe, ["train.batch_size=4"]), run_dir=tmp_path / "one", resume="never",
+    train(load_recipe(ep_recipe, ["train.batch_size=4", *SPECS[spec]]), run_dir=tmp_path / "one", resume="never",
           show_progress=False)
-    _moectl([ep_recipe, "train.batch_size=1", "train.expert_parallel=2", f"train.parallel={parallel}", "--nproc", "4",
-             "--run-dir", tmp_path / "ep"])
+    _moectl([ep_recipe, "train.batch_size=1", "train.expert_parallel=2", f"train.parallel={parallel}", *SPECS[spec],
+             "--nproc", "4", "--run-dir", tmp_path / "ep"])
     _close(_records(tmp_path / "one"), _records(tmp_path / "ep"))
 
 
@@ -304,12 +305,11 @@ def test_checkpoints_stay_global(ep_recipe, tmp_path):
         for step in (4, 5):
             for key in ("loss", "grad_norm"):
                 assert abs(ep[step][key] - again[step][key]) <= 1e-6, (step, key, ep[step][key], again[step][key])
-    # one process's checkpoint, continued with the experts split
-    train(load_recipe(ep_recipe, ["train.batch_size=4", "train.max_steps=3"]), run_dir=tmp_path / "one",
-          resume="never", show_progress=False)
+    # a DDP run's checkpoint, continued with the experts split
+    _moectl([ep_recipe, "train.batch_size=2", "train.max_steps=3", "--nproc", "2", "--run-dir", tmp_path / "ddp"])
     _moectl([ep_recipe, "train.batch_size=2", "train.expert_parallel=2", "--nproc", "2", "--run-dir",
-             tmp_path / "one"])
-    assert sorted(_records(tmp_path / "one")) == [1, 2, 3, 4, 5]
+             tmp_path / "ddp"])
+    assert sorted(_records(tmp_path / "ddp")) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
