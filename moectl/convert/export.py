@@ -34,6 +34,7 @@ from moectl.convert.output import check_target, staged_folder
 from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
 from moectl.recipe.load import resolved
+from moectl.rundir import ModelFolder
 from moectl.runs import Run, load_run
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -49,6 +50,22 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
+def imported_family(run: Run) -> str | None:
+    """The family a model folder was imported from (its convert.json, in the checkpoint folder or the
+    run folder that trained it further), or None. A damaged or foreign record is no family."""
+    for folder in (run.checkpoint, run.run_dir):
+        if folder is None:
+            continue
+        path = ModelFolder(folder).convert_info
+        try:
+            info = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            info = None
+        if isinstance(info, dict) and info.get("kind") == "import" and isinstance(info.get("family"), str):
+            return info["family"]
+    return None
+
+
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
               generated: bool = False, step: int | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
@@ -58,7 +75,7 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
     check_target(out, force, Path(source))
     run = load_run(source, step=step)
     m = run.recipe.model
-    family, reasons = (None, {}) if generated else families.native_family(m)
+    family, reasons = (None, {}) if generated else families.native_family(m, prefer=imported_family(run))
     code = flat_modules(run.model.args) if family is None else {}   # refuses a part it cannot write first
     notes = []
     if m.moe is not None and m.moe.capacity_factor is not None:

@@ -42,6 +42,28 @@ VARIANTS = {
     ("qwen3", "bias-tied-mha-linear-rope"): dict(attention_bias=True, tie_word_embeddings=True, num_key_value_heads=4,
                                                  rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                   "rope_theta": 1e6}),
+    ("qwen3", "qwen3-0.6b-tied"): dict(head_dim=16, tie_word_embeddings=True, num_key_value_heads=1, rope_theta=1e6),
+    # dots.llm1's shape (2 shared experts, a dense first layer, scaling 2.5, renormalised), DeepSeek-V3's
+    # group limit (4 groups, 2 kept), and attention biases with tied embeddings and raw weights
+    ("dots1", "dots.llm1"): dict(n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
+                                 moe_intermediate_size=16, first_k_dense_replace=1, norm_topk_prob=True,
+                                 routed_scaling_factor=2.5, sliding_window=None, head_dim=12),
+    ("dots1", "groups"): dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16,
+                              n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=1.5,
+                              sliding_window=None),
+    ("dots1", "bias-tied-raw"): dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                     moe_intermediate_size=16, attention_bias=True, tie_word_embeddings=True,
+                                     sliding_window=None),
+    # Qwen2.5-7B's shape (GQA, theta 1e6, untied), Qwen2.5-0.5B's (tied), and MHA with linear RoPE
+    ("qwen2", "qwen2.5-7b"): dict(rope_theta=1e6),
+    ("qwen2", "qwen2.5-0.5b-tied"): dict(rope_theta=1e6, tie_word_embeddings=True, num_key_value_heads=1),
+    ("qwen2", "mha-linear-rope"): dict(num_key_value_heads=4, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                               "rope_theta": 1e6}),
+    # Mistral-7B v0.3 (no window, theta 1e6), Mistral-Nemo (head_dim apart from d_model / heads), and
+    # v0.1's window where it covers the whole context
+    ("mistral", "7b-v0.3"): dict(sliding_window=None, rope_theta=1e6),
+    ("mistral", "nemo-headdim"): dict(sliding_window=None, head_dim=12, rope_theta=1e6),
+    ("mistral", "7b-v0.1-window"): dict(sliding_window=64),
 }
 
 

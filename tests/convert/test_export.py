@@ -491,3 +491,34 @@ def test_a_bf16_export_loaded_in_bf16_keeps_its_routers_fp32(name, fresh_process
     assert r["autocast_diff"] < 0.05, r      # moectl's bf16 evaluation: within bf16 tolerance
     assert r["generated"] == 4 if _generates(name) else "not causal" in r["generated"], r
     assert r["cast_diff"] == 0.0 and r["half_finite"] and r["built_finite"], r
+
+
+DEEPSEEK_STYLE = ["model.qk_norm=head", "model.moe.shared_experts=1", "model.moe.shared_hidden=64",
+                  "model.moe.router={kind: topk, score_func: sigmoid, bias_update_rate: 0.01, groups: 2, "
+                  "topk_groups: 1, routed_scaling: 2.0}"]
+
+
+@pytest.mark.train
+def test_a_trained_deepseek_style_model_exports_as_dots1(corpus, tmp_path):
+    """Sigmoid routing with an aux-loss-free bias, group-limited selection, a routing scale and a
+    shared expert, trained by moectl, is written as transformers' native dots1 class: the selection
+    bias as it stands after training, logits and greedy continuations as moectl's."""
+    from transformers import AutoModelForCausalLM
+
+    from moectl.convert.export import export_hf
+    from moectl.core.generation import generate_ids
+    from moectl.runs import load_run
+    from tests.conftest import train_run
+
+    run_dir = train_run(corpus, tmp_path, "ds", DEEPSEEK_STYLE)
+    run = load_run(run_dir)
+    assert sum(float(layer.router.expert_bias.abs().sum()) for layer in run.model.routed_layers()) > 0   # it moved
+    result = export_hf(run_dir, tmp_path / "hf")
+    assert result.architecture == "Dots1ForCausalLM" and not any(f.endswith(".py") for f in result.files)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_diff(run.model(tokens).logits, model(tokens).logits) <= 1e-5
+    want = model.generate(tokens[:1, :6], max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, 6:].tolist()
+    assert generate_ids(run.model, tokens[0, :6].tolist(), 12) == want

@@ -45,6 +45,54 @@ def test_import_matches_and_round_trip_is_exact(family, variant, tmp_path, token
     assert written["model_type"] == family
 
 
+DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral")]
+
+
+@pytest.mark.parametrize("family,variant", DENSE_SOURCES, ids=[f"{f}-{v}" for f, v in DENSE_SOURCES])
+def test_dense_sources_compute_and_continue_like_transformers(family, variant, tmp_path, tokens):
+    """The dense upcycling sources, each in three shapes of published models: fp32 logits within 1e-5
+    relative of transformers, and greedy 20-token continuations identical (moectl's KV cache against
+    transformers' generate)."""
+    from moectl.convert.importer import import_hf
+    from moectl.core.generation import generate_ids
+    from moectl.runs import load_run
+
+    model = hf_model(family, **VARIANTS[(family, variant)])
+    import_hf(save_hf(model, tmp_path / "hf"), tmp_path / "moectl")
+    run = load_run(tmp_path / "moectl")
+    with torch.no_grad():
+        assert rel_diff(model(tokens).logits, run.model(tokens).logits) <= 1e-5
+    for prompt in tokens[:, :8]:
+        want = model.generate(prompt[None], max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, 8:].tolist()
+        assert generate_ids(run.model, prompt.tolist(), 20) == want
+
+
+@pytest.mark.parametrize("family,kw,words", [
+    ("mistral", dict(sliding_window=16), "sliding-window attention (16 < 64 positions)"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding-window attention"),
+])
+def test_a_binding_sliding_window_is_refused(family, kw, words, tmp_path):
+    from moectl.convert.importer import import_hf
+    from moectl.errors import MoectlError
+
+    src = save_hf(hf_model(family, **kw), tmp_path / "hf")
+    with pytest.raises(MoectlError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        import_hf(src, tmp_path / "moectl")
+    assert not (tmp_path / "moectl").exists()
+
+
+def test_an_imported_mistral_goes_back_to_mistral_and_a_trained_dense_model_to_llama(tmp_path, dense_run):
+    """Mistral and Llama compute the same: an imported Mistral exports as Mistral (its convert.json
+    says where it came from), a model moectl trained exports as Llama."""
+    from moectl.convert.export import export_hf
+    from moectl.convert.importer import import_hf
+
+    import_hf(save_hf(hf_model("mistral", **VARIANTS[("mistral", "7b-v0.3")]), tmp_path / "hf"), tmp_path / "m")
+    assert export_hf(tmp_path / "m", tmp_path / "back").architecture == "MistralForCausalLM"
+    assert export_hf(dense_run, tmp_path / "dense").architecture == "LlamaForCausalLM"
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_fused_expert_layout_imports(family, tmp_path, tokens):
     """transformers v5 holds experts fused (gate_up_proj [E, 2F, D], down_proj [E, D, F]); a folder
@@ -106,13 +154,22 @@ def test_sharded_and_bf16_round_trip(tmp_path, tokens):
     (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, capacity_factor=1.0)), "Mixtral"),
     (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, router=dict(jitter_eps=0.1))), "Mixtral"),
     (dict(activation="gelu"), None),
-    (dict(attention_bias="qkv"), None),
+    (dict(attention_bias="qkv"), "Qwen2"),
     (dict(ffn_hidden=0), None),   # attention-only layers: no family has them
     (dict(qk_norm="head", head_dim=12), "Qwen3"),
     (dict(qk_norm="head", moe=dict(num_experts=4, top_k=2, expert_hidden=16)), "Qwen3-MoE"),
     (dict(ffn_hidden=0, moe=dict(num_experts=4, top_k=2, expert_hidden=16)), "Mixtral"),   # every layer MoE: unused
     (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=2, shared_reduce="mean",
                    shared_mix="sigmoid")), None),
+    # DeepSeek-V3-style routing: dots1 where the attention is Qwen3's, nothing native otherwise
+    (dict(qk_norm="head", moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=1, shared_hidden=32,
+                                   router=dict(score_func="sigmoid", bias_update_rate=0.001))), "dots1"),
+    (dict(moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=1,
+                   router=dict(score_func="sigmoid"))), None),
+    (dict(qk_norm="head", moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=1, shared_hidden=24,
+                                   router=dict(score_func="sigmoid"))), None),      # shared width not 16k
+    (dict(qk_norm="head", moe=dict(num_experts=4, top_k=2, expert_hidden=16, shared_experts=1, layers=[0],
+                                   router=dict(score_func="sigmoid"))), None),      # dense after MoE
 ])
 def test_native_family_only_where_exact(model, family):
     from moectl.convert.families import families, native_family
@@ -154,7 +211,7 @@ def test_the_registry_is_the_modules_of_the_package():
     found = {type(f).__module__.rsplit(".", 1)[1]: f for f in families().values()}
     assert set(found) == modules and len(families()) == len(modules)
     assert all(f.model_type == module for module, f in found.items())
-    assert list(families())[:5] == ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama"]   # the order tried
+    assert list(families())[:6] == ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "llama"]   # the order tried
 
 
 def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):

@@ -53,10 +53,12 @@ def families() -> dict[str, Family]:
     return {f.model_type: f for f in discover(__path__, __name__)}
 
 
-def native_family(m: ModelConfig) -> tuple[Family | None, dict[str, list[str]]]:
-    """The first family that fits the model exactly, and why each other one does not."""
+def native_family(m: ModelConfig, prefer: str | None = None) -> tuple[Family | None, dict[str, list[str]]]:
+    """The first family that fits the model exactly (`prefer`, a family's name, first: the one a
+    model was imported from, so that it goes back to its own class), and why each other one does not."""
     reasons = {}
-    for family in families().values():
+    ordered = sorted(families().values(), key=lambda f: f.name != prefer)
+    for family in ordered:
         why = family.misfits(m)
         if not why:
             return family, reasons

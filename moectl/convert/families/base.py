@@ -51,6 +51,7 @@ class KeyMap:
     fused: tuple[str, str] = ("model.layers.{i}.mlp.experts.gate_up_proj", "model.layers.{i}.mlp.experts.down_proj")
     shared: tuple[str, str, str] | None = None
     shared_gate: str | None = None
+    router_bias: str | None = None   # the router's selection bias (DeepSeek-V3's e_score_correction_bias)
     # (in-memory, on-disk) name parts: transformers v5 saves some families under other module names
     renames: tuple[tuple[str, str], ...] = ()
 
@@ -215,7 +216,9 @@ class Family:
     def moe_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> dict[str, Any]:
         """A recipe's model.moe section: the keys every MoE family has, then `experts_from_hf`."""
         # transformers v5 writes num_local_experts for every family; published configs say num_experts
-        experts = c.need("num_experts" if c.get("num_experts") is not None else "num_local_experts")
+        # (DeepSeek's and dots1's: n_routed_experts)
+        names = [k for k in ("num_experts", "n_routed_experts") if c.get(k) is not None]
+        experts = c.need(names[0] if names else "num_local_experts")
         moe: dict[str, Any] = {
             "num_experts": experts, "top_k": c.need("num_experts_per_tok"),
             "aux_loss_weight": float(c.get("router_aux_loss_coef", self.aux_loss_default, (int, float))),
@@ -367,6 +370,8 @@ def _pairs(lay: Layout) -> list[tuple[str, str, str]]:
                               for w, theirs in zip(W_NAMES, keys.shared, strict=True)]
             if keys.shared_gate is not None:
                 templates.append(("layers.{i}.mlp.moe.shared_gate.weight", keys.shared_gate, "copy"))
+            if keys.router_bias is not None:
+                templates.append(("layers.{i}.mlp.moe.router.expert_bias", keys.router_bias, "copy"))
         out += [(ours.format(i=i), theirs.format(i=i), how) for ours, theirs, how in templates]
     return out
 
@@ -392,6 +397,9 @@ def to_hf_state(state: dict[str, Tensor], lay: Layout) -> dict[str, Tensor]:
             stacked = state[f"layers.{i}.mlp.moe.experts.{w}"]
             for e in range(stacked.shape[0]):
                 out[template.format(i=i, e=e)] = stacked[e].t().contiguous()
+        bias = lay.family.keys.router_bias
+        if bias is not None and bias.format(i=i) not in out:   # the class has one; a model without it: zero
+            out[bias.format(i=i)] = torch.zeros(lay.num_experts)
     return out
 
 

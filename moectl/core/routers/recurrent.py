@@ -25,12 +25,11 @@ from torch import Tensor, nn
 from moectl.core.registry import option
 from moectl.core.routers.base import (
     RouteContext,
-    Router,
     RouterOutput,
     register_router,
     routing_losses,
 )
-from moectl.core.routers.topk import select_topk
+from moectl.core.routers.topk import SelectionOptions, TokenChoiceRouter
 
 CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell, "lstm": nn.LSTMCell}
 # Forward FLOPs of one cell step per token, in units of hidden^2: gates x (input + hidden matmuls) x 2.
@@ -38,7 +37,7 @@ CELL_FLOPS = {"gru": 3 * 2 * 2, "rnn": 1 * 2 * 2, "lstm": 4 * 2 * 2}
 
 
 @dataclass
-class RecurrentOptions:
+class RecurrentOptions(SelectionOptions):
     """RMoE's layerwise recurrent router: a cell shared by all MoE layers carries routing state
     across depth (per token); per-layer projector d -> hidden and router hidden -> experts."""
 
@@ -55,7 +54,6 @@ class RecurrentOptions:
     output_bias: bool = option(
         False, "Give the router's output layer (hidden -> experts) a bias, as the enwik8 checkpoints' "
         "router_layer.bias.")
-    renormalize: bool = option(True, "Divide the top-k weights by their sum.")
 
 
 @dataclass
@@ -85,11 +83,9 @@ class RecurrentCore(nn.Module):
 
 
 @register_router("recurrent", options=RecurrentOptions)
-class RecurrentRouter(Router):
-    """Logits from a recurrent state carried through the MoE layers; top-k of their softmax."""
-
-    fixed_k = True
-    drop_top1_refusal = None
+class RecurrentRouter(TokenChoiceRouter):
+    """Logits from a recurrent state carried through the MoE layers; top-k of their scores (softmax
+    by default, or any other selection the router's options describe)."""
 
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
@@ -107,14 +103,14 @@ class RecurrentRouter(Router):
     def check(cls, moe: Any) -> list[tuple[str, str]]:
         if moe.router.detach_state and not moe.router.pass_state:
             return [("router.detach_state", "has no effect with pass_state: false (there is no state to detach)")]
-        return []
+        return super().check(moe)
 
     def build_notes(self) -> list[str]:
         o = self.options
         biases = [name for name, on in (("projector", o.projector_bias), ("output", o.output_bias)) if on]
         return [f"recurrent router: {o.cell} cell of {o.hidden}, shared by every routed layer; "
                 f"bias on {' and '.join(biases) if biases else 'neither the projector nor the output layer'}"
-                f"{'' if o.pass_state else '; no state passed between layers'}."]
+                f"{'' if o.pass_state else '; no state passed between layers'}.", *super().build_notes()]
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.weight, std=std)
@@ -152,7 +148,6 @@ class RecurrentRouter(Router):
             logits = F.linear(h, self.weight.float(), None if self.bias is None else self.bias.float())
             if o.logit_residual and state is not None:
                 logits = logits + o.logit_residual * state.logits_TE
-        probs = logits.softmax(-1)
-        ids, weights = select_topk(probs, self.top_k, o.renormalize, exclude_TE=self.top1_excluded(probs, ctx))
+        ids, weights, probs = self.select(logits, ctx)
         return RouterOutput(ids, weights, probs, logits, aux_losses=routing_losses(probs, ids, logits, ctx),
                             state=RecurrentState(h, c, logits))
