@@ -52,6 +52,7 @@ CHECKPOINTS, LATEST = "checkpoints", "latest"
 WEIGHTS, OPTIMIZER, TRAINER, PLAN, META, RNG = (
     "model.safetensors", "optimizer.pt", "trainer.json", "plan.pt", "meta.json", "rng")
 CONVERT_INFO = "convert.json"
+TEXT_SETTINGS = "text.json"   # an imported model's text settings (special tokens, chat template, generation)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # eval/results.json: its format name, and the newest version this moectl writes and reads
 RESULTS_FORMAT, RESULTS_VERSION = "moectl.eval", 2   # 2: variant_agreement; non-finite numbers as null
@@ -254,6 +255,10 @@ class ModelFolder(_Folder):
 
     def write_convert_info(self, info: dict[str, Any]) -> None:
         write_json(self.convert_info, info)
+
+    @property
+    def text_settings(self) -> Path:
+        return self.path / TEXT_SETTINGS
 
 
 # --------------------------------------------------------------------------- checkpoints/

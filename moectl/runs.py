@@ -10,6 +10,7 @@ generator, optimizer or trainer state is touched. Resuming training is the train
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
     model.eval()
     tokenizer = None
     if home.tokenizer.is_file():
-        tokenizer = load_run_tokenizer(home.tokenizer, getattr(recipe.data.tokenizer, "eot_token", None))
+        tokenizer = load_run_tokenizer(home.tokenizer, getattr(recipe.data.tokenizer, "eot_token", None),
+                                       getattr(recipe.data.tokenizer, "add_special_tokens", False))
         if tokenizer.vocab_size > model.args.vocab_size:
             raise MoectlError(f"{home.tokenizer} has {tokenizer.vocab_size:,} tokens but the model has "
                               f"{model.args.vocab_size:,} (model.vocab_size): its ids would not fit the embedding",
@@ -137,3 +139,20 @@ def _dtypes(model, dtype) -> dict[str, Any] | None:
         return None
     return {name: torch.float32 if component == "router" else dtype
             for name, t, component, _ in component_parameters(model, buffers=True) if t.dtype.is_floating_point}
+
+
+def folder_record(run: Run, which: str) -> dict[str, Any] | None:
+    """A JSON record a converted model folder keeps beside its weights (`which`: "convert_info" for
+    convert.json, "text_settings" for text.json), from the checkpoint folder or else the run folder
+    that trained it further; None when there is none, or it is damaged or not an object."""
+    for folder in (run.checkpoint, run.run_dir):
+        if folder is None:
+            continue
+        path = getattr(ModelFolder(folder), which)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, ValueError):
+            record = None
+        if isinstance(record, dict):
+            return record
+    return None

@@ -73,7 +73,7 @@ def _generate(run: str, prompt: str, max_new_tokens: int, temperature: float, to
     if tok is None:
         raise MoectlError(f"{loaded.checkpoint} has no tokenizer (tokenizer.json), so a prompt cannot be encoded",
                           hint="give a run folder written by `moectl train`, which saves its tokenizer")
-    prompt_ids = tok.encode(prompt)
+    prompt_ids = tok.encode_text(prompt)
     seq_len = model.args.seq_len
     if len(prompt_ids) >= seq_len:
         raise MoectlError(f"the prompt is {len(prompt_ids)} tokens; the model was trained on {seq_len} positions "

@@ -34,8 +34,7 @@ from moectl.convert.output import check_target, staged_folder
 from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
 from moectl.recipe.load import resolved
-from moectl.rundir import ModelFolder
-from moectl.runs import Run, load_run
+from moectl.runs import Run, folder_record, load_run
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -51,19 +50,9 @@ class ExportResult:
 
 
 def imported_family(run: Run) -> str | None:
-    """The family a model folder was imported from (its convert.json, in the checkpoint folder or the
-    run folder that trained it further), or None. A damaged or foreign record is no family."""
-    for folder in (run.checkpoint, run.run_dir):
-        if folder is None:
-            continue
-        path = ModelFolder(folder).convert_info
-        try:
-            info = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, UnicodeDecodeError, ValueError):
-            info = None
-        if isinstance(info, dict) and info.get("kind") == "import" and isinstance(info.get("family"), str):
-            return info["family"]
-    return None
+    """The family a model folder was imported from (its convert.json), or None."""
+    info = folder_record(run, "convert_info") or {}
+    return info["family"] if info.get("kind") == "import" and isinstance(info.get("family"), str) else None
 
 
 def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
@@ -100,21 +89,25 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
     else:
         config = generated_config(run)
         state = {PREFIX + k: v for k, v in state.items()}
-    config.update(dtype=DTYPES[dtype], torch_dtype=DTYPES[dtype], bos_token_id=None, eos_token_id=eot,
-                  pad_token_id=None, moectl_version=__version__)
+    # An imported model's text settings go back as they came (special token ids, generation
+    # defaults, chat template); a model moectl trained has its end-of-text token and nothing else.
+    text = folder_record(run, "text_settings") or {}
+    ids = {"bos_token_id": None, "eos_token_id": eot, "pad_token_id": None, **text.get("ids", {})}
+    config.update(dtype=DTYPES[dtype], torch_dtype=DTYPES[dtype], **ids, moectl_version=__version__)
+    generation = text.get("generation") or {"eos_token_id": eot, "pad_token_id": eot}
+    if family is None:
+        generation = {**generation, "use_cache": False}
     with staged_folder(out, force) as tmp:
         files = write_weights(tmp, state, max_shard_bytes)
         _write_json(tmp / CONFIG_JSON, config)
-        generation = {"eos_token_id": eot, "pad_token_id": eot}
-        if family is None:
-            generation["use_cache"] = False
         _write_json(tmp / GENERATION_CONFIG, generation)
         files += [CONFIG_JSON, GENERATION_CONFIG]
-        for name, text in code.items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        for name, code_text in code.items():
+            (tmp / name).write_text(code_text, encoding="utf-8")
             files.append(name)
         if run.tokenizer is not None:
-            files += write_tokenizer_files(tmp, run.tokenizer.path, run.tokenizer.inner.id_to_token(eot), m.seq_len)
+            files += write_tokenizer_files(tmp, run.tokenizer.path, run.tokenizer.inner.id_to_token(eot), m.seq_len,
+                                           text, run.tokenizer.add_special_tokens)
         else:
             notes.append(f"{source} holds no tokenizer.json: the folder has no tokenizer files")
     arch = config["architectures"][0]
@@ -137,15 +130,23 @@ def generated_config(run: Run) -> dict[str, Any]:
     return config
 
 
-def write_tokenizer_files(folder: Path, tokenizer_json: Path, eos: str | None, max_len: int) -> list[str]:
-    """tokenizer.json plus the two small files with which AutoTokenizer loads it as a fast tokenizer."""
+def write_tokenizer_files(folder: Path, tokenizer_json: Path, eos: str | None, max_len: int,
+                          text: dict[str, Any] | None = None, template: bool = False) -> list[str]:
+    """tokenizer.json plus the two small files with which AutoTokenizer loads it as a fast tokenizer:
+    an imported model's special tokens and chat template as they came (`text`), else the
+    end-of-text token. `template`: the tokenizer's own special tokens are added to texts."""
     shutil.copyfile(tokenizer_json, folder / TOKENIZER_JSON)
+    text = text or {}
     special: dict[str, Any] = {}
     if eos is not None:
         special = {"eos_token": eos, "pad_token": eos}
+    special.update({k: text[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                    if isinstance(text.get(k), str)})
+    flags = {"add_bos_token": text.get("add_bos_token", template), "add_eos_token": text.get("add_eos_token", False)}
+    chat = {"chat_template": text["chat_template"]} if "chat_template" in text else {}
     _write_json(folder / TOKENIZER_CONFIG, {"tokenizer_class": "PreTrainedTokenizerFast",
-                                                   "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-                                                   "add_bos_token": False, "add_eos_token": False, **special})
+                                            "model_max_length": max_len, "clean_up_tokenization_spaces": False,
+                                            **flags, **special, **chat})
     _write_json(folder / SPECIAL_TOKENS, special)
     return [TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS]
 

@@ -24,6 +24,7 @@ SAFE_FILE, SAFE_INDEX = WEIGHTS, f"{WEIGHTS}.index.json"
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 CONFIG_JSON, GENERATION_CONFIG = "config.json", "generation_config.json"
 TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS = TOKENIZER, "tokenizer_config.json", "special_tokens_map.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 

@@ -22,7 +22,9 @@ from moectl.checkpoint import check_weights, tied_aliases
 from moectl.convert import families
 from moectl.convert.flatten import PREFIX
 from moectl.convert.hfio import (
+    CHAT_TEMPLATE,
     CONFIG_JSON,
+    GENERATION_CONFIG,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
     read_config,
@@ -30,9 +32,10 @@ from moectl.convert.hfio import (
     read_weights,
 )
 from moectl.convert.output import check_target, staged_folder
-from moectl.data.tokenizer import load_tokenizer
+from moectl.data.tokenizer import load_tokenizer, template_tokens
 from moectl.errors import MoectlError, RecipeError
 from moectl.factory import build_model
+from moectl.fsutil import write_json
 from moectl.recipe.load import dump_recipe, run_name_from, validate
 from moectl.rundir import ModelFolder
 
@@ -47,6 +50,8 @@ class HFModel:
     tokenizer: Path | None
     eos_token: str | None
     plugins: list[str] = field(default_factory=list)   # modules the model's parts come from
+    special: bool = False            # its tokenizer adds template tokens (a BOS) to every text
+    text: dict[str, Any] = field(default_factory=dict)   # text settings, written back on export
 
 
 @dataclass
@@ -91,7 +96,54 @@ def read_hf_model(src: Path) -> HFModel:
         raise MoectlError(f"{where}: tensors hold NaN or infinite values ({', '.join(bad[:3])})",
                           hint="the checkpoint is damaged; download it again")
     tok = src / TOKENIZER_JSON
-    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins)
+    special = False
+    if tok.is_file():
+        inner, _ = load_tokenizer(tok, what=str(tok))
+        special = any(template_tokens(inner))
+    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins,
+                   special, text_settings(src, cfg))
+
+
+TEXT_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token", "chat_template")
+
+
+def text_settings(src: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What a Hugging Face folder says about text beyond its tokenizer.json, kept so that an export
+    writes it back: special tokens and the chat template (tokenizer_config.json, chat_template.jinja),
+    the special token ids (config.json) and the generation defaults (generation_config.json). JSON
+    and plain text only; a template is kept as text, never run by moectl."""
+    out: dict[str, Any] = {}
+    if (src / TOKENIZER_CONFIG).is_file():
+        tc = read_json(src / TOKENIZER_CONFIG, TOKENIZER_CONFIG)
+        for key in TEXT_KEYS:
+            value = tc.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, (str, bool)) or (key == "chat_template" and isinstance(value, list)):
+                out[key] = value
+    jinja = src / CHAT_TEMPLATE
+    if "chat_template" not in out and jinja.is_file():
+        try:
+            out["chat_template"] = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise MoectlError(f"{jinja} cannot be read as UTF-8 text", hint="download the model again") from None
+    ids = {k: cfg.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if _token_ids(cfg.get(k))}
+    if ids:
+        out["ids"] = ids
+    if (src / GENERATION_CONFIG).is_file():
+        gen = read_json(src / GENERATION_CONFIG, GENERATION_CONFIG)
+        out["generation"] = {k: v for k, v in gen.items() if not k.startswith("_") and k != "transformers_version"
+                             and (isinstance(v, (int, float, str, bool)) or _token_ids(v))}
+    return out
+
+
+def _token_ids(value: Any) -> bool:
+    """A token id or a non-empty list of them."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                           for v in value)
 
 
 def _eos_token(src: Path, cfg: dict[str, Any], tok: Path) -> str | None:
@@ -119,15 +171,17 @@ def validate_recipe(data: dict[str, Any], where: str):
 
 
 def folder_recipe(out: Path, base: dict[str, Any], model: dict[str, Any], tokenizer: bool, eos: str | None,
-                  name: str | None = None) -> dict[str, Any]:
-    """A recipe that trains (and evaluates) a converted folder in place."""
+                  name: str | None = None, special: bool = False) -> dict[str, Any]:
+    """A recipe that trains (and evaluates) a converted folder in place. `special`: documents and
+    prompts get the tokenizer's template tokens (its BOS), as transformers gives them."""
     out = Path(out).resolve()
     data = json.loads(json.dumps(base))
     data["name"] = name or run_name_from(out.name)
     data["model"] = model
     data.setdefault("data", {})
     if tokenizer:
-        data["data"]["tokenizer"] = {"kind": "file", "path": str(ModelFolder(out).tokenizer), "eot_token": eos}
+        data["data"]["tokenizer"] = {"kind": "file", "path": str(ModelFolder(out).tokenizer), "eot_token": eos,
+                                     **({"add_special_tokens": True} if special else {})}
     train = data.setdefault("train", {})
     train["init_from"] = str(out)
     train.pop("run_dir", None)   # `moectl train OUT` trains in OUT
@@ -154,7 +208,7 @@ def checked_tokenizer(path: Path, vocab_limit: int) -> bytes:
 
 
 def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, Any], tokenizer: Path | None,
-                       provenance: dict[str, Any], force: bool):
+                       provenance: dict[str, Any], force: bool, text: dict[str, Any] | None = None):
     """Validate the recipe, check the tensors fit it, and write the folder atomically."""
     recipe = validate_recipe(recipe_data, str(out))
     check_weights(build_model(recipe, device="meta"), dict(state), out)
@@ -165,6 +219,8 @@ def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, 
         if tokenizer is not None:
             folder.tokenizer.write_bytes(checked_tokenizer(tokenizer, recipe.model.vocab_size))
         folder.write_convert_info({**provenance, "moectl_version": __version__})
+        if text:
+            write_json(folder.text_settings, text)
     return recipe
 
 
@@ -181,7 +237,10 @@ def import_hf(src: str | Path, out: str | Path, *, force: bool = False, name: st
         notes.append(f"model.seq_len is the model's context, {seq_len}; train with a shorter one, e.g. "
                      "model.seq_len=1024")
     data = folder_recipe(out, {"plugins": hf.plugins} if hf.plugins else {}, hf.model, hf.tokenizer is not None,
-                         hf.eos_token, name)
+                         hf.eos_token, name, special=hf.special)
+    if hf.special:
+        notes.append("its tokenizer adds special tokens to every text (a BOS): training, eval and generate add "
+                     "them too (data.tokenizer.add_special_tokens)")
     write_model_folder(out, data, hf.state, hf.tokenizer,
-                       {"kind": "import", "from": str(src.resolve()), "family": hf.family}, force)
+                       {"kind": "import", "from": str(src.resolve()), "family": hf.family}, force, hf.text)
     return ImportResult(out, hf.family, notes)

@@ -24,7 +24,7 @@ from moectl.convert.importer import folder_recipe, is_hf_folder, read_hf_model, 
 from moectl.convert.output import check_target
 from moectl.errors import MoectlError
 from moectl.recipe.load import resolved
-from moectl.runs import load_run
+from moectl.runs import folder_record, load_run
 
 
 @dataclass
@@ -68,7 +68,7 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
             step: int | None = None, name: str | None = None) -> UpcycleResult:
     src, out = Path(src), Path(out)
     check_target(out, force, src)
-    base, model, state, tokenizer, eos, origin = _dense_source(src, step)
+    base, model, state, tokenizer, eos, origin, special, text = _dense_source(src, step)
     if model.get("moe") is not None:
         raise MoectlError(f"{src} is already an MoE model", hint="upcycle a dense model (no model.moe section)")
     F_hidden, n_layers = model["ffn_hidden"], model["n_layers"]
@@ -117,20 +117,21 @@ def upcycle(src: str | Path, out: str | Path, *, experts: int, top_k: int, noise
     notes = []
     if noise > 0:
         notes.append(f"--noise {noise}: the upcycled model no longer computes the dense model exactly")
-    data = folder_recipe(out, base, model, tokenizer is not None, eos, name)
+    data = folder_recipe(out, base, model, tokenizer is not None, eos, name, special=special)
     write_model_folder(out, data, new, tokenizer, {"kind": "upcycle", "from": str(src.resolve()), "origin": origin,
                                                    "experts": experts, "top_k": top_k, "granularity": G,
-                                                   "noise": noise, "seed": seed}, force)
+                                                   "noise": noise, "seed": seed}, force, text)
     return UpcycleResult(out, moe_layers, notes)
 
 
 def _dense_source(src: Path, step: int | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
-                                                        Path | None, str | None, str]:
-    """(base recipe data, model section, state, tokenizer.json, eos token, origin) of a moectl run
-    or checkpoint, or of a Hugging Face folder."""
+                                                        Path | None, str | None, str, bool, dict[str, Any]]:
+    """(base recipe data, model section, state, tokenizer.json, eos token, origin, whether texts get
+    the tokenizer's special tokens, text settings) of a moectl run or checkpoint, or of a Hugging
+    Face folder."""
     if is_hf_folder(src):
         hf = read_hf_model(src)
-        return {}, hf.model, hf.state, hf.tokenizer, hf.eos_token, hf.family
+        return {}, hf.model, hf.state, hf.tokenizer, hf.eos_token, hf.family, hf.special, hf.text
     run = load_run(src, step=step)
     data = resolved(run.recipe)
     base = {k: v for k, v in data.items() if k not in ("model", "name")}
@@ -139,4 +140,6 @@ def _dense_source(src: Path, step: int | None) -> tuple[dict[str, Any], dict[str
     state = {k: v for k, v in run.model.state_dict().items() if k not in aliases}
     tok = run.tokenizer
     eos = tok.inner.id_to_token(tok.eot_id) if tok is not None else None
-    return base, data["model"], state, tok.path if tok is not None else None, eos, "moectl"
+    special = tok is not None and tok.add_special_tokens
+    return (base, data["model"], state, tok.path if tok is not None else None, eos, "moectl", special,
+            folder_record(run, "text_settings") or {})

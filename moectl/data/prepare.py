@@ -191,7 +191,9 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, log=print, for_trai
         raise DataError(f"the tokenizer has {vocab} tokens but model.vocab_size is {job.vocab_limit}",
                         hint=f"set model.vocab_size to at least {vocab}")
     tok_sha = hashlib.blake2b(tok_path.read_bytes(), digest_size=16).hexdigest()
-    shard_key = content_hash("shards", job.fingerprint, split_key, tok_sha, eot_id, FORMAT_VERSION)
+    special = getattr(cfg.tokenizer, "add_special_tokens", False)
+    shard_key = content_hash("shards", job.fingerprint, split_key, tok_sha, eot_id, FORMAT_VERSION,
+                             *(["template"] if special else []))
     shard_dir = job.root / "tokens" / shard_key
     if not (shard_dir / "index.json").is_file():
         log(f"tokenising {source.describe()} into {shard_dir}")
@@ -240,6 +242,7 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
     """Tokenise every document into out/{train,val}.bin and write out/index.json."""
     vocab = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32   # ids 0 .. vocab-1
+    special = getattr(job.cfg.tokenizer, "add_special_tokens", False)   # the tokenizer's template (a BOS)
     counts = {"train": {"documents": 0, "tokens": 0}, "val": {"documents": 0, "tokens": 0}}
     val_freq = np.zeros(job.vocab_limit, dtype=np.int64)
     total_docs = job.source.size_hint()
@@ -251,9 +254,11 @@ def _write_shards(job: _Job, out: Path, tok, tok_path: Path, tok_sha: str, eot_i
         advance = bar.task("tokenising", total_docs, unit="documents")
 
         def flush(batch: list[tuple[str, Document]]) -> None:
-            encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=False)
+            encoded = tok.encode_batch([d.text for _, d in batch], add_special_tokens=special)
             for (split, _), enc in zip(batch, encoded, strict=True):
-                ids = np.asarray(enc.ids + [eot_id], dtype=dtype)
+                # the end-of-text token after each document (once: a template may end with it already)
+                ends = special and enc.ids[-1:] == [eot_id]
+                ids = np.asarray(enc.ids + ([] if ends else [eot_id]), dtype=dtype)
                 ids.tofile(files[split])
                 counts[split]["documents"] += 1
                 counts[split]["tokens"] += len(ids)

@@ -64,20 +64,44 @@ def train_bpe(docs: Iterator[str], vocab_size: int, train_bytes: int):
     return tok
 
 
+def template_tokens(inner) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer's own template (its post-processor) puts before and after every text
+    (a Llama tokenizer's BOS before), found by encoding a probe with and without it."""
+    probe = "moectl probe"
+    plain = inner.encode(probe, add_special_tokens=False).ids
+    full = inner.encode(probe, add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    return [], []   # a template that changes the text's own tokens: none is used
+
+
 @dataclass
 class Tokenizer:
-    """A loaded tokenizer with its end-of-text id."""
+    """A loaded tokenizer with its end-of-text id. With `add_special_tokens` a whole text (a
+    document, a prompt) gets the tokenizer's template tokens, as transformers' tokenizers add them
+    by default (an imported Llama's BOS); pieces of a text (a continuation) never do."""
 
     inner: Any          # tokenizers.Tokenizer
     eot_id: int
     path: Path
+    add_special_tokens: bool = False
 
     @property
     def vocab_size(self) -> int:
         return self.inner.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of a piece of text, without special tokens."""
         return self.inner.encode(text, add_special_tokens=False).ids
+
+    def template(self) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) a whole text: the template's, with add_special_tokens; else none."""
+        return template_tokens(self.inner) if self.add_special_tokens else ([], [])
+
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of a whole text (a prompt): with add_special_tokens, what transformers' tokenizer gives."""
+        return self.inner.encode(text, add_special_tokens=self.add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=False)
@@ -99,7 +123,7 @@ class Tokenizer:
         return out
 
 
-def load_run_tokenizer(path: Path, eot_token: str | None = None) -> Tokenizer:
+def load_run_tokenizer(path: Path, eot_token: str | None = None, add_special_tokens: bool = False) -> Tokenizer:
     """The tokenizer a run was trained with (its tokenizer.json, `path`); no data is read."""
     inner, path = load_tokenizer(path, what=str(Path(path).parent))
-    return Tokenizer(inner, eot_id_of(inner, eot_token), path)
+    return Tokenizer(inner, eot_id_of(inner, eot_token), path, add_special_tokens)

@@ -171,7 +171,8 @@ class MoectlLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        ctx = self.tokenizer.encode(context) if context else []
+        before, _ = self.tokenizer.template()
+        ctx = before + (self.tokenizer.encode(context) if context else [])
         return ctx or [self.eot_id], self.tokenizer.encode(continuation)
 
     # ----------------------------------------------------------------- lm-eval's interface
@@ -189,8 +190,9 @@ class MoectlLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows = []
         for i, req in enumerate(requests):
-            tokens = [self.eot_id, *self.tokenizer.encode(req.args[0])]
-            windows += [Window(i, x, y) for x, y in score_windows(tokens, 1, self.seq_len)]
+            start = self.tokenizer.template()[0] or [self.eot_id]   # what a text begins with; not scored
+            tokens = [*start, *self.tokenizer.encode(req.args[0])]
+            windows += [Window(i, x, y) for x, y in score_windows(tokens, len(start), self.seq_len)]
         results = [lp for lp, _ in self._sum(self.score(windows, "perplexity", disable_tqdm), len(requests))]
         for req, res in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
@@ -218,7 +220,8 @@ class MoectlLM(LM):
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else [u for u in until if u]
         max_new = int(kwargs.get("max_gen_toks") or kwargs.get("max_new_tokens") or DEFAULT_MAX_GEN_TOKS)
-        prompt = (self.tokenizer.encode(context) if context else []) or [self.eot_id]
+        prompt = self.tokenizer.template()[0] + (self.tokenizer.encode(context) if context else [])
+        prompt = prompt or [self.eot_id]
         decode = self.tokenizer.decode
         stop = (lambda ids: any(u in decode(ids) for u in until)) if until else None
         new = generate_ids(self.model, prompt[-self.prompt_room(max_new):], max_new, temperature=0.0,

@@ -123,7 +123,8 @@ def _data_recipe(run: Run, spec: str | None, overrides: list[str]):
                           hint="evaluate a run folder written by `moectl train`")
     data, split = _data_config(run, spec, overrides)
     eot = run.tokenizer.inner.id_to_token(run.tokenizer.eot_id)
-    tokenizer = FileTokenizer(path=str(run.tokenizer.path), eot_token=eot)
+    tokenizer = FileTokenizer(path=str(run.tokenizer.path), eot_token=eot,
+                              add_special_tokens=run.tokenizer.add_special_tokens)
     return run.recipe.model_copy(update={"data": data.model_copy(update={"tokenizer": tokenizer})}), split
 
 

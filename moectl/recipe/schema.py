@@ -278,6 +278,11 @@ class FileTokenizer(Section):
         None, description="End-of-text token placed between documents (default: the first of "
         "<|endoftext|>, </s>, <eos>, <|end_of_text|> in the vocabulary)."
     )
+    add_special_tokens: bool = Field(
+        False, description="Give every document and prompt the tokenizer's own special tokens (its template, "
+        "e.g. a Llama tokenizer's BOS), as transformers' tokenizers do by default; importing a Hugging Face "
+        "model sets it when its tokenizer adds them."
+    )
 
 
 def _default_tokenizer_kind(v: Any) -> Any:
