@@ -244,14 +244,32 @@ def check_weights(model, state: dict[str, Any], path: Path, aliases: dict[str, s
     aliases = tied_aliases(model) if aliases is None else aliases
     for alias in aliases:
         state.pop(alias, None)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(expected[k])}" for k in expected
-              if k in state and tuple(state[k].shape) != expected[k]]
+    check_weight_specs(model, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, path, aliases)
+    bad = [k for k, v in state.items() if not finite(v)]
+    if bad:
+        raise MoectlError(f"{path}: its weights hold NaN or infinite values ({_some(bad)})",
+                          hint="the checkpoint is damaged: use another checkpoint of the run (checkpoints/step-*)")
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity (tensors that are not floating always do)."""
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def check_weight_specs(model, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], path: Path,
+                       aliases: dict[str, str] | None = None) -> None:
+    """`check_weights` on what the tensors will be (shape, dtype by name), before any is read: a
+    streaming conversion checks the files' headers first. Tied aliases are ignored."""
+    aliases = tied_aliases(model) if aliases is None else aliases
+    specs = {k: v for k, v in specs.items() if k not in aliases}
     reference = model.state_dict()
-    kinds = [f"{k} {str(state[k].dtype).removeprefix('torch.')} vs {str(reference[k].dtype).removeprefix('torch.')}"
-             for k in expected if k in state and not _same_kind(state[k].dtype, reference[k].dtype)]
+    expected = {k: tuple(v.shape) for k, v in reference.items() if k not in aliases}
+    missing = [k for k in expected if k not in specs]
+    unexpected = [k for k in specs if k not in expected]
+    shapes = [f"{k} {list(specs[k][0])} vs {list(expected[k])}" for k in expected
+              if k in specs and tuple(specs[k][0]) != expected[k]]
+    kinds = [f"{k} {str(specs[k][1]).removeprefix('torch.')} vs {str(reference[k].dtype).removeprefix('torch.')}"
+             for k in expected if k in specs and not _same_kind(specs[k][1], reference[k].dtype)]
     if missing or unexpected or shapes or kinds:
         parts = []
         for label, names in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes),
@@ -259,10 +277,6 @@ def check_weights(model, state: dict[str, Any], path: Path, aliases: dict[str, s
             if names:
                 parts.append(f"{label}: {_some(names)}")
         raise MoectlError(f"{path} does not match the recipe's model ({'; '.join(parts)})", hint=SAME_MODEL_HINT)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise MoectlError(f"{path}: its weights hold NaN or infinite values ({_some(bad)})",
-                          hint="the checkpoint is damaged: use another checkpoint of the run (checkpoints/step-*)")
 
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

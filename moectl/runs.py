@@ -86,7 +86,7 @@ def find_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Pa
 
 
 def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
-             dtype: torch.dtype | None = None) -> Run:
+             dtype: torch.dtype | None = None, weights: bool = True) -> Run:
     """Load a trained model from a run folder, a checkpoint folder or a run's checkpoints/latest.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it on
@@ -102,9 +102,10 @@ def load_run(path: str | Path, *, step: int | None = None, device: Any = None,
     recipe = load_recipe(home.config)
     device = torch.device(device or "cpu")
     model = build_model(recipe, device="meta")
-    dtypes = _dtypes(model, dtype)
-    load_weights(checkpoint, model, device=device, assign=True, dtypes=dtypes)
-    _materialise_leftovers(model, recipe, device, dtypes)
+    if weights:   # else the model stays on the meta device: its structure, no tensors (streaming export)
+        dtypes = _dtypes(model, dtype)
+        load_weights(checkpoint, model, device=device, assign=True, dtypes=dtypes)
+        _materialise_leftovers(model, recipe, device, dtypes)
     model.eval()
     tokenizer = None
     if home.tokenizer.is_file():

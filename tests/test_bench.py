@@ -51,6 +51,21 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert (tmp_path / "profile.json").is_file()
 
 
+@pytest.mark.parametrize("shape", ["qwen3_moe", "dots1"])
+def test_convert_memory_bench_runs(shape):
+    """The conversion memory benchmark at a tiny size: both directions run under /usr/bin/time and the
+    round trip is bit for bit in bf16."""
+    import shutil
+
+    if shutil.which("/usr/bin/time") is None:
+        pytest.skip("no /usr/bin/time")
+    proc = subprocess.run([sys.executable, "bench/convert_memory.py", "--shape", shape, "--tiny"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "import  peak" in proc.stdout and "export  peak" in proc.stdout
+    assert "round trip bit for bit, bf16 kept: True" in proc.stdout
+
+
 @pytest.mark.slow
 def test_ep_check_script_dry_run(tmp_path):
     """The expert-parallel GPU script runs end to end on CPU (--dry: two gloo processes, tiny sizes):

@@ -41,7 +41,8 @@ def convert(
                               "lists the families)."),
     upcycle: bool = typer.Option(False, "--upcycle", help="Turn a dense model into an MoE whose experts start as "
                                  "copies of its FFN (needs --experts and --top-k)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="--to hf: dtype of the written weights, fp32 or bf16. "
+    dtype: str = typer.Option("auto", "--dtype", help="--to hf: dtype of the written weights: auto (each tensor "
+                              "as stored: a bf16 import stays bf16, a trained fp32 run stays fp32), fp32 or bf16. "
                               "Router weights and biases stay fp32."),
     generated_code: bool = typer.Option(False, "--generated-code", help="--to hf: write moectl's generated "
                                         "modeling code (trust_remote_code=True) even where a native transformers "

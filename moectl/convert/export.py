@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moectl import __version__
-from moectl.checkpoint import tied_aliases
+from moectl.checkpoint import check_weight_specs, finite, tied_aliases
 from moectl.convert import families
 from moectl.convert.flatten import PREFIX, WRAPPER, flat_modules
 from moectl.convert.hfio import (
@@ -28,15 +28,19 @@ from moectl.convert.hfio import (
     SPECIAL_TOKENS,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
-    write_weights,
+    LazyWeights,
+    Spec,
+    TensorSource,
+    write_weights_plan,
 )
 from moectl.convert.output import check_target, staged_folder
 from moectl.core.accounting import component_parameters
 from moectl.errors import MoectlError
 from moectl.recipe.load import resolved
+from moectl.rundir import ModelFolder
 from moectl.runs import Run, folder_record, load_run
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPES = {"auto": "", "fp32": "float32", "bf16": "bfloat16"}   # auto: each tensor in its stored dtype
 
 
 @dataclass
@@ -55,14 +59,17 @@ def imported_family(run: Run) -> str | None:
     return info["family"] if info.get("kind") == "import" and isinstance(info.get("family"), str) else None
 
 
-def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force: bool = False,
+def export_hf(source: str | Path, out: str | Path, *, dtype: str = "auto", force: bool = False,
               generated: bool = False, step: int | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportResult:
+    """Write a run or model folder as a Hugging Face folder. Streaming: the weights are read one
+    tensor at a time from the checkpoint and written one at a time into the shards, each in its
+    own dtype (`dtype` "auto") or cast to fp32 / bf16; router tensors stay fp32."""
     out = Path(out)
     if dtype not in DTYPES:
         raise MoectlError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     check_target(out, force, Path(source))
-    run = load_run(source, step=step)
+    run = load_run(source, step=step, weights=False)
     m = run.recipe.model
     family, reasons = (None, {}) if generated else families.native_family(m, prefer=imported_family(run))
     code = flat_modules(run.model.args) if family is None else {}   # refuses a part it cannot write first
@@ -70,35 +77,40 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
     if m.moe is not None and m.moe.capacity_factor is not None:
         notes.append("the exported model routes dropless: model.moe.capacity_factor limits training batches only "
                      "(as in moectl's own decoding)")
+    weights = _checked_source(run)
     # Tensors in the target dtype, except everything of a router (weights, biases, buffers).
-    target = getattr(torch, DTYPES[dtype])
     router_names = {name for name, _, component, _ in component_parameters(run.model, buffers=True)
                     if component == "router"}
-    aliases = tied_aliases(run.model)
-    state = {}
-    for name, t in run.model.state_dict().items():
-        if name in aliases:
-            continue
-        if t.is_floating_point():
-            t = t.to(torch.float32 if name in router_names else target)
-        state[name] = t.detach().cpu().contiguous()
+
+    def target(name: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored
+        if name in router_names:
+            return torch.float32
+        return stored if dtype == "auto" else getattr(torch, DTYPES[dtype])
+
+    state = _Cast(weights, target, run.checkpoint)
+    written = next((state.spec(k).dtype for k in state.names() if k not in router_names
+                    and state.spec(k).dtype.is_floating_point), torch.float32)
     eot = run.tokenizer.eot_id if run.tokenizer is not None else None
     if family is not None:
         config = family.hf_config(m)
-        state = families.to_hf_state(state, families.Layout.of(family, m))
+        plan = families.to_hf_plan(state, families.Layout.of(family, m))
     else:
         config = generated_config(run)
-        state = {PREFIX + k: v for k, v in state.items()}
+        plan = {PREFIX + k: (state.spec(k), lambda k=k: state.get(k)) for k in state.names()}
     # An imported model's text settings go back as they came (special token ids, generation
     # defaults, chat template); a model moectl trained has its end-of-text token and nothing else.
     text = folder_record(run, "text_settings") or {}
     ids = {"bos_token_id": None, "eos_token_id": eot, "pad_token_id": None, **text.get("ids", {})}
-    config.update(dtype=DTYPES[dtype], torch_dtype=DTYPES[dtype], **ids, moectl_version=__version__)
+    dtype_name = str(written).removeprefix("torch.")
+    config.update(dtype=dtype_name, torch_dtype=dtype_name, **ids, moectl_version=__version__)
     generation = text.get("generation") or {"eos_token_id": eot, "pad_token_id": eot}
     if family is None:
         generation = {**generation, "use_cache": False}
     with staged_folder(out, force) as tmp:
-        files = write_weights(tmp, state, max_shard_bytes)
+        files = write_weights_plan(tmp, [(k, spec) for k, (spec, _) in plan.items()], lambda k: plan[k][1](),
+                                   max_shard_bytes)
         _write_json(tmp / CONFIG_JSON, config)
         _write_json(tmp / GENERATION_CONFIG, generation)
         files += [CONFIG_JSON, GENERATION_CONFIG]
@@ -112,6 +124,43 @@ def export_hf(source: str | Path, out: str | Path, *, dtype: str = "fp32", force
             notes.append(f"{source} holds no tokenizer.json: the folder has no tokenizer files")
     arch = config["architectures"][0]
     return ExportResult(out, arch, family.name if family else None, files, reasons, notes)
+
+
+def _checked_source(run: Run) -> TensorSource:
+    """The checkpoint's tensors, read one at a time, once their names, shapes and dtypes are checked
+    against the model (tied aliases left out); each is checked to be finite when it is read."""
+    aliases = tied_aliases(run.model)
+    weights = ModelFolder(run.checkpoint).weights
+    if not weights.is_file():
+        raise MoectlError(f"{run.checkpoint} holds no {weights.name}", hint="give a complete checkpoint")
+    src = LazyWeights(run.checkpoint, file=weights)
+    check_weight_specs(run.model, {k: (src.spec(k).shape, src.spec(k).dtype) for k in src.names()},
+                       run.checkpoint, aliases)
+    return families.Renamed(src, lambda k: k, keep=lambda k: k not in aliases)
+
+
+class _Cast(TensorSource):
+    """A source's tensors cast to `target(name, stored dtype)` as they are read, and checked finite."""
+
+    def __init__(self, src: TensorSource, target, where: Path):
+        self.src, self.target, self.where = src, target, where
+
+    def names(self) -> list[str]:
+        return self.src.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.src
+
+    def spec(self, name: str) -> Spec:
+        stored = self.src.spec(name)
+        return Spec(self.target(name, stored.dtype), stored.shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.src.get(name)
+        if not finite(t):
+            raise MoectlError(f"{self.where}: its weights hold NaN or infinite values ({name})",
+                              hint="the checkpoint is damaged: use another checkpoint of the run (checkpoints/step-*)")
+        return t.to(self.target(name, t.dtype))
 
 
 def generated_config(run: Run) -> dict[str, Any]:

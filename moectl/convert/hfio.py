@@ -7,13 +7,18 @@ Nothing here imports transformers: a folder is JSON and tensors.
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor
 
 from moectl import progress
 from moectl.errors import MoectlError
@@ -56,6 +61,192 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json(folder / CONFIG_JSON, CONFIG_JSON)
 
 
+# --------------------------------------------------------------------------- lazy reading
+
+SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in SAFE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a tensor will be, known before it is read: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorSource:
+    """Named tensors whose specs are known up front and whose data is read one tensor at a time."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def spec(self, name: str) -> Spec:
+        raise NotImplementedError
+
+    def get(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def __contains__(self, name: object) -> bool:
+        return name in set(self.names())
+
+
+class DictSource(TensorSource):
+    """Tensors already in memory."""
+
+    def __init__(self, state: dict[str, Tensor]):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state
+
+    def spec(self, name: str) -> Spec:
+        t = self.state[name]
+        return Spec(t.dtype, tuple(t.shape))
+
+    def get(self, name: str) -> Tensor:
+        return self.state[name]
+
+
+class LazyWeights(TensorSource):
+    """The tensors of a model folder (or one safetensors file), read one at a time: each read opens
+    its safetensors file, copies that one tensor out and closes it again, so the memory a
+    conversion needs is what it holds, not the model. Legacy .bin files are read whole, once."""
+
+    def __init__(self, folder: Path, file: Path | None = None):
+        folder = Path(folder)
+        self.where: dict[str, Path] = {}
+        self.specs: dict[str, Spec] = {}
+        self.loaded: dict[str, Tensor] = {}   # legacy .bin tensors
+        if file is not None:
+            self._add_safetensors(file)
+        elif (folder / SAFE_INDEX).is_file():
+            for shard in _shards(folder, SAFE_INDEX):
+                self._add_safetensors(folder / shard)
+            self._check_index(folder, SAFE_INDEX)
+        elif (folder / SAFE_FILE).is_file():
+            self._add_safetensors(folder / SAFE_FILE)
+        elif (folder / BIN_INDEX).is_file():
+            self.loaded = _read_sharded(folder, BIN_INDEX, _read_bin)
+        elif (folder / BIN_FILE).is_file():
+            self.loaded = _read_bin(folder / BIN_FILE)
+        else:
+            raise MoectlError(f"{folder} holds no weights ({SAFE_FILE}, {SAFE_INDEX}, {BIN_FILE} or {BIN_INDEX})",
+                              hint="download the model's weight files too, not only config.json")
+        for name, t in self.loaded.items():
+            self.specs[name] = Spec(t.dtype, tuple(t.shape))
+
+    def _add_safetensors(self, path: Path) -> None:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    dtype = SAFE_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise MoectlError(f"{path}: tensor {name} has dtype {piece.get_dtype()}, which moectl does "
+                                          "not read", hint="convert the weights to bf16, fp16 or fp32 first")
+                    self.where[name] = path
+                    self.specs[name] = Spec(dtype, tuple(piece.get_shape()))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MoectlError(f"{path} is damaged or not a safetensors file ({e})",
+                              hint="download or export the model again") from None
+
+    def _check_index(self, folder: Path, index_name: str) -> None:
+        weight_map = read_json(folder / index_name, index_name)["weight_map"]
+        absent = [k for k in weight_map if k not in self.where]
+        if absent:
+            raise MoectlError(f"{folder / index_name} names tensors no shard holds ({', '.join(absent[:3])})",
+                              hint="the shards do not belong to this index; download the model again")
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def spec(self, name: str) -> Spec:
+        return self.specs[name]
+
+    def get(self, name: str) -> Tensor:
+        if name in self.loaded:
+            return self.loaded[name]
+        path = self.where[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MoectlError(f"{path} is damaged: tensor {name} cannot be read ({e})",
+                              hint="download or export the model again") from None
+
+
+# --------------------------------------------------------------------------- streaming writing
+
+
+def write_safetensors(path: Path, plan: list[tuple[str, Spec]], produce: Callable[[str], Tensor],
+                      metadata: dict[str, str] | None = None, advance: Callable[[], None] | None = None) -> None:
+    """One safetensors file whose tensors are produced one at a time, in `plan` order: the header
+    (every name, dtype, shape and offset) is known from the plan and written first, then each
+    tensor's bytes as it comes, so only one tensor is held at a time. A produced tensor must match
+    its planned dtype and shape."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, spec in plan:
+        header[name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, spec in plan:
+            t = produce(name)
+            if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+                raise RuntimeError(f"{name}: produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
+            data = t.detach().cpu().contiguous().reshape(-1)
+            if data.numel():
+                f.write(memoryview(data.view(torch.uint8).numpy()))   # the tensor's own bytes, not a copy
+            del t, data
+            if advance is not None:
+                advance()
+
+
+def write_weights_plan(folder: Path, plan: list[tuple[str, Spec]], produce: Callable[[str], Tensor],
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+    """model.safetensors, or model-0000i-of-0000n.safetensors shards with an index when the plan is
+    larger than `max_shard_bytes`, written tensor by tensor. Returns the files written."""
+    shards: list[list[tuple[str, Spec]]] = [[]]
+    size = 0
+    for name, spec in plan:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, spec))
+        size += spec.nbytes
+    advance = progress.current().task("writing weights", len(plan), unit="tensors")
+    if len(shards) == 1:
+        write_safetensors(Path(folder) / SAFE_FILE, shards[0], produce, advance=advance)
+        return [SAFE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, shard in zip(names, shards, strict=True):
+        write_safetensors(Path(folder) / file, shard, produce, advance=advance)
+        weight_map.update(dict.fromkeys((name for name, _ in shard), file))
+    total = sum(spec.nbytes for _, spec in plan)
+    (Path(folder) / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                       "weight_map": weight_map}, indent=2))
+    return [*names, SAFE_INDEX]
+
+
 def read_weights(folder: Path) -> dict[str, Any]:
     """Every tensor of a model folder, by name, on the CPU."""
     folder = Path(folder)
@@ -71,7 +262,8 @@ def read_weights(folder: Path) -> dict[str, Any]:
                       hint="download the model's weight files too, not only config.json")
 
 
-def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
+def _shards(folder: Path, index_name: str) -> list[str]:
+    """The shard files an index names, each present in the folder."""
     index = read_json(folder / index_name, index_name)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
@@ -83,6 +275,12 @@ def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
         raise MoectlError(f"{folder} lacks {len(missing)} of the {len(shards)} shards its index names "
                           f"({', '.join(map(str, missing[:3]))}{' ...' if len(missing) > 3 else ''})",
                           hint="download the missing shard files")
+    return shards
+
+
+def _read_sharded(folder: Path, index_name: str, read_one) -> dict[str, Any]:
+    shards = _shards(folder, index_name)
+    weight_map = read_json(folder / index_name, index_name)["weight_map"]
     state: dict[str, Any] = {}
     advance = progress.current().task(f"reading {folder.name}", len(shards), unit="files")
     for shard in shards:
@@ -118,28 +316,7 @@ def _read_bin(path: Path) -> dict[str, Any]:
 
 
 def write_weights(folder: Path, state: dict[str, Any], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """Write `state` as model.safetensors, or as model-0000i-of-0000n.safetensors shards with an
-    index when it is larger than `max_shard_bytes`. Returns the files written."""
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
-    for name, t in state.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], str(Path(folder) / SAFE_FILE), metadata={"format": "pt"})
-        return [SAFE_FILE]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    advance = progress.current().task("writing weights", len(shards), unit="files")
-    for file, shard in zip(names, shards, strict=True):
-        save_file(shard, str(Path(folder) / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-        advance()
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (Path(folder) / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                       "weight_map": weight_map}, indent=2))
-    return [*names, SAFE_INDEX]
+    """Write `state` (tensors in memory) as model.safetensors, or as shards with an index when it is
+    larger than `max_shard_bytes`. Returns the files written."""
+    source = DictSource({k: v.contiguous() for k, v in state.items()})
+    return write_weights_plan(folder, [(k, source.spec(k)) for k in source.names()], source.get, max_shard_bytes)

@@ -15,10 +15,9 @@ from typing import Any
 
 import tokenizers
 import torch
-from safetensors.torch import save_file
 
-from moectl import __version__
-from moectl.checkpoint import check_weights, tied_aliases
+from moectl import __version__, progress
+from moectl.checkpoint import check_weight_specs, finite, tied_aliases
 from moectl.convert import families
 from moectl.convert.flatten import PREFIX
 from moectl.convert.hfio import (
@@ -27,9 +26,11 @@ from moectl.convert.hfio import (
     GENERATION_CONFIG,
     TOKENIZER_CONFIG,
     TOKENIZER_JSON,
+    LazyWeights,
+    Spec,
     read_config,
     read_json,
-    read_weights,
+    write_safetensors,
 )
 from moectl.convert.output import check_target, staged_folder
 from moectl.data.tokenizer import load_tokenizer, template_tokens
@@ -46,12 +47,17 @@ class HFModel:
 
     family: str                     # the family's name, or "moectl" for moectl's own exports
     model: dict[str, Any]           # a recipe's model section
-    state: dict[str, Any]           # moectl tensor names
+    tensors: dict[str, Any]         # moectl tensor name -> (Spec, make): read when made
     tokenizer: Path | None
     eos_token: str | None
     plugins: list[str] = field(default_factory=list)   # modules the model's parts come from
     special: bool = False            # its tokenizer adds template tokens (a BOS) to every text
     text: dict[str, Any] = field(default_factory=dict)   # text settings, written back on export
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """Every tensor, in memory (for what needs them all at once, like upcycling)."""
+        return {name: make() for name, (_, make) in self.tensors.items()}
 
 
 @dataclass
@@ -83,25 +89,36 @@ def read_hf_model(src: Path) -> HFModel:
     meta = build_model(recipe, device="meta")
     aliases = tied_aliases(meta)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases}
-    hf_state = read_weights(src)
+    weights = LazyWeights(src)   # headers only: every tensor is read when it is written
     if family == "moectl":
-        if all(k.startswith(PREFIX) for k in hf_state):   # the generated wrapper holds the engine as `model`
-            hf_state = {k[len(PREFIX):]: v for k, v in hf_state.items()}
-        state = {k: v for k, v in hf_state.items() if k not in aliases}
-        check_weights(meta, dict(state), src, aliases)
+        names = weights.names()
+        if all(k.startswith(PREFIX) for k in names):   # the generated wrapper holds the engine as `model`
+            weights = families.Renamed(weights, lambda k: k[len(PREFIX):])
+        plan = {k: (weights.spec(k), lambda k=k, w=weights: w.get(k)) for k in weights.names() if k not in aliases}
+        check_weight_specs(meta, {k: (spec.shape, spec.dtype) for k, (spec, _) in plan.items()}, src, aliases)
     else:
-        state = families.from_hf_state(hf_state, families.Layout.of(fam, recipe.model), expected, where)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise MoectlError(f"{where}: tensors hold NaN or infinite values ({', '.join(bad[:3])})",
-                          hint="the checkpoint is damaged; download it again")
+        plan = families.from_hf_plan(weights, families.Layout.of(fam, recipe.model), expected, where)
+    tensors = {k: (spec, _checked_finite(k, make, where)) for k, (spec, make) in plan.items()}
     tok = src / TOKENIZER_JSON
     special = False
     if tok.is_file():
         inner, _ = load_tokenizer(tok, what=str(tok))
         special = any(template_tokens(inner))
-    return HFModel(family, model, state, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins,
+    return HFModel(family, model, tensors, tok if tok.is_file() else None, _eos_token(src, cfg, tok), plugins,
                    special, text_settings(src, cfg))
+
+
+def _checked_finite(name: str, make, where: str):
+    """`make`, refusing a tensor with NaN or infinite values when it is made."""
+
+    def checked() -> torch.Tensor:
+        t = make()
+        if not finite(t):
+            raise MoectlError(f"{where}: tensor {name} holds NaN or infinite values",
+                              hint="the checkpoint is damaged; download it again")
+        return t
+
+    return checked
 
 
 TEXT_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "add_eos_token", "chat_template")
@@ -209,12 +226,21 @@ def checked_tokenizer(path: Path, vocab_limit: int) -> bytes:
 
 def write_model_folder(out: Path, recipe_data: dict[str, Any], state: dict[str, Any], tokenizer: Path | None,
                        provenance: dict[str, Any], force: bool, text: dict[str, Any] | None = None):
-    """Validate the recipe, check the tensors fit it, and write the folder atomically."""
+    """Validate the recipe, check the tensors fit it, and write the folder atomically. `state`
+    holds tensors, or (Spec, make) pairs that make each tensor when it is written (one at a time)."""
     recipe = validate_recipe(recipe_data, str(out))
-    check_weights(build_model(recipe, device="meta"), dict(state), out)
+    plan = {k: v if isinstance(v, tuple) else (Spec(v.dtype, tuple(v.shape)), lambda v=v: v.contiguous())
+            for k, v in state.items()}
+    meta = build_model(recipe, device="meta")
+    check_weight_specs(meta, {k: (spec.shape, spec.dtype) for k, (spec, _) in plan.items()}, out)
+    in_memory = [k for k, v in state.items() if not isinstance(v, tuple) and not finite(v)]
+    if in_memory:
+        raise MoectlError(f"{out}: its weights would hold NaN or infinite values ({', '.join(in_memory[:3])})")
     with staged_folder(out, force) as tmp:
         folder = ModelFolder(tmp)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder.weights), metadata={"format": "pt"})
+        advance = progress.current().task(f"writing {folder.weights.name}", len(plan), unit="tensors")
+        write_safetensors(folder.weights, [(k, spec) for k, (spec, _) in plan.items()], lambda k: plan[k][1](),
+                          advance=advance)
         folder.write_recipe(dump_recipe(recipe))
         if tokenizer is not None:
             folder.tokenizer.write_bytes(checked_tokenizer(tokenizer, recipe.model.vocab_size))
@@ -241,6 +267,6 @@ def import_hf(src: str | Path, out: str | Path, *, force: bool = False, name: st
     if hf.special:
         notes.append("its tokenizer adds special tokens to every text (a BOS): training, eval and generate add "
                      "them too (data.tokenizer.add_special_tokens)")
-    write_model_folder(out, data, hf.state, hf.tokenizer,
+    write_model_folder(out, data, hf.tensors, hf.tokenizer,
                        {"kind": "import", "from": str(src.resolve()), "family": hf.family}, force, hf.text)
     return ImportResult(out, hf.family, notes)

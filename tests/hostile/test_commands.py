@@ -503,11 +503,11 @@ def test_sigterm_during_convert_leaves_nothing(dense_source, tmp_path):
 
     out = tmp_path / "hf"
     code = ("import time, moectl.convert.hfio as h\n"
-            "real = h.write_weights\n"
+            "real = h.write_weights_plan\n"
             "def slow(*a, **k):\n    r = real(*a, **k)\n    print('WROTE', flush=True)\n"
             "    time.sleep(60)\n    return r\n"
-            "h.write_weights = slow\n"
-            "import moectl.convert.export as e\ne.write_weights = slow\n"
+            "h.write_weights_plan = slow\n"
+            "import moectl.convert.export as e\ne.write_weights_plan = slow\n"
             "from moectl.cli.app import main\nimport sys\n"
             f"sys.argv = ['moectl', 'convert', {str(dense_source['run'])!r}, '--to', 'hf', {str(out)!r}]\nmain()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

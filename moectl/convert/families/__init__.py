@@ -12,14 +12,23 @@ import pkgutil
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from moectl.convert.families.base import CONVERT_HINT, Family, Layout, from_hf_state, to_hf_state
+from moectl.convert.families.base import (
+    CONVERT_HINT,
+    Family,
+    Layout,
+    Renamed,
+    from_hf_plan,
+    from_hf_state,
+    to_hf_plan,
+    to_hf_state,
+)
 from moectl.errors import MoectlError
 
 if TYPE_CHECKING:
     from moectl.recipe.schema import ModelConfig
 
-__all__ = ["CONVERT_HINT", "Family", "Layout", "discover", "families", "family_of", "from_hf_state",
-           "native_family", "to_hf_state"]
+__all__ = ["CONVERT_HINT", "Family", "Layout", "Renamed", "discover", "families", "family_of", "from_hf_plan",
+           "from_hf_state", "native_family", "to_hf_plan", "to_hf_state"]
 SHARED_MODULES = {"base"}   # modules of the package that are not a family
 
 

@@ -18,11 +18,13 @@ unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from moectl.convert.hfio import DictSource, Spec, TensorSource
 from moectl.errors import MoectlError
 from moectl.recipe.schema import variant_fields
 
@@ -385,77 +387,145 @@ def _transform(t: Tensor, how: str, lay: Layout, to_hf: bool) -> Tensor:
     return _reorder(t, heads, lay.head_dim, to_hf)
 
 
-def to_hf_state(state: dict[str, Tensor], lay: Layout) -> dict[str, Tensor]:
-    """A moectl state dict in the family's on-disk layout (one tensor per expert matrix, as the
-    families' published checkpoints and transformers' save_pretrained write them)."""
-    out = {}
+Producer = tuple[Spec, Callable[[], "Tensor"]]   # what a tensor will be, and how to make it when it is written
+
+
+def _one_at_a_time(src: TensorSource) -> Callable[[str], Tensor]:
+    """src.get, keeping the last tensor read: a layer's stacked experts are read once for all of
+    its per-expert outputs (which are planned together)."""
+    last: dict[str, Tensor] = {}
+
+    def get(name: str) -> Tensor:
+        if name not in last:
+            last.clear()
+            last[name] = src.get(name)
+        return last[name]
+
+    return get
+
+
+def to_hf_plan(src: TensorSource, lay: Layout) -> dict[str, Producer]:
+    """The family's tensors (one per expert matrix, as the families' published checkpoints and
+    transformers' save_pretrained write them), each planned from moectl's tensors in `src` and made
+    only when it is written."""
+    get = _one_at_a_time(src)
+    out: dict[str, Producer] = {}
     for ours, theirs, how in _pairs(lay):
-        if ours in state:
-            out[theirs] = _transform(state[ours], how, lay, to_hf=True)
+        if ours in src:
+            out[theirs] = (src.spec(ours), lambda ours=ours, how=how: _transform(get(ours), how, lay, to_hf=True))
     for i in sorted(lay.moe_layers):
         for w, template in zip(W_NAMES, lay.family.keys.experts, strict=True):
-            stacked = state[f"layers.{i}.mlp.moe.experts.{w}"]
-            for e in range(stacked.shape[0]):
-                out[template.format(i=i, e=e)] = stacked[e].t().contiguous()
+            name = f"layers.{i}.mlp.moe.experts.{w}"
+            spec = src.spec(name)                                   # [E, in, out] -> E x [out, in]
+            for e in range(spec.shape[0]):
+                out[template.format(i=i, e=e)] = (Spec(spec.dtype, (spec.shape[2], spec.shape[1])),
+                                                  lambda name=name, e=e: get(name)[e].t().contiguous())
         bias = lay.family.keys.router_bias
         if bias is not None and bias.format(i=i) not in out:   # the class has one; a model without it: zero
-            out[bias.format(i=i)] = torch.zeros(lay.num_experts)
+            out[bias.format(i=i)] = (Spec(torch.float32, (lay.num_experts,)),
+                                     lambda: torch.zeros(lay.num_experts))
+    return out
+
+
+def to_hf_state(state: dict[str, Tensor], lay: Layout) -> dict[str, Tensor]:
+    """A moectl state dict in the family's on-disk layout, in memory (see `to_hf_plan`)."""
+    return {name: make() for name, (_, make) in to_hf_plan(DictSource(state), lay).items()}
+
+
+class Renamed(TensorSource):
+    """A source's tensors under other names (`rename(name)` -> new name)."""
+
+    def __init__(self, src: TensorSource, rename: Callable[[str], str], keep: Callable[[str], bool] = lambda n: True):
+        self.src = src
+        self.to_src = {rename(n): n for n in src.names() if keep(n)}
+
+    def names(self) -> list[str]:
+        return list(self.to_src)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.to_src
+
+    def spec(self, name: str):
+        return self.src.spec(self.to_src[name])
+
+    def get(self, name: str) -> Tensor:
+        return self.src.get(self.to_src[name])
+
+
+def from_hf_plan(src: TensorSource, lay: Layout, expected: dict[str, tuple[int, ...]], where: str
+                 ) -> dict[str, Producer]:
+    """moectl's tensors, each planned from the family's tensors in `src` (per-expert or fused:
+    transformers v5's gate_up_proj / down_proj) and made only when it is written. `expected` holds
+    the moectl model's tensor shapes; anything missing, left over or of another shape is an error
+    naming the tensors, found from the files' headers before any tensor is read."""
+    renames = lay.family.keys.renames
+
+    def rename(name: str) -> str:
+        for loaded, saved in renames:
+            name = name.replace(loaded, saved, 1)
+        return name
+
+    hf = Renamed(src, rename, keep=lambda n: not n.endswith("rotary_emb.inv_freq"))
+    get = _one_at_a_time(hf)
+    used: set[str] = set()
+    out: dict[str, Producer] = {}
+    for ours, theirs, how in _pairs(lay):
+        if ours in expected and theirs in hf:
+            out[ours] = (hf.spec(theirs), lambda theirs=theirs, how=how: _transform(get(theirs), how, lay, to_hf=False))
+            used.add(theirs)
+    if lay.tied and "lm_head.weight" in hf:
+        used.add("lm_head.weight")   # a tied head saved anyway
+    for i in sorted(lay.moe_layers):
+        _experts_from_hf(hf, get, lay, i, out, used, where)
+    _check_complete({k: spec.shape for k, (spec, _) in out.items()}, expected, set(hf.names()) - used, lay.family,
+                    where)
     return out
 
 
 def from_hf_state(hf: dict[str, Tensor], lay: Layout, expected: dict[str, tuple[int, ...]], where: str
                   ) -> dict[str, Tensor]:
-    """A moectl state dict from the family's tensors: per-expert or fused (transformers v5's
-    gate_up_proj / down_proj) expert layouts alike. `expected` holds the moectl model's tensor
-    shapes; anything missing, left over or of another shape is an error naming the tensors."""
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    for loaded, saved in lay.family.keys.renames:
-        hf = {k.replace(loaded, saved, 1): v for k, v in hf.items()}
-    used: set[str] = set()
-    out: dict[str, Tensor] = {}
-    for ours, theirs, how in _pairs(lay):
-        if ours in expected and theirs in hf:
-            out[ours] = _transform(hf[theirs], how, lay, to_hf=False)
-            used.add(theirs)
-    if lay.tied and "lm_head.weight" in hf:
-        used.add("lm_head.weight")   # a tied head saved anyway
-    for i in sorted(lay.moe_layers):
-        _experts_from_hf(hf, lay, i, out, used, where)
-    _check_complete(out, expected, set(hf) - used, lay.family, where)
-    return out
+    """A moectl state dict from the family's tensors, in memory (see `from_hf_plan`)."""
+    return {name: make() for name, (_, make) in from_hf_plan(DictSource(hf), lay, expected, where).items()}
 
 
-def _experts_from_hf(hf: dict[str, Tensor], lay: Layout, i: int, out: dict[str, Tensor], used: set[str],
-                     where: str) -> None:
+def _experts_from_hf(hf: TensorSource, get: Callable[[str], Tensor], lay: Layout, i: int, out: dict[str, Producer],
+                     used: set[str], where: str) -> None:
     """Layer i's stacked expert matrices, from the fused or the per-expert layout."""
     keys = lay.family.keys
     fused_in, fused_out = (t.format(i=i) for t in keys.fused)
     if fused_in in hf and fused_out in hf:
-        gate_up, down = hf[fused_in], hf[fused_out]           # [E, 2F, D], [E, D, F]
-        width = gate_up.shape[1] // 2
-        out[f"layers.{i}.mlp.moe.experts.w1"] = gate_up[:, :width].transpose(1, 2).contiguous()
-        out[f"layers.{i}.mlp.moe.experts.w3"] = gate_up[:, width:].transpose(1, 2).contiguous()
-        out[f"layers.{i}.mlp.moe.experts.w2"] = down.transpose(1, 2).contiguous()
+        gate_up, down = hf.spec(fused_in), hf.spec(fused_out)            # [E, 2F, D], [E, D, F]
+        E, width, D = gate_up.shape[0], gate_up.shape[1] // 2, gate_up.shape[2]
+        for w, part in (("w1", slice(0, width)), ("w3", slice(width, 2 * width))):
+            out[f"layers.{i}.mlp.moe.experts.{w}"] = (
+                Spec(gate_up.dtype, (E, D, width)),
+                lambda part=part: get(fused_in)[:, part].transpose(1, 2).contiguous())
+        out[f"layers.{i}.mlp.moe.experts.w2"] = (Spec(down.dtype, (down.shape[0], down.shape[2], down.shape[1])),
+                                                 lambda: get(fused_out).transpose(1, 2).contiguous())
         used.update((fused_in, fused_out))
         return
     for w, template in zip(W_NAMES, keys.experts, strict=True):
         names = [template.format(i=i, e=e) for e in range(lay.num_experts)]
         if all(n in hf for n in names):
-            shapes = {tuple(hf[n].shape) for n in names}
-            if len(shapes) != 1:
+            specs = {hf.spec(n) for n in names}
+            if len(specs) != 1:
                 theirs = template.rsplit(".", 2)[-2]
-                raise MoectlError(f"{where}: the experts of layer {i} have {theirs} tensors of different shapes "
-                                  f"({sorted(shapes)})", hint="the checkpoint is damaged")
-            out[f"layers.{i}.mlp.moe.experts.{w}"] = torch.stack([hf[n].t() for n in names]).contiguous()
+                raise MoectlError(f"{where}: the experts of layer {i} have {theirs} tensors of different shapes or "
+                                  f"dtypes ({sorted((str(s.dtype), s.shape) for s in specs)})",
+                                  hint="the checkpoint is damaged")
+            (spec,) = specs
+            out[f"layers.{i}.mlp.moe.experts.{w}"] = (
+                Spec(spec.dtype, (lay.num_experts, *reversed(spec.shape))),
+                lambda names=names: torch.stack([hf.get(n).t() for n in names]).contiguous())
             used.update(names)
 
 
-def _check_complete(out: dict[str, Tensor], expected: dict[str, tuple[int, ...]], unused: set[str], family: Family,
-                    where: str) -> None:
+def _check_complete(out: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], unused: set[str],
+                    family: Family, where: str) -> None:
     missing = [k for k in expected if k not in out]
     unexpected = sorted(unused)
-    shapes = [f"{k} {list(out[k].shape)} (the config implies {list(expected[k])})" for k in expected
-              if k in out and tuple(out[k].shape) != expected[k]]
+    shapes = [f"{k} {list(out[k])} (the config implies {list(expected[k])})" for k in expected
+              if k in out and tuple(out[k]) != expected[k]]
     if missing or unexpected or shapes:
         parts = []
         for label, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
