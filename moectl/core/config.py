@@ -81,7 +81,7 @@ class ModelArgs:
     activation: str = "swiglu"             # "swiglu" | "gelu" | "relu"
     seq_len: int = 1024
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None       # {"kind": "linear" | "llama3", "factor": ..., ...}; see rope_frequencies
+    rope_scaling: dict | None = None       # {"kind": "linear" | "llama3" | "yarn", "factor": ...}; see rope_frequencies
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02

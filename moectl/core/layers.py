@@ -28,24 +28,68 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
     """The rotation frequency of each pair [head_dim/2], fp32. `scaling` stretches long wavelengths
     for a longer context: {"kind": "linear", "factor": f} divides every frequency by f; "llama3"
     (Llama 3.1) divides those whose wavelength exceeds original_context / low_freq_factor by f,
-    keeps those below original_context / high_freq_factor, and blends linearly in between."""
+    keeps those below original_context / high_freq_factor, and blends linearly in between; "yarn"
+    (Peng et al., 2023) keeps the pairs that turn more than beta_fast times over the original context,
+    divides those that turn fewer than beta_slow times by f, and ramps linearly between, over pair
+    indices (see `yarn_ramp`)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     if not scaling:
         return inv_freq
     factor = scaling["factor"]
     if scaling["kind"] == "linear":
         return inv_freq / factor
+    if scaling["kind"] == "yarn":
+        keep = yarn_ramp(head_dim, theta, scaling).to(inv_freq.device)   # 1: extrapolate (kept), 0: interpolate
+        return inv_freq / factor * (1 - keep) + inv_freq * keep
     context, low, high = scaling["original_context"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     ratio = context / (2 * math.pi / inv_freq)          # how many wavelengths fit the original context
     blend = ((ratio - low) / (high - low)).clamp(0.0, 1.0)   # 0: long waves (scaled), 1: short (kept)
     return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
+def yarn_ramp(head_dim: int, theta: float, scaling: dict) -> Tensor:
+    """YaRN's share of each pair's frequency that is kept, [head_dim/2]: 1 for pair indices below the
+    one that turns beta_fast times over the original context, 0 above the one that turns beta_slow
+    times, linear between (bounds rounded outwards unless `truncate` is false)."""
+
+    def pair_turning(turns: float) -> float:   # the (fractional) dimension whose wave turns `turns` times
+        return head_dim * math.log(scaling["original_context"] / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(scaling.get("beta_fast", 32.0)), pair_turning(scaling.get("beta_slow", 1.0))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return 1 - ramp
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """How much RoPE scaling multiplies the rotated queries and keys (YaRN's attention temperature:
+    `attention_factor`, else 0.1 ln(f) + 1, or the ratio of that with `mscale` and `mscale_all_dim`);
+    1 for the other scalings."""
+    if not scaling or scaling["kind"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = scaling["factor"]
+
+    def m(scale: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+    mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return m(mscale) / m(all_dim) if mscale and all_dim else m(1.0)
+
+
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device,
                 scaling: dict | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [S, head_dim/2] in fp32."""
+    """cos and sin tables [S, head_dim/2] in fp32 (times YaRN's attention factor when it has one)."""
     inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    factor = rope_attention_factor(scaling)
+    if factor != 1.0:
+        return angles.cos() * factor, angles.sin() * factor
     return angles.cos(), angles.sin()
 
 

@@ -154,13 +154,24 @@ class MoEConfig(Section):
 class RopeScaling(Section):
     """RoPE frequencies stretched for a longer context (as Hugging Face's rope_parameters)."""
 
-    kind: Literal["linear", "llama3"] = Field(
+    kind: Literal["linear", "llama3", "yarn"] = Field(
         ..., description="linear: every frequency divided by factor; llama3 (Llama 3.1): long wavelengths "
-        "divided by factor, short ones kept, a linear blend between.")
+        "divided by factor, short ones kept, a linear blend between; yarn (YaRN: Qwen3, DeepSeek-V3, GPT-OSS): "
+        "a ramp over pair indices between beta_fast and beta_slow turns, and an attention temperature.")
     factor: Annotated[float, Field(ge=1)] = Field(..., description="How much longer the context becomes.")
     low_freq_factor: PosFloat = Field(1.0, description="llama3: wavelengths above original_context / this are scaled.")
     high_freq_factor: PosFloat = Field(4.0, description="llama3: wavelengths below original_context / this are kept.")
-    original_context: PosInt = Field(8192, description="llama3: the context the model was first trained on.")
+    original_context: PosInt = Field(8192, description="llama3, yarn: the context the model was first trained on.")
+    beta_fast: PosFloat = Field(32.0, description="yarn: pairs turning more than this many times over "
+                                "original_context keep their frequency.")
+    beta_slow: PosFloat = Field(1.0, description="yarn: pairs turning fewer than this many times are divided by "
+                                "factor.")
+    mscale: PosFloat | None = Field(None, description="yarn: with mscale_all_dim, the attention factor is "
+                                    "(0.1 mscale ln f + 1) / (0.1 mscale_all_dim ln f + 1) (DeepSeek).")
+    mscale_all_dim: PosFloat | None = Field(None, description="yarn: see mscale.")
+    attention_factor: PosFloat | None = Field(None, description="yarn: multiply queries and keys by this after "
+                                              "RoPE; null: from factor (0.1 ln f + 1) or mscale.")
+    truncate: bool = Field(True, description="yarn: round the ramp's bounds outwards to whole pairs.")
 
 
 class ModelConfig(Section):

@@ -54,6 +54,16 @@ VARIANTS = {
     ("dots1", "bias-tied-raw"): dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                                      moe_intermediate_size=16, attention_bias=True, tie_word_embeddings=True,
                                      sliding_window=None),
+    # YaRN as Qwen3 ships it (factor 4 over the original context), and with DeepSeek's mscale pair and
+    # its own betas
+    ("qwen3", "yarn"): dict(head_dim=12, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                          "original_max_position_embeddings": 16}),
+    ("qwen3_moe", "yarn"): dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                 "original_max_position_embeddings": 16}),
+    ("llama", "yarn-mscale"): dict(rope_parameters={"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e4,
+                                                    "original_max_position_embeddings": 32, "mscale": 1.0,
+                                                    "mscale_all_dim": 0.707, "beta_fast": 24, "beta_slow": 2}),
     # Qwen2.5-7B's shape (GQA, theta 1e6, untied), Qwen2.5-0.5B's (tied), and MHA with linear RoPE
     ("qwen2", "qwen2.5-7b"): dict(rope_theta=1e6),
     ("qwen2", "qwen2.5-0.5b-tied"): dict(rope_theta=1e6, tie_word_embeddings=True, num_key_value_heads=1),

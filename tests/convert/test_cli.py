@@ -117,8 +117,11 @@ BROKEN = {
     "shape mismatch": (lambda s: _config(s, moe_intermediate_size=20), "of another shape"),
     "missing tensors": (lambda s: _config(s, num_hidden_layers=4), "missing: layers.3"),
     "pickled code": (_pickle_bin, "never runs code from a file"),
-    "rope scaling": (lambda s: _config(s, rope_parameters={"rope_type": "yarn", "factor": 4.0}),
-                     "RoPE scaling 'yarn'"),
+    "rope scaling": (lambda s: _config(s, rope_parameters={"rope_type": "longrope", "factor": 4.0}),
+                     "RoPE scaling 'longrope'"),
+    "yarn without a context": (lambda s: _config(s, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                     "original_max_position_embeddings": "long"}),
+                               "original_max_position_embeddings is 'long'"),
     "other activation": (lambda s: _config(s, hidden_act="gelu"), "hidden_act is 'gelu'"),
     "bad number": (lambda s: _config(s, hidden_size="wide"), "hidden_size is 'wide', not a int"),
 }

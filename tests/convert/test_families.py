@@ -236,3 +236,30 @@ def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):
     (pkg / "twins.py").write_text(FAMILY_MODULE + FAMILY_MODULE.replace("Toy", "Twin").replace('"toy"', '"twin"'))
     with pytest.raises(TypeError, match="exactly one Family subclass, found 2"):
         discover([str(pkg)], "newfamilies")
+
+
+@pytest.mark.parametrize("params", [
+    {"factor": 4.0, "original_max_position_embeddings": 16},
+    {"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 1.0,
+     "beta_fast": 32, "beta_slow": 1},                                       # DeepSeek-V3's
+    {"factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+     "truncate": False},                                                     # GPT-OSS's
+    {"factor": 8.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+])
+def test_yarn_frequencies_and_temperature_are_transformers(params):
+    """moectl's YaRN (frequencies and attention factor) against transformers' own computation."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moectl.convert.families.base import ConfigReader, rope_scaling
+    from moectl.core.layers import rope_attention_factor, rope_frequencies
+
+    rope = {"rope_type": "yarn", "rope_theta": 1e4, **params}
+    cfg = AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=2, max_position_embeddings=8192,
+                               rope_parameters=rope)
+    want_freq, want_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    ours = rope_scaling(rope, ConfigReader({"max_position_embeddings": 8192}, "t"))
+    got = rope_frequencies(32, 1e4, ours)
+    torch.testing.assert_close(got, want_freq.float(), rtol=1e-6, atol=0)
+    assert abs(rope_attention_factor(ours) - want_factor) < 1e-12
+    assert not torch.allclose(got, rope_frequencies(32, 1e4, None))   # it does stretch something

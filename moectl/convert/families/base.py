@@ -276,6 +276,11 @@ def rope_parameters(m: ModelConfig) -> dict[str, Any]:
     if rs.kind == "llama3":
         out.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
                    original_max_position_embeddings=rs.original_context)
+    if rs.kind == "yarn":
+        out.update(original_max_position_embeddings=rs.original_context, beta_fast=rs.beta_fast,
+                   beta_slow=rs.beta_slow, truncate=rs.truncate,
+                   **{k: getattr(rs, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
+                      if getattr(rs, k) is not None})
     return out
 
 
@@ -284,8 +289,8 @@ def rope_scaling(rope: dict[str, Any], c: ConfigReader) -> dict[str, Any] | None
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in (None, "default"):
         return None
-    if kind not in ("linear", "llama3"):
-        raise c.refuse(f"RoPE scaling {kind!r} (moectl implements linear and llama3)")
+    if kind not in ("linear", "llama3", "yarn"):
+        raise c.refuse(f"RoPE scaling {kind!r} (moectl implements linear, llama3 and yarn)")
     factor = rope.get("factor")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool):
         raise MoectlError(f"{c.where}: the {kind} RoPE scaling has no numeric factor",
@@ -298,6 +303,18 @@ def rope_scaling(rope: dict[str, Any], c: ConfigReader) -> dict[str, Any] | None
         except (KeyError, TypeError, ValueError):
             raise MoectlError(f"{c.where}: the llama3 RoPE scaling lacks low_freq_factor, high_freq_factor or "
                               "original_max_position_embeddings", hint="the config.json is damaged") from None
+    if kind == "yarn":
+        original = rope.get("original_max_position_embeddings", c.get("max_position_embeddings", 2048, int))
+        if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+            raise MoectlError(f"{c.where}: the yarn RoPE scaling's original_max_position_embeddings is {original!r}",
+                              hint="the config.json is damaged")
+        out["original_context"] = original
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            value = rope.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                out[key] = float(value)
+        if isinstance(rope.get("truncate"), bool):
+            out["truncate"] = rope["truncate"]
     return out
 
 
