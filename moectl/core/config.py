@@ -91,7 +91,18 @@ class ModelArgs:
     attention_bias: str = "none"           # "none" | "qkv" | "all"
     qk_norm: str = "none"                  # "none" | "head" | "projection"
     qkv_clip: float | None = None
+    sliding_window: int | None = None      # attend to the window's last positions only, in sliding_layers
+    sliding_layers: str | list = "all"     # "all" | "even" | "odd" | [layer indices]
     moe: MoEArgs | None = None
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s attention window (None: its whole past)."""
+        which = self.sliding_layers
+        if self.sliding_window is None:
+            return None
+        inside = (which == "all" or (which == "even" and layer % 2 == 0) or (which == "odd" and layer % 2 == 1)
+                  or (isinstance(which, list) and layer in which))
+        return self.sliding_window if inside else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (json.dumps writes it as it is); `from_dict` reads it back."""

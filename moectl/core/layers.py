@@ -117,14 +117,16 @@ class Attention(nn.Module):
     """Causal multi-head attention with optional grouped key/value heads. Options (all off by
     default): biases on the q/k/v projections (`bias="qkv"`) or on all four (`"all"`); RMSNorm of
     queries and keys before RoPE, per head over head_dim (`qk_norm="head"`) or over the whole
-    projection (`"projection"`); clamping q, k and v to [-qkv_clip, qkv_clip] after that."""
+    projection (`"projection"`); clamping q, k and v to [-qkv_clip, qkv_clip] after that; a sliding
+    `window` (a query at position i sees keys i - window + 1 .. i)."""
 
     component = "attention"
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                  bias: str = "none", qk_norm: str = "none", qkv_clip: float | None = None,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, window: int | None = None):
         super().__init__()
+        self.window = window
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
@@ -175,16 +177,29 @@ class Attention(nn.Module):
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        mask = None
-        if past and S > 1:   # query i (position past + i) sees keys 0 .. past + i
-            mask = torch.arange(past + S, device=q.device) <= torch.arange(past, past + S, device=q.device)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past,
+        mask = attention_mask(past, S, self.window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
     def flops_per_token(self, seq_len: int) -> int:
         d, dh, nh, nkv = self.wq.in_features, self.head_dim, self.n_heads, self.n_kv_heads
-        return 2 * d * dh * (nh + 2 * nkv) + 2 * nh * dh * d + 2 * seq_len * nh * dh
+        seen = seq_len if self.window is None else min(seq_len, self.window)   # keys a query attends to
+        return 2 * d * dh * (nh + 2 * nkv) + 2 * nh * dh * d + 2 * seen * nh * dh
+
+
+def attention_mask(past: int, S: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Which keys each of S new queries sees, [S, past + S] bool, after `past` cached positions:
+    query i (position past + i) sees keys 0 .. past + i, and with a `window` only the last `window`
+    of them. None where plain causal attention says it (no cache, no binding window) or where every
+    key is visible (one new query, no binding window)."""
+    if window is None or window >= past + S:
+        if not past or S == 1:
+            return None
+        return torch.arange(past + S, device=device) <= torch.arange(past, past + S, device=device)[:, None]
+    q = torch.arange(past, past + S, device=device)[:, None]
+    k = torch.arange(past + S, device=device)
+    return (k <= q) & (k > q - window)
 
 
 class FeedForward(nn.Module):

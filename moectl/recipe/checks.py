@@ -32,6 +32,11 @@ def check_recipe(r: Recipe) -> list[Issue]:
     if t.warmup_steps and t.max_steps is not None and t.warmup_steps >= t.max_steps:
         add("train.warmup_steps", f"warmup_steps ({t.warmup_steps}) must be below max_steps ({t.max_steps})",
             "train.max_steps")
+    if m.sliding_window is None and m.sliding_layers != "all":
+        add("model.sliding_layers", "has no effect without model.sliding_window", "model.sliding_window")
+    if isinstance(m.sliding_layers, list) and any(i >= m.n_layers for i in m.sliding_layers):
+        add("model.sliding_layers", f"names a layer the model does not have (it has {m.n_layers}: 0 .. "
+            f"{m.n_layers - 1})", "model.n_layers")
     if m.moe is not None:
         issues += _check_moe(r)
     if t.expert_parallel > 1:

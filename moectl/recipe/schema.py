@@ -221,6 +221,14 @@ class ModelConfig(Section):
         None, description="Clamp queries, keys and values to [-c, c] after projection and qk_norm "
         "(OLMoE's clip_qkv); null = off."
     )
+    sliding_window: PosInt | None = Field(
+        None, description="Sliding-window attention: a query attends to itself and the window - 1 positions "
+        "before it (Mistral, GPT-OSS), in the layers sliding_layers names; null = every layer sees its whole past."
+    )
+    sliding_layers: Literal["all", "even", "odd"] | list[NonNegInt] = Field(
+        "all", description="With sliding_window, the layers that use it: all, even (0, 2, ...: GPT-OSS's "
+        "alternation), odd, or a list of layer indices (Qwen2's top layers); the others attend fully."
+    )
     moe: MoEConfig | None = Field(None, description="Mixture-of-Experts settings; null = dense model.")
 
 

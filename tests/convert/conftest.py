@@ -74,6 +74,15 @@ VARIANTS = {
     ("mistral", "7b-v0.3"): dict(sliding_window=None, rope_theta=1e6),
     ("mistral", "nemo-headdim"): dict(sliding_window=None, head_dim=12, rope_theta=1e6),
     ("mistral", "7b-v0.1-window"): dict(sliding_window=64),
+    # sliding windows that bind (the test sequences are longer than the window): every layer
+    # (Mistral v0.1, Mixtral), Qwen2's top layers, an explicit alternation, dots1's top layers
+    ("mistral", "binding-window"): dict(sliding_window=8),
+    ("mixtral", "binding-window"): dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+    ("qwen2", "sliding-top-layers"): dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ("qwen3", "alternating-windows"): dict(head_dim=12, use_sliding_window=True, sliding_window=6,
+                                           layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    ("dots1", "sliding-top-layers"): dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                          moe_intermediate_size=16, sliding_window=8, max_window_layers=2),
 }
 
 

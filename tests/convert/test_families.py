@@ -69,8 +69,11 @@ def test_dense_sources_compute_and_continue_like_transformers(family, variant, t
 
 
 @pytest.mark.parametrize("family,kw,words", [
-    ("mistral", dict(sliding_window=16), "sliding-window attention (16 < 64 positions)"),
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=0), "sliding-window attention"),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, use_sliding_window=True,
+                       sliding_window=16, max_window_layers=0), "sliding-window attention (16 < 64 positions)"),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, use_sliding_window=True,
+                       sliding_window=16, layer_types=["full_attention", "sliding_attention", "full_attention"]),
+     "sliding-window attention (16 < 64 positions)"),
 ])
 def test_a_binding_sliding_window_is_refused(family, kw, words, tmp_path):
     from moectl.convert.importer import import_hf

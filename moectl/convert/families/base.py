@@ -88,6 +88,9 @@ class Family:
     rope_theta_default: ClassVar[float] = 1e4
     aux_loss_default: ClassVar[float] = 0.001
     window_means_sliding: ClassVar[bool] = False   # sliding_window set = on (no use_sliding_window key)
+    # Sliding-window attention the class computes: "none", "all" (one window in every layer) or
+    # "layers" (any set of layers, written as layer_types)
+    windows: ClassVar[str] = "none"
 
     def __repr__(self) -> str:
         return f"<family {self.name} ({self.model_type})>"
@@ -119,7 +122,7 @@ class Family:
         return why
 
     def attention_misfits(self, m: ModelConfig) -> list[str]:
-        why = []
+        why = self.window_misfits(m)
         if m.qkv_clip is not None and not self.clips_qkv:
             why.append("qkv_clip")
         if m.qk_norm != self.qk_norm:
@@ -195,12 +198,10 @@ class Family:
             raise c.refuse("mlp_bias is true (biases on the feed-forward projections)")
         if c.get("pretraining_tp", 1, int) != 1:
             raise c.refuse("pretraining_tp is not 1")
-        window = c.get("sliding_window")
         max_pos = c.get("max_position_embeddings", 2048, int)
-        sliding = c.get("use_sliding_window", window is not None and self.window_means_sliding)
-        if sliding and window is not None and window < max_pos:
-            raise c.refuse(f"sliding-window attention ({window} < {max_pos} positions)")
+        window, sliding_layers = self.windows_from_hf(c, max_pos, n_layers)
         return {
+            "sliding_window": window, "sliding_layers": sliding_layers,
             "vocab_size": c.need("vocab_size"), "d_model": d, "n_layers": n_layers, "n_heads": heads,
             "n_kv_heads": kv if kv != heads else None, "ffn_hidden": inter, "activation": "swiglu",
             "seq_len": max_pos, "rope_theta": float(theta), "rope_scaling": scaling,
@@ -211,6 +212,49 @@ class Family:
             "attention_bias": "all" if c.get("attention_bias", False) else "none",
             "qk_norm": self.qk_norm,
         }
+
+    def windows_from_hf(self, c: ConfigReader, max_pos: int, n_layers: int) -> tuple[int | None, Any]:
+        """(model.sliding_window, model.sliding_layers) from sliding_window, use_sliding_window,
+        layer_types and max_window_layers; a window that never binds (at least the context) is none."""
+        window = c.get("sliding_window")
+        sliding = c.get("use_sliding_window", window is not None and self.window_means_sliding)
+        if not sliding or window is None:
+            return None, "all"
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise MoectlError(f"{c.where}: sliding_window is {window!r}", hint="the config.json is damaged")
+        types = c.get("layer_types")
+        if isinstance(types, list) and len(types) == n_layers:
+            layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        else:
+            first = c.get("max_window_layers", 0, int) if self.windows == "layers" else 0
+            layers = list(range(first, n_layers))
+        if window >= max_pos or not layers:
+            return None, "all"
+        if self.windows == "none" or (self.windows == "all" and len(layers) != n_layers):
+            raise c.refuse(f"sliding-window attention ({window} < {max_pos} positions)"
+                           + (" in some layers only" if self.windows == "all" else ""))
+        return window, "all" if len(layers) == n_layers else layers
+
+    def window_misfits(self, m: ModelConfig) -> list[str]:
+        if m.sliding_window is None:
+            return []
+        if self.windows == "none":
+            return ["sliding-window attention"]
+        if self.windows == "all" and m.sliding_layers != "all":
+            return ["sliding windows in some layers only"]
+        return []
+
+    def windows_to_hf(self, m: ModelConfig) -> dict[str, Any]:
+        """The config.json keys of the model's sliding windows (for families with windows)."""
+        layers = [i for i in range(m.n_layers) if m.sliding_window is not None
+                  and (m.sliding_layers == "all" or (m.sliding_layers == "even" and i % 2 == 0)
+                       or (m.sliding_layers == "odd" and i % 2 == 1)
+                       or (isinstance(m.sliding_layers, list) and i in m.sliding_layers))]
+        if self.windows == "all":
+            return {"sliding_window": m.sliding_window}
+        return {"use_sliding_window": bool(layers), "sliding_window": m.sliding_window,
+                "max_window_layers": layers[0] if layers else m.n_layers,
+                "layer_types": ["sliding_attention" if i in layers else "full_attention" for i in range(m.n_layers)]}
 
     def model_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> None:
         """The family's own model keys (edits `model` in place)."""

@@ -23,6 +23,8 @@ class Dots1(Family):
     architecture = "Dots1ForCausalLM"
     order = 45
     qk_norm = "head"
+    window_means_sliding = True   # dots1 has no use_sliding_window: its layer_types (or max_window_layers) say
+    windows = "layers"
     keys = KeyMap(shared=(f"{MOE}.shared_experts.gate_proj.weight", f"{MOE}.shared_experts.up_proj.weight",
                           f"{MOE}.shared_experts.down_proj.weight"),
                   router_bias=f"{MOE}.gate.e_score_correction_bias")
@@ -63,14 +65,7 @@ class Dots1(Family):
                 "n_shared_experts": e.shared_experts * (e.shared_hidden or e.expert_hidden) // e.expert_hidden,
                 "first_k_dense_replace": moe_layers[0], "n_group": r.groups, "topk_group": r.topk_groups,
                 "norm_topk_prob": r.renormalize, "routed_scaling_factor": r.routed_scaling,
-                "attention_bias": m.attention_bias == "all", "sliding_window": None,
-                "max_window_layers": m.n_layers, "layer_types": ["full_attention"] * m.n_layers}
-
-    def model_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> None:
-        window, max_pos = c.get("sliding_window"), c.get("max_position_embeddings", 2048, int)
-        types = c.get("layer_types") or []
-        if isinstance(types, list) and "sliding_attention" in types and window is not None and window < max_pos:
-            raise c.refuse(f"sliding-window attention ({window} < {max_pos} positions) in some layers")
+                "attention_bias": m.attention_bias == "all", **self.windows_to_hf(m)}
 
     def experts_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> dict[str, Any]:
         hidden = c.need("moe_intermediate_size")

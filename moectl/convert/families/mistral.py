@@ -1,8 +1,7 @@
 """Mistral (`MistralForCausalLM`), dense, an upcycling source: Llama's layers without biases, any
-head_dim. A sliding window imports when it covers every position of the model's context (Mistral
-7B v0.2 and later have none); a binding one is refused, since moectl attends to the whole context.
-Exported only for a model imported from Mistral: any other such model is written as Llama, which
-computes the same."""
+head_dim, and a sliding window in every layer (Mistral 7B v0.1's 4096; v0.2 and later have none).
+A model without a window is written as Llama, which computes the same, unless it was imported
+from Mistral."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ class Mistral(Family):
     order = 58
     attention_biases = ("none",)
     window_means_sliding = True
+    windows = "all"
 
     def config_to_hf(self, m: ModelConfig) -> dict[str, Any]:
-        return {"intermediate_size": m.ffn_hidden, "sliding_window": None}
+        return {"intermediate_size": m.ffn_hidden, **self.windows_to_hf(m)}

@@ -27,6 +27,7 @@ class Mixtral(Family):
     every_layer_moe = True
     rope_theta_default = 1e6
     window_means_sliding = True
+    windows = "all"
 
     def router_misfits(self, router: Any) -> list[str]:
         why = super().router_misfits(router)
@@ -37,7 +38,7 @@ class Mixtral(Family):
     def config_to_hf(self, m: ModelConfig) -> dict[str, Any]:
         e = m.moe
         return {"intermediate_size": e.expert_hidden, "num_local_experts": e.num_experts,
-                "router_jitter_noise": e.router.jitter_eps, "sliding_window": None}
+                "router_jitter_noise": e.router.jitter_eps, "sliding_window": m.sliding_window}
 
     def renormalizes(self, c: ConfigReader) -> bool:
         return True

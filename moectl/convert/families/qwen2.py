@@ -19,9 +19,10 @@ class Qwen2(Family):
     order = 55
     attention_biases = ("qkv",)
 
+    windows = "layers"
+
     def config_to_hf(self, m: ModelConfig) -> dict[str, Any]:
-        return {"intermediate_size": m.ffn_hidden, "use_sliding_window": False, "sliding_window": None,
-                "max_window_layers": m.n_layers}
+        return {"intermediate_size": m.ffn_hidden, **self.windows_to_hf(m)}
 
     def model_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> None:
         model["attention_bias"] = "qkv"

@@ -19,6 +19,8 @@ class Qwen3(Family):
     order = 60
     qk_norm = "head"
 
+    windows = "layers"
+
     def config_to_hf(self, m: ModelConfig) -> dict[str, Any]:
         return {"intermediate_size": m.ffn_hidden, "attention_bias": m.attention_bias == "all",
-                "use_sliding_window": False, "sliding_window": None}
+                **self.windows_to_hf(m)}
