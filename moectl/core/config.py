@@ -93,6 +93,7 @@ class ModelArgs:
     qkv_clip: float | None = None
     sliding_window: int | None = None      # attend to the window's last positions only, in sliding_layers
     sliding_layers: str | list = "all"     # "all" | "even" | "odd" | [layer indices]
+    attention_sinks: bool = False          # a learned per-head logit in every query's softmax
     moe: MoEArgs | None = None
 
     def window(self, layer: int) -> int | None:

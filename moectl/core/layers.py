@@ -118,15 +118,17 @@ class Attention(nn.Module):
     default): biases on the q/k/v projections (`bias="qkv"`) or on all four (`"all"`); RMSNorm of
     queries and keys before RoPE, per head over head_dim (`qk_norm="head"`) or over the whole
     projection (`"projection"`); clamping q, k and v to [-qkv_clip, qkv_clip] after that; a sliding
-    `window` (a query at position i sees keys i - window + 1 .. i)."""
+    `window` (a query at position i sees keys i - window + 1 .. i); `sinks`, a learned logit per
+    head that joins every query's softmax and is dropped after it (GPT-OSS)."""
 
     component = "attention"
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                  bias: str = "none", qk_norm: str = "none", qkv_clip: float | None = None,
-                 norm_eps: float = 1e-5, window: int | None = None):
+                 norm_eps: float = 1e-5, window: int | None = None, sinks: bool = False):
         super().__init__()
         self.window = window
+        self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = head_dim or d_model // n_heads
         self.qk_norm, self.qkv_clip = qk_norm, qkv_clip
@@ -148,6 +150,8 @@ class Attention(nn.Module):
         for lin in (self.wq, self.wk, self.wv, self.wo):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        if self.sinks is not None:   # a sink that starts at logit 0
+            nn.init.zeros_(self.sinks)
 
     def project(self, x_BSD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries, keys and values [B, heads, S, head_dim], normalised and clipped, before RoPE."""
@@ -178,14 +182,33 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)
         mask = attention_mask(past, S, self.window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if self.sinks is not None:
+            if mask is None and not past:   # plain causal attention, written out
+                mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+            y = attention_with_sinks(q, k, v, mask, self.sinks)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
     def flops_per_token(self, seq_len: int) -> int:
         d, dh, nh, nkv = self.wq.in_features, self.head_dim, self.n_heads, self.n_kv_heads
         seen = seq_len if self.window is None else min(seq_len, self.window)   # keys a query attends to
         return 2 * d * dh * (nh + 2 * nkv) + 2 * nh * dh * d + 2 * seen * nh * dh
+
+
+def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks_H: Tensor) -> Tensor:
+    """softmax([q k^T / sqrt(d), sink]) without the sink's column, times v: each head's sink logit
+    takes a share of every query's attention. Written out (scaled-dot-product attention has no
+    sinks); `mask` [S, keys] bool or None (every key visible)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks_H.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return (probs @ v.float()).to(v.dtype)
 
 
 def attention_mask(past: int, S: int, window: int | None, device: torch.device) -> Tensor | None:

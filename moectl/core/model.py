@@ -170,7 +170,8 @@ class TransformerBlock(nn.Module):
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(args.d_model, eps=args.norm_eps)
         self.attn = Attention(args.d_model, args.n_heads, args.kv_heads, args.head_size, args.attention_bias,
-                              args.qk_norm, args.qkv_clip, args.norm_eps, window=args.window(layer_idx))
+                              args.qk_norm, args.qkv_clip, args.norm_eps, window=args.window(layer_idx),
+                              sinks=args.attention_sinks)
         self.mlp = mlp
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any,

@@ -229,6 +229,10 @@ class ModelConfig(Section):
         "all", description="With sliding_window, the layers that use it: all, even (0, 2, ...: GPT-OSS's "
         "alternation), odd, or a list of layer indices (Qwen2's top layers); the others attend fully."
     )
+    attention_sinks: bool = Field(
+        False, description="A learned logit per head that joins every query's softmax (and then is dropped), so a "
+        "head can attend to nothing (GPT-OSS's sinks)."
+    )
     moe: MoEConfig | None = Field(None, description="Mixture-of-Experts settings; null = dense model.")
 
 

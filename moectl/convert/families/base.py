@@ -122,7 +122,7 @@ class Family:
         return why
 
     def attention_misfits(self, m: ModelConfig) -> list[str]:
-        why = self.window_misfits(m)
+        why = self.window_misfits(m) + (["attention sinks"] if m.attention_sinks else [])
         if m.qkv_clip is not None and not self.clips_qkv:
             why.append("qkv_clip")
         if m.qk_norm != self.qk_norm:
@@ -134,7 +134,7 @@ class Family:
     def router_misfits(self, router: Any) -> list[str]:
         if router.kind != "topk":
             return [f"the {router.kind} router"]
-        why = []
+        why = ["a router bias"] if getattr(router, "gate_bias", False) else []
         if router.score_func != "softmax":
             why.append("sigmoid router scores")
         if router.bias_update_rate > 0:

@@ -40,7 +40,7 @@ class Dots1(Family):
     def router_misfits(self, router: Any) -> list[str]:
         if router.kind != "topk":
             return [f"the {router.kind} router"]
-        why = []
+        why = ["a router bias"] if router.gate_bias else []
         if router.score_func != "sigmoid":
             why.append("softmax router scores (dots1 routes by sigmoid scores)")
         if router.groups > 1 and router.group_score != "top2_sum":

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moectl.core.registry import option
 from moectl.core.routers.base import (
     RouteContext,
     Router,
     RouterOutput,
+    fp32_linear,
     register_router,
     routing_losses,
 )
@@ -144,6 +145,7 @@ class TopKOptions(SelectionOptions):
 
     jitter_eps: float = option(
         0.0, "In training, multiply the router input by U(1-eps, 1+eps). 0 disables.", ge=0, lt=1)
+    gate_bias: bool = option(False, "A learned bias on the router's logits (GPT-OSS).")
 
 
 @register_router("topk", options=TopKOptions)
@@ -153,13 +155,22 @@ class TopKRouter(TokenChoiceRouter):
     def __init__(self, args, index: int = 0):
         super().__init__(args, index)
         self.add_gate()
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if self.options.gate_bias else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        if self.bias is not None:   # zero: the router starts unbiased
+            nn.init.zeros_(self.bias)
+
+    def flops_per_token(self) -> int:
+        return super().flops_per_token() + (self.num_experts if self.bias is not None else 0)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         x = x_TD.float()
         eps = self.options.jitter_eps
         if self.training and eps > 0:
             x = x * torch.empty_like(x).uniform_(1 - eps, 1 + eps)
-        return self.gate_logits(x)
+        return fp32_linear(x, self.weight, self.bias)
 
     def forward(self, x_TD: Tensor, ctx: RouteContext, state: Any = None) -> RouterOutput:
         logits = self.logits(x_TD)
