@@ -38,6 +38,7 @@ class MoEArgs:
     shared_reduce: str = "sum"             # "sum" | "mean" of several shared experts
     capacity_factor: float | None = None   # None = dropless
     backend: str = "auto"                  # "auto" | "loop" | "grouped_mm" | "triton" (moectl.core.experts)
+    expert_bias: bool = False              # biases after every expert projection (GPT-OSS)
     init: str | None = None                # scheme of routers, experts, shared experts (moectl.core.init)
     router_init: str | None = None         # scheme of the routers alone
     aux_loss_weight: float = 0.01
@@ -78,7 +79,7 @@ class ModelArgs:
     n_heads: int
     ffn_hidden: int
     n_kv_heads: int | None = None
-    activation: str = "swiglu"             # "swiglu" | "gelu" | "relu"
+    activation: str = "swiglu"             # "swiglu" | "gelu" | "relu" | "swiglu_clamped"
     seq_len: int = 1024
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None       # {"kind": "linear" | "llama3" | "yarn", "factor": ...}; see rope_frequencies

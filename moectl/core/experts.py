@@ -26,22 +26,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moectl.core.layers import ACTIVATIONS, mlp_matrices
+from moectl.core.layers import ACTIVATIONS, GATED, GLUS, mlp_matrices
 from moectl.core.stages import record_stage
 
 # --------------------------------------------------------------------------- backends
 
 
+def _hidden(g: Tensor, u: Tensor | None, act: Callable[[Tensor], Tensor], glu) -> Tensor:
+    """An expert's hidden units from its gate (and up) projections: act(g) * u, act(g) without an
+    up projection, or the gated unit `glu(g, u)` (GPT-OSS's clamped SwiGLU)."""
+    if glu is not None:
+        return glu(g, u)
+    return act(g) if u is None else act(g) * u
+
+
 def experts_loop(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
-                 act: Callable[[Tensor], Tensor], tail: bool = True) -> Tensor:
-    """Reference: rows of x are grouped by expert (counts_E rows each, then unused rows)."""
+                 act: Callable[[Tensor], Tensor], tail: bool = True, biases: tuple | None = None,
+                 glu: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """Reference: rows of x are grouped by expert (counts_E rows each, then unused rows).
+    `biases`: (b1, b3, b2) of every expert, added after each projection (GPT-OSS)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         rows = x_ND[start:start + n]
-        h = act(rows @ w1[e])
-        if w3 is not None:
-            h = h * (rows @ w3[e])
-        outs.append(h @ w2[e])
+        g = rows @ w1[e]
+        u = rows @ w3[e] if w3 is not None else None
+        if biases is not None:
+            g = g + biases[0][e]
+            u = u + biases[1][e] if u is not None else None
+        y = _hidden(g, u, act, glu) @ w2[e]
+        outs.append(y + biases[2][e] if biases is not None else y)
         start += n
     rest = x_ND.shape[0] - start
     if rest:
@@ -89,11 +102,13 @@ def _warn_fallback(backend: str, x: Tensor, why: str) -> None:
 
 @torch.compiler.disable   # grouped_mm's compile-time shape check admits only CUDA's bf16: run it as it is
 def experts_grouped(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor,
-                    act: Callable[[Tensor], Tensor], tail: bool = True) -> Tensor:
-    """`tail`: rows may follow the last expert's (unused slots); without them no masking is needed."""
+                    act: Callable[[Tensor], Tensor], tail: bool = True, biases: tuple | None = None,
+                    glu: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+    """`tail`: rows may follow the last expert's (unused slots); without them no masking is needed.
+    `biases` as for the loop: each row gets its expert's (an index per row, made on the host)."""
     if not grouped_mm_available(x_ND, w1, w2):
         _warn_fallback("grouped_mm", x_ND, "with these sizes")
-        return experts_loop(x_ND, counts_E, w1, w3, w2, act)
+        return experts_loop(x_ND, counts_E, w1, w3, w2, act, biases=biases, glu=glu)
     offs = counts_E.cumsum(0).to(torch.int32)
     used = None
     if tail:
@@ -101,10 +116,18 @@ def experts_grouped(x_ND: Tensor, counts_E: Tensor, w1: Tensor, w3: Tensor | Non
         # output or in the backward's input gradient: mask both ways so no stale memory leaks out.
         used = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs[-1]).unsqueeze(-1)
         x_ND = torch.where(used, x_ND, x_ND.new_zeros(()))
-    h = act(_ContiguousGrad.apply(_GROUPED_MM(x_ND, w1, offs=offs)))
-    if w3 is not None:
-        h = h * _ContiguousGrad.apply(_GROUPED_MM(x_ND, w3, offs=offs))
-    y = _ContiguousGrad.apply(_GROUPED_MM(h, w2, offs=offs))
+    g = _ContiguousGrad.apply(_GROUPED_MM(x_ND, w1, offs=offs))
+    u = _ContiguousGrad.apply(_GROUPED_MM(x_ND, w3, offs=offs)) if w3 is not None else None
+    expert_of_row = None
+    if biases is not None:   # the expert of each row (unused rows: the last expert's, masked below)
+        expert_of_row = torch.repeat_interleave(torch.arange(len(counts_E), device=x_ND.device), counts_E,
+                                                output_size=int(counts_E.sum()))
+        expert_of_row = F.pad(expert_of_row, (0, x_ND.shape[0] - expert_of_row.numel()), value=len(counts_E) - 1)
+        g = g + biases[0][expert_of_row]
+        u = u + biases[1][expert_of_row] if u is not None else None
+    y = _ContiguousGrad.apply(_GROUPED_MM(_hidden(g, u, act, glu), w2, offs=offs))
+    if expert_of_row is not None:
+        y = y + biases[2][expert_of_row]
     return y if used is None else torch.where(used, y, y.new_zeros(()))
 
 
@@ -165,16 +188,21 @@ class ExpertBank(nn.Module):
     component = "experts"
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 backend: str = "auto", active_fraction: float = 1.0):
+                 backend: str = "auto", active_fraction: float = 1.0, bias: bool = False):
         super().__init__()
         if backend not in BACKEND_NAMES:
             raise ValueError(f"unknown expert backend {backend!r}; known: {', '.join(BACKEND_NAMES)}")
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
         self.activation, self.backend = activation, backend
-        self.act = ACTIVATIONS[activation]
+        self.act, self.glu = ACTIVATIONS[activation], GLUS.get(activation)
+        gated = activation in GATED
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if activation == "swiglu" else None
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if gated else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        # Biases after each projection (GPT-OSS): b1, b3 [E, hidden], b2 [E, d_model]; zero at the start
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
+        self.b3 = nn.Parameter(torch.zeros(num_experts, hidden)) if bias and gated else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
         self.active_fraction = active_fraction   # share of the bank one token uses (k / E), for counting
         # Expert parallelism: when the training side shards the bank over processes it installs an
         # exchange here (moectl.train.expert_parallel); the engine itself knows no collectives.
@@ -185,6 +213,13 @@ class ExpertBank(nn.Module):
         if self.w3 is not None:
             nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
+        for b in self.biases() or ():
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def biases(self) -> tuple | None:
+        """(b1, b3, b2) in the order the backends take them, or None for a bank without biases."""
+        return None if self.b1 is None else (self.b1, self.b3, self.b2)
 
     def operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Input and weights in the compute dtype: on a GPU autocast's dtype when it is on (autocast
@@ -211,8 +246,10 @@ class ExpertBank(nn.Module):
         return name
 
     def fused_backend(self, x: Tensor) -> bool:
-        """Whether this forward's backend does dispatch and combine itself (triton)."""
-        return self.backend == "triton" and self.exchange is None and self.backend_for(x) == "triton"
+        """Whether this forward's backend does dispatch and combine itself (triton: not for biases or
+        the clamped SwiGLU, which its kernels do not compute; those run unfused)."""
+        return (self.backend == "triton" and self.exchange is None and self.b1 is None and self.glu is None
+                and self.backend_for(x) == "triton")
 
     def compute(self, x_ND: Tensor, counts_E: Tensor, tail: bool = True,
                 operands: tuple[Tensor, Tensor | None, Tensor] | None = None) -> Tensor:
@@ -224,11 +261,17 @@ class ExpertBank(nn.Module):
             w1, w3, w2 = operands
         name = self.backend_for(x_ND)
         fn = BACKENDS.get(name, experts_loop)
+        extra = {"biases": self._biases_like(w1), "glu": self.glu}
         if self.exchange is not None:   # rows travel to the process holding their expert, and back
             fn = BACKENDS.get(name, experts_grouped)   # triton's fused path needs every expert here: unfused
             return self.exchange(x_ND, counts_E, lambda rows, counts: fn(rows, counts, w1, w3, w2, self.act,
-                                                                          tail=False))
-        return fn(x_ND, counts_E, w1, w3, w2, self.act, tail=tail)
+                                                                          tail=False, **extra))
+        return fn(x_ND, counts_E, w1, w3, w2, self.act, tail=tail, **extra)
+
+    def _biases_like(self, w: Tensor) -> tuple | None:
+        """The biases in the compute dtype of `w`."""
+        b = self.biases()
+        return None if b is None else tuple(t.to(w.dtype) if t is not None else None for t in b)
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of x_ND sorted by expert, counts_E rows per expert (trailing rows are unused)."""
@@ -244,12 +287,17 @@ class ExpertBank(nn.Module):
         expert parallelism the exchange brings every process's tokens to every expert and back."""
         x, w1, w3, w2 = self.operands(x_TD)
 
+        biases = self._biases_like(w1)
+
         def run(x: Tensor) -> Tensor:   # this bank's experts (all of them, or its process's share)
             x = x.unsqueeze(0).expand(w1.shape[0], -1, -1)
-            h = self.act(torch.bmm(x, w1))
-            if w3 is not None:
-                h = h * torch.bmm(x, w3)
-            return torch.bmm(h, w2)
+            g = torch.bmm(x, w1)
+            u = torch.bmm(x, w3) if w3 is not None else None
+            if biases is not None:
+                g = g + biases[0].unsqueeze(1)
+                u = u + biases[1].unsqueeze(1) if u is not None else None
+            y = torch.bmm(_hidden(g, u, self.act, self.glu), w2)
+            return y + biases[2].unsqueeze(1) if biases is not None else y
 
         return run(x) if self.exchange is None else self.exchange.every_expert(x, run)
 

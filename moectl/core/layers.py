@@ -11,12 +11,27 @@ from torch import Tensor, nn
 
 from moectl.core.cache import KVCache
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu,
+                                                      "swiglu_clamped": F.silu}
+GATED = ("swiglu", "swiglu_clamped")   # activations with a gate and an up projection (w1, w3)
+CLAMP_ALPHA, CLAMP_LIMIT = 1.702, 7.0    # GPT-OSS's swiglu_alpha and swiglu_limit
+
+
+def clamped_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """GPT-OSS's gated unit: the gate clamped above at 7 through x * sigmoid(1.702 x), times the up
+    projection clamped to [-7, 7] plus one."""
+    gate = gate.clamp(max=CLAMP_LIMIT)
+    return (up.clamp(-CLAMP_LIMIT, CLAMP_LIMIT) + 1) * (gate * torch.sigmoid(gate * CLAMP_ALPHA))
+
+
+# Gated units other than act(gate) * up, by activation name: (gate, up) -> hidden
+GLUS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"swiglu_clamped": clamped_swiglu}
 
 
 def mlp_matrices(activation: str) -> int:
-    """Matrices per FFN: 3 for the gated SwiGLU, 2 otherwise (the FLOPs convention's m)."""
-    return 3 if activation == "swiglu" else 2
+    """Matrices per FFN: 3 for the gated units (SwiGLU, clamped SwiGLU), 2 otherwise (the FLOPs
+    convention's m)."""
+    return 3 if activation in GATED else 2
 
 
 class RMSNorm(nn.RMSNorm):
@@ -226,15 +241,15 @@ def attention_mask(past: int, S: int, window: int | None, device: torch.device) 
 
 
 class FeedForward(nn.Module):
-    """Dense FFN: SwiGLU (w2(silu(w1 x) * w3 x)) or a plain two-matrix MLP."""
+    """Dense FFN: SwiGLU (w2(silu(w1 x) * w3 x)), GPT-OSS's clamped SwiGLU, or a plain two-matrix MLP."""
 
     component = "dense_ffn"
 
     def __init__(self, d_model: int, hidden: int, activation: str = "swiglu"):
         super().__init__()
-        self.activation, self.act = activation, ACTIVATIONS[activation]
+        self.activation, self.act, self.glu = activation, ACTIVATIONS[activation], GLUS.get(activation)
         self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation in GATED else None
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -244,6 +259,8 @@ class FeedForward(nn.Module):
         nn.init.normal_(self.w2.weight, std=out_std)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.glu is not None:
+            return self.w2(self.glu(self.w1(x), self.w3(x)))
         h = self.act(self.w1(x))
         if self.w3 is not None:
             h = h * self.w3(x)

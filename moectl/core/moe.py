@@ -191,7 +191,7 @@ class RoutedFFN(nn.Module):
         self.num_experts, self.top_k, self.capacity_factor = moe.num_experts, moe.top_k, moe.capacity_factor
         self.router = make_router(args, index)
         self.experts = ExpertBank(moe.num_experts, args.d_model, moe.expert_hidden, args.activation, moe.backend,
-                                  active_fraction=moe.top_k / moe.num_experts)
+                                  active_fraction=moe.top_k / moe.num_experts, bias=moe.expert_bias)
         self.shared = None
         if moe.shared_experts:
             # n shared experts of width h are one always-on FFN of width n*h.

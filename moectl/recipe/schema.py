@@ -119,6 +119,8 @@ class MoEConfig(Section):
     router_init: Literal["scaled_normal", "torch_default", "sigma_moe"] | None = Field(
         None, description="Initialisation of the routers alone (and their shared recurrent cell), when it "
         "differs from model.moe.init. null = model.moe.init.")
+    expert_bias: bool = Field(
+        False, description="Biases after every expert projection (GPT-OSS); the triton backend runs these unfused.")
     backend: Literal["auto", "loop", "grouped_mm", "triton"] = Field(
         "auto",
         description="Expert computation (the same numbers, different speed): 'auto' (grouped_mm where it "
@@ -188,8 +190,10 @@ class ModelConfig(Section):
     ffn_hidden: NonNegInt = Field(
         ..., description="Hidden width of the dense FFN layers; 0: dense layers are attention only (no FFN), "
         "as the odd layers of the CompeteSMoE 2024 enwik8 L model.")
-    activation: Literal["swiglu", "gelu", "relu"] = Field(
-        "swiglu", description="FFN and expert activation; swiglu has three matrices, the others two."
+    activation: Literal["swiglu", "gelu", "relu", "swiglu_clamped"] = Field(
+        "swiglu", description="FFN and expert activation; swiglu has three matrices, gelu and relu two; "
+        "swiglu_clamped is GPT-OSS's (the gate clamped above at 7 through x sigmoid(1.702 x), times the up "
+        "projection clamped to [-7, 7] plus one; three matrices)."
     )
     seq_len: PosInt = Field(1024, description="Training context length in tokens.")
     rope_theta: PosFloat = Field(10000.0, description="RoPE base.")

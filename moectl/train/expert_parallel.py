@@ -177,10 +177,10 @@ class AllToAllExchange:
 
 
 def shard_bank(bank: ExpertBank, exchange: AllToAllExchange) -> None:
-    """Keep only this process's experts in `bank` (its w1, w3, w2 become their local slices, as new
-    parameters) and install the exchange. `bank.num_experts` stays global: routing is unchanged."""
+    """Keep only this process's experts in `bank` (its w1, w3, w2 and biases become their local
+    slices, as new parameters) and install the exchange. `bank.num_experts` stays global: routing is unchanged."""
     part = exchange.local_slice()
-    for name in ("w1", "w3", "w2"):
+    for name in ("w1", "w3", "w2", "b1", "b3", "b2"):
         w = getattr(bank, name)
         if w is not None:
             setattr(bank, name, nn.Parameter(w.detach()[part].clone(), requires_grad=w.requires_grad))
@@ -221,7 +221,7 @@ class ExpertSharding:
             if isinstance(module, ExpertBank):
                 exchange = AllToAllExchange(module.num_experts, self.ep_group, self.clock)
                 shard_bank(module, exchange)
-                for w in ("w1", "w3", "w2"):
+                for w in ("w1", "w3", "w2", "b1", "b3", "b2"):
                     if getattr(module, w) is not None:
                         self.sharded[f"{name}.{w}"] = exchange.local_slice()
         if not self.sharded:

@@ -91,6 +91,7 @@ class Family:
     # Sliding-window attention the class computes: "none", "all" (one window in every layer) or
     # "layers" (any set of layers, written as layer_types)
     windows: ClassVar[str] = "none"
+    expert_biases: ClassVar[bool] = False   # biases after every expert projection (GPT-OSS)
 
     def __repr__(self) -> str:
         return f"<family {self.name} ({self.model_type})>"
@@ -110,6 +111,8 @@ class Family:
         if m.moe is None or not self.moe:
             return why
         e = m.moe
+        if e.expert_bias and not self.expert_biases:
+            why.append("expert biases")
         why += self.router_misfits(e.router)
         if e.block.kind != "standard":
             why.append(f"the {e.block.kind} block")
