@@ -45,14 +45,14 @@ def test_import_matches_and_round_trip_is_exact(family, variant, tmp_path, token
     assert written["model_type"] == family
 
 
-DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral")]
+DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral", "gpt_oss", "dots1")]
 
 
 @pytest.mark.parametrize("family,variant", DENSE_SOURCES, ids=[f"{f}-{v}" for f, v in DENSE_SOURCES])
-def test_dense_sources_compute_and_continue_like_transformers(family, variant, tmp_path, tokens):
-    """The dense upcycling sources, each in three shapes of published models: fp32 logits within 1e-5
-    relative of transformers, and greedy 20-token continuations identical (moectl's KV cache against
-    transformers' generate)."""
+def test_sources_compute_and_continue_like_transformers(family, variant, tmp_path, tokens):
+    """The dense upcycling sources and the 2025 families (GPT-OSS, dots1), each in three or more
+    shapes of published models: fp32 logits within 1e-5 relative of transformers, and greedy
+    20-token continuations identical (moectl's KV cache against transformers' generate)."""
     from moectl.convert.importer import import_hf
     from moectl.core.generation import generate_ids
     from moectl.runs import load_run
@@ -214,7 +214,7 @@ def test_the_registry_is_the_modules_of_the_package():
     found = {type(f).__module__.rsplit(".", 1)[1]: f for f in families().values()}
     assert set(found) == modules and len(families()) == len(modules)
     assert all(f.model_type == module for module, f in found.items())
-    assert list(families())[:6] == ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dots1", "llama"]   # the order tried
+    assert list(families())[:7] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "dots1", "llama"]
 
 
 def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):
@@ -266,3 +266,61 @@ def test_yarn_frequencies_and_temperature_are_transformers(params):
     torch.testing.assert_close(got, want_freq.float(), rtol=1e-6, atol=0)
     assert abs(rope_attention_factor(ours) - want_factor) < 1e-12
     assert not torch.allclose(got, rope_frequencies(32, 1e4, None))   # it does stretch something
+
+
+
+def _mxfp4_encode(w):
+    """MXFP4 blocks and scales of a tensor [..., G * 32] whose values are FP4 values times a power
+    of two per group of 32 (so that the encoding is exact)."""
+    from moectl.convert.families.gpt_oss import FP4_VALUES
+
+    groups = w.unflatten(-1, (-1, 32))
+    exponent = torch.floor(torch.log2(groups.abs().amax(-1).clamp_min(1e-30) / 6.0)).clamp(-20, 20)
+    scaled = groups / torch.ldexp(torch.ones(()), exponent.long()).unsqueeze(-1)
+    table = torch.tensor(FP4_VALUES[:8])
+    codes = (scaled.abs().unsqueeze(-1) - table).abs().argmin(-1) + 8 * (scaled < 0)
+    codes = codes.to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantised(tmp_path, tokens):
+    """The published GPT-OSS checkpoints keep expert matrices as MXFP4 blocks and scales: a folder
+    in that form imports to the model whose experts hold the dequantised values (logits equal to
+    transformers on those values), in bf16."""
+    from safetensors.torch import load_file, save_file
+
+    from moectl.convert.families.gpt_oss import dequantize_mxfp4
+    from moectl.convert.importer import import_hf
+    from moectl.runs import load_run
+
+    model = hf_model("gpt_oss", **{**VARIANTS[("gpt_oss", "gpt-oss-20b")], "intermediate_size": 32})
+    src = save_hf(model, tmp_path / "hf")
+    state = load_file(src / "model.safetensors")
+    for name in [k for k in state if k.endswith(("gate_up_proj", "down_proj"))]:
+        w = state.pop(name).float().transpose(1, 2).contiguous()          # [E, out, in]
+        blocks, scales = _mxfp4_encode(w)
+        state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+        exact = dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2)
+        with torch.no_grad():
+            dict(model.named_parameters())[name].copy_(exact)               # what the checkpoint now holds
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    import_hf(src, tmp_path / "moectl")
+    run = load_run(tmp_path / "moectl")
+    assert run.model.layers[0].mlp.moe.experts.w1.dtype == torch.float32      # loaded for compute
+    with torch.no_grad():
+        assert rel_diff(model(tokens).logits, run.model(tokens).logits) <= 1e-5
+    from moectl.convert.hfio import LazyWeights
+
+    assert LazyWeights(tmp_path / "moectl").spec("layers.0.mlp.moe.experts.w1").dtype == torch.bfloat16
+
+
+def test_mxfp4_dequantisation_by_hand():
+    from moectl.convert.families.gpt_oss import dequantize_mxfp4
+
+    blocks = torch.tensor([[0x21] + [0] * 15], dtype=torch.uint8)    # first byte: 0.5 (low nibble), 1.0 (high)
+    scales = torch.tensor([128], dtype=torch.uint8)                  # 2^1
+    out = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert out.shape == (32,) and out[:2].tolist() == [1.0, 2.0] and not out[2:].any()
+    blocks = torch.tensor([[0xF9] + [0] * 15], dtype=torch.uint8)    # -0.5 (9), -6 (15)
+    assert dequantize_mxfp4(blocks, torch.tensor([126], dtype=torch.uint8), torch.float32)[:2].tolist() == [-0.25, -3.0]

@@ -123,6 +123,11 @@ SPECS = {
     "top-p": ["model.moe.router={kind: topp}"],
     # both layers compete at steps 1 and 3 (of 0..4), so every expert's response crosses the exchange
     "CompeteSMoE": ["model.moe.competition={rate: 0.5, warmup: 0, max_layers: 2}"],
+    # GPT-OSS's parts: expert biases (sharded with their experts), the clamped SwiGLU, a router bias,
+    # sinks and alternating windows
+    "GPT-OSS parts": ["model.activation=swiglu_clamped", "model.moe.expert_bias=true",
+                      "model.moe.router={kind: topk, gate_bias: true}", "model.attention_sinks=true",
+                      "model.sliding_window=8", "model.sliding_layers=even"],
 }
 
 

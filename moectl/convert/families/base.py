@@ -54,6 +54,8 @@ class KeyMap:
     shared: tuple[str, str, str] | None = None
     shared_gate: str | None = None
     router_bias: str | None = None   # the router's selection bias (DeepSeek-V3's e_score_correction_bias)
+    gate_bias: str | None = None     # a bias on the router's logits (GPT-OSS)
+    sinks: str | None = None         # attention sinks (GPT-OSS)
     # (in-memory, on-disk) name parts: transformers v5 saves some families under other module names
     renames: tuple[tuple[str, str], ...] = ()
 
@@ -125,7 +127,7 @@ class Family:
         return why
 
     def attention_misfits(self, m: ModelConfig) -> list[str]:
-        why = self.window_misfits(m) + (["attention sinks"] if m.attention_sinks else [])
+        why = self.window_misfits(m) + (["attention sinks"] if m.attention_sinks and self.keys.sinks is None else [])
         if m.qkv_clip is not None and not self.clips_qkv:
             why.append("qkv_clip")
         if m.qk_norm != self.qk_norm:
@@ -261,6 +263,15 @@ class Family:
 
     def model_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> None:
         """The family's own model keys (edits `model` in place)."""
+
+    def experts_from_hf_plan(self, hf: TensorSource, get, lay: Layout, i: int, out: dict, used: set[str],
+                             where: str) -> None:
+        """Plan layer i's expert tensors (moectl names) from the family's; mark the names used."""
+        experts_from_hf(hf, get, lay, i, out, used, where)
+
+    def experts_to_hf(self, src: TensorSource, get, lay: Layout, i: int, out: dict) -> None:
+        """Plan layer i's expert tensors in the family's layout from moectl's."""
+        per_expert_to_hf(src, get, lay, i, out)
 
     def moe_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> dict[str, Any]:
         """A recipe's model.moe section: the keys every MoE family has, then `experts_from_hf`."""
@@ -438,6 +449,10 @@ def _pairs(lay: Layout) -> list[tuple[str, str, str]]:
                 templates.append(("layers.{i}.mlp.moe.shared_gate.weight", keys.shared_gate, "copy"))
             if keys.router_bias is not None:
                 templates.append(("layers.{i}.mlp.moe.router.expert_bias", keys.router_bias, "copy"))
+            if keys.gate_bias is not None:
+                templates.append(("layers.{i}.mlp.moe.router.bias", keys.gate_bias, "copy"))
+        if keys.sinks is not None:
+            templates.append(("layers.{i}.attn.sinks", keys.sinks, "copy"))
         out += [(ours.format(i=i), theirs.format(i=i), how) for ours, theirs, how in templates]
     return out
 
@@ -478,17 +493,23 @@ def to_hf_plan(src: TensorSource, lay: Layout) -> dict[str, Producer]:
         if ours in src:
             out[theirs] = (src.spec(ours), lambda ours=ours, how=how: _transform(get(ours), how, lay, to_hf=True))
     for i in sorted(lay.moe_layers):
-        for w, template in zip(W_NAMES, lay.family.keys.experts, strict=True):
-            name = f"layers.{i}.mlp.moe.experts.{w}"
-            spec = src.spec(name)                                   # [E, in, out] -> E x [out, in]
-            for e in range(spec.shape[0]):
-                out[template.format(i=i, e=e)] = (Spec(spec.dtype, (spec.shape[2], spec.shape[1])),
-                                                  lambda name=name, e=e: get(name)[e].t().contiguous())
-        bias = lay.family.keys.router_bias
-        if bias is not None and bias.format(i=i) not in out:   # the class has one; a model without it: zero
-            out[bias.format(i=i)] = (Spec(torch.float32, (lay.num_experts,)),
-                                     lambda: torch.zeros(lay.num_experts))
+        lay.family.experts_to_hf(src, get, lay, i, out)
     return out
+
+
+def per_expert_to_hf(src: TensorSource, get: Callable[[str], Tensor], lay: Layout, i: int,
+                     out: dict[str, Producer]) -> None:
+    """Layer i's stacked experts as one tensor per expert matrix (`keys.experts`), and a zero
+    selection bias where the class has one and the model not."""
+    for w, template in zip(W_NAMES, lay.family.keys.experts, strict=True):
+        name = f"layers.{i}.mlp.moe.experts.{w}"
+        spec = src.spec(name)                                   # [E, in, out] -> E x [out, in]
+        for e in range(spec.shape[0]):
+            out[template.format(i=i, e=e)] = (Spec(spec.dtype, (spec.shape[2], spec.shape[1])),
+                                              lambda name=name, e=e: get(name)[e].t().contiguous())
+    bias = lay.family.keys.router_bias
+    if bias is not None and bias.format(i=i) not in out:   # the class has one; a model without it: zero
+        out[bias.format(i=i)] = (Spec(torch.float32, (lay.num_experts,)), lambda: torch.zeros(lay.num_experts))
 
 
 def to_hf_state(state: dict[str, Tensor], lay: Layout) -> dict[str, Tensor]:
@@ -540,7 +561,7 @@ def from_hf_plan(src: TensorSource, lay: Layout, expected: dict[str, tuple[int, 
     if lay.tied and "lm_head.weight" in hf:
         used.add("lm_head.weight")   # a tied head saved anyway
     for i in sorted(lay.moe_layers):
-        _experts_from_hf(hf, get, lay, i, out, used, where)
+        lay.family.experts_from_hf_plan(hf, get, lay, i, out, used, where)
     _check_complete({k: spec.shape for k, (spec, _) in out.items()}, expected, set(hf.names()) - used, lay.family,
                     where)
     return out
@@ -552,8 +573,8 @@ def from_hf_state(hf: dict[str, Tensor], lay: Layout, expected: dict[str, tuple[
     return {name: make() for name, (_, make) in from_hf_plan(DictSource(hf), lay, expected, where).items()}
 
 
-def _experts_from_hf(hf: TensorSource, get: Callable[[str], Tensor], lay: Layout, i: int, out: dict[str, Producer],
-                     used: set[str], where: str) -> None:
+def experts_from_hf(hf: TensorSource, get: Callable[[str], Tensor], lay: Layout, i: int, out: dict[str, Producer],
+                    used: set[str], where: str) -> None:
     """Layer i's stacked expert matrices, from the fused or the per-expert layout."""
     keys = lay.family.keys
     fused_in, fused_out = (t.format(i=i) for t in keys.fused)
