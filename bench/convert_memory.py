@@ -12,6 +12,7 @@ BACK holds the same tensors as HF, bit for bit.
 
     python bench/convert_memory.py --shape qwen3_moe          # ~1.5B parameters, 2.8 GiB in bf16
     python bench/convert_memory.py --shape dots1              # the same size, DeepSeek-V3-style routing
+    python bench/convert_memory.py --shape deepseek_v3        # latent attention and that routing
     python bench/convert_memory.py --shape qwen3_moe --tiny   # a few MB (the test suite runs this)
 """
 
@@ -47,6 +48,12 @@ SHAPES = {
                   moe=dict(num_experts=64, top_k=6, expert_hidden=352, first_dense=1, shared_experts=2,
                            router=dict(score_func="sigmoid", selection_bias=True, groups=8, topk_groups=4,
                                        routed_scaling=2.5))),
+    # DeepSeek-V3: latent attention (query rank 384, key/value rank 256) and dots1's routed layer
+    "deepseek_v3": dict(vocab_size=32768, d_model=1024, n_layers=20, n_heads=16, ffn_hidden=2816, seq_len=4096,
+                        latent_attention=dict(q_rank=384, kv_rank=256, nope_dim=64, rope_dim=32, v_dim=64),
+                        moe=dict(num_experts=64, top_k=6, expert_hidden=352, first_dense=1, shared_experts=2,
+                                 router=dict(score_func="sigmoid", selection_bias=True, groups=8, topk_groups=4,
+                                             routed_scaling=2.5))),
 }
 TINY = dict(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, ffn_hidden=96, seq_len=128)
 
@@ -56,10 +63,14 @@ def write_synthetic(shape: str, tiny: bool, folder: Path, shard_bytes: int) -> t
     one MoE layer's weight bytes)."""
     model = dict(SHAPES[shape])
     if tiny:
-        model.update(TINY, moe=dict(model["moe"], num_experts=8, expert_hidden=32,
-                                    **({"top_k": 2} if shape == "qwen3_moe" else {"top_k": 2})))
-        if shape == "dots1":
+        model.update(TINY, moe=dict(model["moe"], num_experts=8, expert_hidden=32, top_k=2))
+        if shape in ("dots1", "deepseek_v3"):
             model["moe"]["router"] = dict(model["moe"]["router"], groups=4, topk_groups=2)
+        if "latent_attention" in model:
+            model.update(latent_attention=dict(q_rank=16, kv_rank=16, nope_dim=8, rope_dim=8, v_dim=8))
+    if "latent_attention" in model:
+        for key in ("head_dim", "n_kv_heads", "qk_norm"):
+            model.pop(key, None)
     recipe = validate({"name": "bench", "model": model}, {}, "bench")
     meta = build_model(recipe, device="meta")
     family = families.families()[shape]

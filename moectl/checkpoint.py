@@ -251,9 +251,13 @@ def check_weights(model, state: dict[str, Any], path: Path, aliases: dict[str, s
                           hint="the checkpoint is damaged: use another checkpoint of the run (checkpoints/step-*)")
 
 
-def finite(t: torch.Tensor) -> bool:
-    """Whether a tensor holds no NaN or infinity (tensors that are not floating always do)."""
-    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+def finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether a tensor holds no NaN or infinity (tensors that are not floating always do); checked
+    in pieces of `chunk` values, so a large tensor needs no mask of its own size."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def check_weight_specs(model, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], path: Path,

@@ -36,7 +36,9 @@ def model_args(cfg: ModelConfig) -> ModelArgs:
             variant=_options(registry.variants, variant, getattr(m, variant)) if variant else None,
         )
     scaling = cfg.rope_scaling.model_dump() if cfg.rope_scaling is not None else None
-    return ModelArgs(**_same_named(cfg, ModelArgs, skip={"moe", "rope_scaling"}), rope_scaling=scaling, moe=moe)
+    latent = cfg.latent_attention.model_dump() if cfg.latent_attention is not None else None
+    return ModelArgs(**_same_named(cfg, ModelArgs, skip={"moe", "rope_scaling", "latent_attention"}),
+                     rope_scaling=scaling, latent_attention=latent, moe=moe)
 
 
 def build_model(recipe: Recipe, device: str | torch.device | None = None) -> MoETransformer:

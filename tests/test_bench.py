@@ -51,7 +51,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert (tmp_path / "profile.json").is_file()
 
 
-@pytest.mark.parametrize("shape", ["qwen3_moe", "dots1"])
+@pytest.mark.parametrize("shape", ["qwen3_moe", "dots1", "deepseek_v3"])
 def test_convert_memory_bench_runs(shape):
     """The conversion memory benchmark at a tiny size: both directions run under /usr/bin/time and the
     round trip is bit for bit in bf16."""

@@ -37,7 +37,7 @@ class KVCache:
         if self.keys[layer] is None:
             B, H, _, d = k_BHSd.shape
             self.keys[layer] = k_BHSd.new_zeros(B, H, self.max_len, d)
-            self.values[layer] = v_BHSd.new_zeros(B, H, self.max_len, d)
+            self.values[layer] = v_BHSd.new_zeros(B, H, self.max_len, v_BHSd.shape[-1])   # (MLA: its own size)
         keys, values = self.keys[layer], self.values[layer]
         if keys.shape[0] != k_BHSd.shape[0]:
             raise ValueError(f"the KV cache was filled with a batch of {keys.shape[0]}, not {k_BHSd.shape[0]}")

@@ -95,6 +95,7 @@ class ModelArgs:
     sliding_window: int | None = None      # attend to the window's last positions only, in sliding_layers
     sliding_layers: str | list = "all"     # "all" | "even" | "odd" | [layer indices]
     attention_sinks: bool = False          # a learned per-head logit in every query's softmax
+    latent_attention: dict | None = None   # MLA: {q_rank, kv_rank, nope_dim, rope_dim, v_dim} (LatentAttention)
     moe: MoEArgs | None = None
 
     def window(self, layer: int) -> int | None:
@@ -110,6 +111,7 @@ class ModelArgs:
         """Plain JSON data (json.dumps writes it as it is); `from_dict` reads it back."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling is not None else None
+        data["latent_attention"] = dict(self.latent_attention) if self.latent_attention is not None else None
         data["moe"] = self.moe.to_dict() if self.moe is not None else None
         return data
 
@@ -122,6 +124,11 @@ class ModelArgs:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The dimensions RoPE rotates: a head's, or latent attention's rope_dim."""
+        return self.latent_attention["rope_dim"] if self.latent_attention else self.head_size
 
     @property
     def kv_heads(self) -> int:

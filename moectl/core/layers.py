@@ -212,6 +212,92 @@ class Attention(nn.Module):
         return 2 * d * dh * (nh + 2 * nkv) + 2 * nh * dh * d + 2 * seen * nh * dh
 
 
+LATENT_NORM_EPS = 1e-6   # the latent RMSNorms' epsilon in DeepSeek's reference (whatever the model's)
+
+
+def latent_softmax_scale(args) -> float:
+    """Latent attention's softmax scale: 1/sqrt(nope_dim + rope_dim), times DeepSeek's YaRN
+    correction (0.1 mscale_all_dim ln f + 1)^2 when the RoPE scaling has an mscale_all_dim."""
+    la = args.latent_attention
+    scale = (la["nope_dim"] + la["rope_dim"]) ** -0.5
+    rs = args.rope_scaling
+    if rs and rs.get("kind") == "yarn" and rs.get("mscale_all_dim") and rs["factor"] > 1:
+        m = 0.1 * rs["mscale_all_dim"] * math.log(rs["factor"]) + 1.0
+        scale *= m * m
+    return scale
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3). Queries: x -> wq_a -> RMSNorm -> wq_b (with a
+    `q_rank`), or x -> wq; each head's query is [nope_dim | rope_dim]. Keys and values: x -> wkv_a
+    gives a latent of kv_rank and one rope_dim key shared by all heads; the latent, normalised,
+    -> wkv_b gives each head's [key nope_dim | value v_dim]. RoPE rotates the rope parts only (in
+    moectl's interleaved pairs, DeepSeek's own layout); scores are scaled by `softmax_scale`.
+    The KV cache holds the expanded keys and values."""
+
+    component = "attention"
+
+    def __init__(self, d_model: int, n_heads: int, q_rank: int | None, kv_rank: int, nope_dim: int, rope_dim: int,
+                 v_dim: int, bias: bool = False, window: int | None = None, softmax_scale: float | None = None):
+        super().__init__()
+        self.n_heads, self.nope_dim, self.rope_dim, self.v_dim = n_heads, nope_dim, rope_dim, v_dim
+        self.kv_rank = kv_rank
+        self.window, self.sinks = window, None
+        self.softmax_scale = softmax_scale or (nope_dim + rope_dim) ** -0.5
+        qk = nope_dim + rope_dim
+        if q_rank is None:
+            self.wq, self.wq_a, self.q_norm, self.wq_b = nn.Linear(d_model, n_heads * qk, bias=False), None, None, None
+        else:
+            self.wq = None
+            self.wq_a = nn.Linear(d_model, q_rank, bias=bias)
+            self.q_norm = RMSNorm(q_rank, eps=LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(q_rank, n_heads * qk, bias=False)
+        self.wkv_a = nn.Linear(d_model, kv_rank + rope_dim, bias=bias)
+        self.kv_norm = RMSNorm(kv_rank, eps=LATENT_NORM_EPS)
+        self.wkv_b = nn.Linear(kv_rank, n_heads * (nope_dim + v_dim), bias=False)
+        self.wo = nn.Linear(n_heads * v_dim, d_model, bias=bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wq_a, self.wq_b, self.wkv_a, self.wkv_b):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+        for lin in (self.wq_a, self.wkv_a, self.wo):
+            if lin is not None and lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        B, S, _ = x_BSD.shape
+        H, n, r = self.n_heads, self.nope_dim, self.rope_dim
+        q = self.wq(x_BSD) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q = q.view(B, S, H, n + r).transpose(1, 2)
+        kv = self.wkv_a(x_BSD)
+        latent, k_rope = kv.split([self.kv_rank, r], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, H, n + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([n, self.v_dim], dim=-1)
+        cos, sin = rope[0][:S], rope[1][:S]
+        q_rope = apply_rope(q[..., n:], cos, sin)
+        k_rope = apply_rope(k_rope.view(B, 1, S, r), cos, sin).expand(B, H, S, r)
+        q = torch.cat([q[..., :n], q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        mask = attention_mask(past, S, self.window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
+                                           scale=self.softmax_scale)
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        d, H, n, r, v = self.wkv_a.in_features, self.n_heads, self.nope_dim, self.rope_dim, self.v_dim
+        q = (2 * d * H * (n + r) if self.wq is not None
+             else 2 * d * self.wq_a.out_features + 2 * self.wq_a.out_features * H * (n + r))
+        kv = 2 * d * (self.kv_rank + r) + 2 * self.kv_rank * H * (n + v)
+        seen = seq_len if self.window is None else min(seq_len, self.window)
+        return q + kv + 2 * H * v * d + seen * H * (n + r + v)
+
+
 def attention_with_sinks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sinks_H: Tensor) -> Tensor:
     """softmax([q k^T / sqrt(d), sink]) without the sink's column, times v: each head's sink logit
     takes a share of every query's attention. Written out (scaled-dot-product attention has no

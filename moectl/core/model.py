@@ -25,7 +25,14 @@ from moectl.core import registry
 from moectl.core.cache import KVCache
 from moectl.core.config import ModelArgs
 from moectl.core.init import MOE_ONLY, apply_scheme, moe_parts
-from moectl.core.layers import Attention, FeedForward, RMSNorm, rope_tables
+from moectl.core.layers import (
+    Attention,
+    FeedForward,
+    LatentAttention,
+    RMSNorm,
+    latent_softmax_scale,
+    rope_tables,
+)
 from moectl.core.losses import IGNORE_INDEX, SWITCH_BATCH, BalanceSpec, head_cross_entropy
 from moectl.core.moe import RoutedFFN, RoutingPlan, RoutingRecord, routed_layer_class
 from moectl.core.routers.base import PLAIN, RouteContext, RoutingMode
@@ -169,9 +176,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attn_norm = RMSNorm(args.d_model, eps=args.norm_eps)
-        self.attn = Attention(args.d_model, args.n_heads, args.kv_heads, args.head_size, args.attention_bias,
-                              args.qk_norm, args.qkv_clip, args.norm_eps, window=args.window(layer_idx),
-                              sinks=args.attention_sinks)
+        if args.latent_attention:
+            self.attn = LatentAttention(args.d_model, args.n_heads, **args.latent_attention,
+                                        bias=args.attention_bias == "all", window=args.window(layer_idx),
+                                        softmax_scale=latent_softmax_scale(args))
+        else:
+            self.attn = Attention(args.d_model, args.n_heads, args.kv_heads, args.head_size, args.attention_bias,
+                                  args.qk_norm, args.qkv_clip, args.norm_eps, window=args.window(layer_idx),
+                                  sinks=args.attention_sinks)
         self.mlp = mlp
 
     def forward(self, x_BSD: Tensor, rope: tuple[Tensor, Tensor], ctx: RouteContext, state: Any,
@@ -310,7 +322,7 @@ class MoETransformer(nn.Module):
         with record_stage("embedding"):
             x = self.embed(tokens_BS)
         past = 0 if cache is None else cache.length
-        cos, sin = rope_tables(past + S, self.args.head_size, self.args.rope_theta, tokens_BS.device,
+        cos, sin = rope_tables(past + S, self.args.rope_dim, self.args.rope_theta, tokens_BS.device,
                                self.args.rope_scaling)
         rope = (cos[past:], sin[past:])
         plan = None

@@ -32,6 +32,16 @@ def check_recipe(r: Recipe) -> list[Issue]:
     if t.warmup_steps and t.max_steps is not None and t.warmup_steps >= t.max_steps:
         add("train.warmup_steps", f"warmup_steps ({t.warmup_steps}) must be below max_steps ({t.max_steps})",
             "train.max_steps")
+    if m.latent_attention is not None:
+        la = m.latent_attention
+        if la.rope_dim % 2:
+            add("model.latent_attention.rope_dim", f"must be even (RoPE rotates pairs), not {la.rope_dim}")
+        for key, off in (("qk_norm", m.qk_norm == "none"), ("qkv_clip", m.qkv_clip is None),
+                         ("attention_sinks", not m.attention_sinks), ("head_dim", m.head_dim is None),
+                         ("n_kv_heads", m.n_kv_heads is None), ("attention_bias", m.attention_bias != "qkv")):
+            if not off:
+                add(f"model.{key}", "does not apply to latent attention (model.latent_attention); leave it out",
+                    "model.latent_attention")
     if m.sliding_window is None and m.sliding_layers != "all":
         add("model.sliding_layers", "has no effect without model.sliding_window", "model.sliding_window")
     if isinstance(m.sliding_layers, list) and any(i >= m.n_layers for i in m.sliding_layers):

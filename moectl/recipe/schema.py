@@ -176,6 +176,20 @@ class RopeScaling(Section):
     truncate: bool = Field(True, description="yarn: round the ramp's bounds outwards to whole pairs.")
 
 
+class LatentAttention(Section):
+    """Multi-head latent attention (DeepSeek-V2/V3): queries (optionally through a low-rank latent)
+    and keys/values through a shared low-rank latent, each head's key split into a part without
+    position and a RoPE part shared by all heads (decoupled RoPE)."""
+
+    q_rank: PosInt | None = Field(None, description="Rank of the query latent (q_lora_rank); null: queries "
+                                  "project directly (DeepSeek-V2-Lite).")
+    kv_rank: PosInt = Field(..., description="Rank of the shared key/value latent (kv_lora_rank).")
+    nope_dim: PosInt = Field(..., description="Per-head query/key dimensions without position (qk_nope_head_dim).")
+    rope_dim: PosInt = Field(..., description="Query/key dimensions with RoPE (qk_rope_head_dim); the key's is "
+                             "shared by all heads.")
+    v_dim: PosInt = Field(..., description="Per-head value dimensions (v_head_dim).")
+
+
 class ModelConfig(Section):
     """A decoder-only transformer (pre-norm, RMSNorm, RoPE, causal attention)."""
 
@@ -232,6 +246,10 @@ class ModelConfig(Section):
     sliding_layers: Literal["all", "even", "odd"] | list[NonNegInt] = Field(
         "all", description="With sliding_window, the layers that use it: all, even (0, 2, ...: GPT-OSS's "
         "alternation), odd, or a list of layer indices (Qwen2's top layers); the others attend fully."
+    )
+    latent_attention: LatentAttention | None = Field(
+        None, description="Multi-head latent attention (DeepSeek-V2/V3) instead of the standard attention; "
+        "n_kv_heads and head_dim do not apply. null = standard."
     )
     attention_sinks: bool = Field(
         False, description="A learned logit per head that joins every query's softmax (and then is dropped), so a "

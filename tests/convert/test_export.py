@@ -522,3 +522,37 @@ def test_a_trained_deepseek_style_model_exports_as_dots1(corpus, tmp_path):
     want = model.generate(tokens[:1, :6], max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, 6:].tolist()
     assert generate_ids(run.model, tokens[0, :6].tolist(), 12) == want
+
+
+MLA = ["model.latent_attention={q_rank: 16, kv_rank: 12, nope_dim: 8, rope_dim: 4, v_dim: 8}",
+       "model.moe.shared_experts=1", "model.moe.first_dense=1", "model.moe.layers=all"]
+SIGMOID_GROUPS = "score_func: sigmoid, bias_update_rate: 0.01, groups: 2, topk_groups: 1, routed_scaling: 2.0"
+
+
+@pytest.mark.train
+@pytest.mark.processes
+@pytest.mark.parametrize("router,native", [("topk", True), ("recurrent", False)])
+def test_a_trained_mla_model_exports(router, native, corpus, tmp_path):
+    """Latent attention with group-limited sigmoid routing, an aux-loss-free bias and shared experts
+    trains on the CPU; with the topk router it is written as transformers' DeepSeek-V3 class, with
+    RMoE's recurrent router as generated code; both compute what moectl computes."""
+    import subprocess
+
+    from moectl.convert.export import export_hf
+    from moectl.runs import load_run
+    from tests.conftest import train_run
+
+    run_dir = train_run(corpus, tmp_path, "mla", [*MLA, f"model.moe.router={{kind: {router}, {SIGMOID_GROUPS}}}"])
+    result = export_hf(run_dir, tmp_path / "hf")
+    assert (result.architecture == "DeepseekV3ForCausalLM") == native, result
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_run(run_dir).model(tokens).logits
+    torch.save(tokens, tmp_path / "tokens.pt")
+    code = ("import torch; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True).eval(); "
+            f"t = torch.load({str(tmp_path / 'tokens.pt')!r}); "
+            f"torch.save(m(t).logits.detach(), {str(tmp_path / 'got.pt')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert rel_diff(want, torch.load(tmp_path / "got.pt")) <= 1e-5

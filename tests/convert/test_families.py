@@ -45,7 +45,7 @@ def test_import_matches_and_round_trip_is_exact(family, variant, tmp_path, token
     assert written["model_type"] == family
 
 
-DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral", "gpt_oss", "dots1")]
+DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral", "gpt_oss", "dots1", "deepseek_v3")]
 
 
 @pytest.mark.parametrize("family,variant", DENSE_SOURCES, ids=[f"{f}-{v}" for f, v in DENSE_SOURCES])
@@ -214,7 +214,8 @@ def test_the_registry_is_the_modules_of_the_package():
     found = {type(f).__module__.rsplit(".", 1)[1]: f for f in families().values()}
     assert set(found) == modules and len(families()) == len(modules)
     assert all(f.model_type == module for module, f in found.items())
-    assert list(families())[:7] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "dots1", "llama"]
+    assert list(families())[:8] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "dots1",
+                                    "llama"]
 
 
 def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):

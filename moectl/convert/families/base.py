@@ -94,6 +94,7 @@ class Family:
     # "layers" (any set of layers, written as layer_types)
     windows: ClassVar[str] = "none"
     expert_biases: ClassVar[bool] = False   # biases after every expert projection (GPT-OSS)
+    latent: ClassVar[bool] = False          # multi-head latent attention (DeepSeek)
 
     def __repr__(self) -> str:
         return f"<family {self.name} ({self.model_type})>"
@@ -128,6 +129,8 @@ class Family:
 
     def attention_misfits(self, m: ModelConfig) -> list[str]:
         why = self.window_misfits(m) + (["attention sinks"] if m.attention_sinks and self.keys.sinks is None else [])
+        if m.latent_attention is not None and not self.latent:
+            why.append("latent attention")
         if m.qkv_clip is not None and not self.clips_qkv:
             why.append("qkv_clip")
         if m.qk_norm != self.qk_norm:
@@ -263,6 +266,10 @@ class Family:
 
     def model_from_hf(self, c: ConfigReader, model: dict[str, Any]) -> None:
         """The family's own model keys (edits `model` in place)."""
+
+    def attention_keys(self, lay: Layout) -> list[tuple[str, str, str]]:
+        """(moectl template, family template, how) of a layer's norms and attention tensors."""
+        return list(LAYER_KEYS) + (list(QK_NORM_KEYS) if lay.qk_norm != "none" else [])
 
     def experts_from_hf_plan(self, hf: TensorSource, get, lay: Layout, i: int, out: dict, used: set[str],
                              where: str) -> None:
@@ -409,12 +416,14 @@ class Layout:
     moe_layers: frozenset[int]
     num_experts: int
     tied: bool
+    q_rank: int | None = None   # latent attention's query rank (None: direct queries, or no latent attention)
 
     @classmethod
     def of(cls, family: Family, m: ModelConfig) -> Layout:
         moe_layers = frozenset(m.moe.layer_indices(m.n_layers)) if m.moe is not None else frozenset()
         return cls(family, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads, m.head_dim or m.d_model // m.n_heads,
-                   m.qk_norm, moe_layers, m.moe.num_experts if m.moe is not None else 0, m.tie_embeddings)
+                   m.qk_norm, moe_layers, m.moe.num_experts if m.moe is not None else 0, m.tie_embeddings,
+                   m.latent_attention.q_rank if m.latent_attention is not None else None)
 
 
 def _rope_order(head_dim: int, to_hf: bool):
@@ -436,7 +445,7 @@ def _pairs(lay: Layout) -> list[tuple[str, str, str]]:
         out.append(("head.weight", "lm_head.weight", "copy"))
     keys = lay.family.keys
     for i in range(lay.n_layers):
-        templates = list(LAYER_KEYS) + (list(QK_NORM_KEYS) if lay.qk_norm != "none" else [])
+        templates = lay.family.attention_keys(lay)
         if i not in lay.moe_layers:
             templates += [(f"layers.{{i}}.mlp.ffn.{w}.weight", theirs, "copy")
                           for w, theirs in zip(W_NAMES, keys.dense, strict=True)]
