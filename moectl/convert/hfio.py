@@ -188,6 +188,63 @@ class LazyWeights(TensorSource):
                               hint="download or export the model again") from None
 
 
+class BlockFP8(TensorSource):
+    """A source whose float8 weights come with per-block inverse scales (`<name>_scale_inv`, one per
+    `block` rows x columns, as DeepSeek-V3's and Kimi K2's published checkpoints store them):
+    presented dequantised, in bf16, with the scales hidden."""
+
+    def __init__(self, src: TensorSource, block: tuple[int, int]):
+        self.src, self.block = src, block
+        names = src.names()
+        self.scaled = {n for n in names if src.spec(n).dtype in FP8 and f"{n}_scale_inv" in src}
+        self.hidden = {f"{n}_scale_inv" for n in self.scaled}
+        self._names = [n for n in names if n not in self.hidden]
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.src and name not in self.hidden
+
+    def spec(self, name: str) -> Spec:
+        spec = self.src.spec(name)
+        return Spec(torch.bfloat16, spec.shape) if name in self.scaled else spec
+
+    def get(self, name: str) -> Tensor:
+        t = self.src.get(name)
+        if name not in self.scaled:
+            return t
+        scale = self.src.get(f"{name}_scale_inv").float()
+        rows, cols = self.block
+        full = scale.repeat_interleave(rows, 0)[: t.shape[0]].repeat_interleave(cols, 1)[:, : t.shape[1]]
+        return (t.float() * full).to(torch.bfloat16)
+
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def dequantizing(src: TensorSource, cfg: dict[str, Any], where: str) -> TensorSource:
+    """`src` as full-precision tensors: block-scaled FP8 dequantised (DeepSeek-V3's format); any
+    other quantisation of a config.json (or FP8 without its scales) refused by name."""
+    quant = cfg.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method == "fp8":
+        block = quant.get("weight_block_size") or [128, 128]
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise MoectlError(f"{where}: quantization_config.weight_block_size is {block!r}",
+                              hint="the config.json is damaged")
+        src = BlockFP8(src, (block[0], block[1]))
+    elif method not in (None, "mxfp4"):
+        raise MoectlError(f"{where}: the weights are quantised with {method!r}, which moectl does not read",
+                          hint="moectl dequantises block-scaled FP8 and MXFP4; give the model's unquantised weights")
+    raw = [n for n in src.names() if src.spec(n).dtype in FP8]
+    if raw:
+        raise MoectlError(f"{where}: {raw[0]} is float8 without the scales to dequantise it",
+                          hint="give the model's unquantised (bf16) weights, or a checkpoint with its "
+                               "weight_scale_inv tensors and quantization_config")
+    return src
+
+
 # --------------------------------------------------------------------------- streaming writing
 
 

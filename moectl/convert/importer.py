@@ -28,6 +28,7 @@ from moectl.convert.hfio import (
     TOKENIZER_JSON,
     LazyWeights,
     Spec,
+    dequantizing,
     read_config,
     read_json,
     write_safetensors,
@@ -89,7 +90,7 @@ def read_hf_model(src: Path) -> HFModel:
     meta = build_model(recipe, device="meta")
     aliases = tied_aliases(meta)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases}
-    weights = LazyWeights(src)   # headers only: every tensor is read when it is written
+    weights = dequantizing(LazyWeights(src), cfg, where)   # headers only: every tensor is read when it is written
     if family == "moectl":
         names = weights.names()
         if all(k.startswith(PREFIX) for k in names):   # the generated wrapper holds the engine as `model`

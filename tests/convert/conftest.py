@@ -97,6 +97,23 @@ VARIANTS = {
                                             topk_group=1, routed_scaling_factor=2.827, norm_topk_prob=True,
                                             num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=8,
                                             qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True),
+    # DeepSeek-V2's shape (query latent, group-limited greedy over 4 groups, scale 16), V2-Lite's
+    # (direct queries, greedy top-6 of 8 with 2 shared experts, a dense first layer), and YaRN's mscale
+    ("deepseek_v2", "v2"): dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                moe_intermediate_size=16, first_k_dense_replace=1, topk_method="group_limited_greedy",
+                                n_group=4, topk_group=2, routed_scaling_factor=16.0, num_key_value_heads=4,
+                                q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+    ("deepseek_v2", "v2-lite"): dict(n_routed_experts=8, num_experts_per_tok=6, n_shared_experts=2,
+                                     moe_intermediate_size=16, first_k_dense_replace=1, topk_method="greedy",
+                                     num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=8,
+                                     qk_rope_head_dim=8, v_head_dim=8),
+    ("deepseek_v2", "yarn-mscale"): dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                         moe_intermediate_size=16, first_k_dense_replace=0, topk_method="greedy",
+                                         routed_scaling_factor=1.0, num_key_value_heads=4, q_lora_rank=16,
+                                         kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=6,
+                                         rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                          "original_max_position_embeddings": 16, "mscale": 0.707,
+                                                          "mscale_all_dim": 0.707}),
     # Qwen2.5-7B's shape (GQA, theta 1e6, untied), Qwen2.5-0.5B's (tied), and MHA with linear RoPE
     ("qwen2", "qwen2.5-7b"): dict(rope_theta=1e6),
     ("qwen2", "qwen2.5-0.5b-tied"): dict(rope_theta=1e6, tie_word_embeddings=True, num_key_value_heads=1),

@@ -45,7 +45,8 @@ def test_import_matches_and_round_trip_is_exact(family, variant, tmp_path, token
     assert written["model_type"] == family
 
 
-DENSE_SOURCES = [key for key in VARIANTS if key[0] in ("qwen2", "qwen3", "mistral", "gpt_oss", "dots1", "deepseek_v3")]
+DENSE_SOURCES = [key for key in VARIANTS
+                 if key[0] in ("qwen2", "qwen3", "mistral", "gpt_oss", "dots1", "deepseek_v3", "deepseek_v2")]
 
 
 @pytest.mark.parametrize("family,variant", DENSE_SOURCES, ids=[f"{f}-{v}" for f, v in DENSE_SOURCES])
@@ -214,8 +215,8 @@ def test_the_registry_is_the_modules_of_the_package():
     found = {type(f).__module__.rsplit(".", 1)[1]: f for f in families().values()}
     assert set(found) == modules and len(families()) == len(modules)
     assert all(f.model_type == module for module, f in found.items())
-    assert list(families())[:8] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "deepseek_v3", "dots1",
-                                    "llama"]
+    assert list(families())[:9] == ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe", "deepseek_v2",
+                                    "deepseek_v3", "dots1", "llama"]
 
 
 def test_a_new_family_module_is_picked_up(tmp_path, monkeypatch):
@@ -325,3 +326,56 @@ def test_mxfp4_dequantisation_by_hand():
     assert out.shape == (32,) and out[:2].tolist() == [1.0, 2.0] and not out[2:].any()
     blocks = torch.tensor([[0xF9] + [0] * 15], dtype=torch.uint8)    # -0.5 (9), -6 (15)
     assert dequantize_mxfp4(blocks, torch.tensor([126], dtype=torch.uint8), torch.float32)[:2].tolist() == [-0.25, -3.0]
+
+
+def _fp8_blocks(w, block=4):
+    """Block-scaled FP8 of `w` (e4m3 values, an inverse scale per block) and the exact values it holds."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    scale = torch.zeros(rows, cols)
+    for r in range(rows):
+        for c in range(cols):
+            part = w[r * block:(r + 1) * block, c * block:(c + 1) * block]
+            scale[r, c] = part.abs().max().clamp_min(1e-12) / 448.0
+    full = scale.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[:, : w.shape[1]]
+    q = (w / full).to(torch.float8_e4m3fn)
+    return q, scale, (q.float() * full).to(torch.bfloat16).float()
+
+
+def test_deepseek_fp8_weights_are_dequantised(tmp_path, tokens):
+    """DeepSeek-V3's published checkpoints hold block-scaled FP8 matrices with weight_scale_inv
+    beside them: they import dequantised (bf16), computing what transformers computes on those
+    values; FP8 without scales and other quantisations are refused by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moectl.convert.importer import import_hf
+    from moectl.errors import MoectlError
+    from moectl.runs import load_run
+
+    model = hf_model("deepseek_v3", **VARIANTS[("deepseek_v3", "v3")])
+    src = save_hf(model, tmp_path / "hf")
+    state = load_file(src / "model.safetensors")
+    params = dict(model.named_parameters())
+    for name in [k for k in state if k.endswith("proj.weight") and state[k].dim() == 2 and ".experts." not in k]:
+        q, scale, exact = _fp8_blocks(state[name].float())
+        state[name], state[name + "_scale_inv"] = q, scale
+        with torch.no_grad():
+            params[name].copy_(exact)
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [4, 4], "fmt": "e4m3"}
+    (src / "config.json").write_text(json.dumps(config))
+    import_hf(src, tmp_path / "moectl")
+    with torch.no_grad():
+        assert rel_diff(model(tokens).logits, load_run(tmp_path / "moectl").model(tokens).logits) <= 1e-5
+    # without quantization_config the float8 tensors are refused; another method is named
+    del config["quantization_config"]
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoectlError, match="float8 without the scales"):
+        import_hf(src, tmp_path / "again")
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MoectlError, match="quantised with 'gptq'"):
+        import_hf(src, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
