@@ -14,6 +14,7 @@ from safetensors.torch import save_model
 from moectl.core.accounting import TRAIN_FLOPS_FACTOR, count_parameters, training_memory
 from moectl.core.experts import ExpertBank
 from moectl.core.init import describe
+from moectl.core.layers import rope_attention_factor
 from moectl.errors import MoectlError
 from moectl.factory import build_model
 from moectl.fsutil import atomic_dir
@@ -100,17 +101,24 @@ def build_report(recipe: Recipe, expert_parallel: int = 1) -> BuildReport:
             "routed_layers": len(layers), "block": m.block.kind,
             "regularisers": layers[0].regularisers(model.args.moe) if layers else [],
         }
-        # What each part has to say about itself (varying experts per token, two sub-layers, ...).
-        for module in model.modules():
-            for note in getattr(module, "build_notes", lambda: [])():
-                if note not in notes:
-                    notes.append(note)
         extra = TRAIN_FLOPS_FACTOR * sum(layer.expected_extra_flops_per_token(len(layers)) for layer in layers)
         if extra:
             moe_info["extra_train_flops_per_token"] = round(extra)
             notes.append(f"about {human(extra)} extra training FLOPs per token on average, beyond routing to top_k "
                          "experts; not part of the FLOPs or MFU above.")
+    # What each part has to say about itself (windows, sinks, latent attention, varying experts per
+    # token, two sub-layers, ...), once per distinct note.
+    for module in model.modules():
+        for note in getattr(module, "build_notes", lambda: [])():
+            if note not in notes:
+                notes.append(note)
     cfg = recipe.model
+    rs = cfg.rope_scaling
+    if rs is not None:
+        temperature = rope_attention_factor(rs.model_dump())
+        notes.append(f"RoPE scaled {rs.kind} x{rs.factor:g}" + (f" from {rs.original_context} positions"
+                     if rs.kind != "linear" else "") + (f", attention temperature {temperature:.4f}"
+                                                        if temperature != 1.0 else "") + ".")
     notes.append(describe(cfg.init, m.init if m else None, m.router_init if m else None, cfg.init_std,
                           cfg.scale_residual_init) + ".")
     notes.append("memory: fp32 weights + fp32 gradients + AdamW moments (2 x fp32); activations excluded.")

@@ -206,6 +206,15 @@ class Attention(nn.Module):
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
 
+    def build_notes(self) -> list[str]:
+        notes = []
+        if self.window is not None:
+            notes.append(f"sliding-window attention: {self.window} positions in some or all layers (a query attends "
+                         "to at most that many keys; FLOPs count those).")
+        if self.sinks is not None:
+            notes.append("attention sinks: a learned logit per head joins every softmax (attention written out).")
+        return notes
+
     def flops_per_token(self, seq_len: int) -> int:
         d, dh, nh, nkv = self.wq.in_features, self.head_dim, self.n_heads, self.n_kv_heads
         seen = seq_len if self.window is None else min(seq_len, self.window)   # keys a query attends to
@@ -288,6 +297,16 @@ class LatentAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not past,
                                            scale=self.softmax_scale)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+
+    def build_notes(self) -> list[str]:
+        H, n, r, v = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim
+        q = f"query rank {self.wq_a.out_features}" if self.wq_a is not None else "direct queries"
+        notes = [f"latent attention: {q}, key/value rank {self.kv_rank}, {H} heads of {n} + {r} (RoPE, shared key) "
+                 f"query/key and {v} value dimensions; the KV cache holds {H * (n + r + v):,} values per token and "
+                 "layer (expanded keys and values)."]
+        if self.window is not None:
+            notes.append(f"sliding-window attention: {self.window} positions in some or all layers.")
+        return notes
 
     def flops_per_token(self, seq_len: int) -> int:
         d, H, n, r, v = self.wkv_a.in_features, self.n_heads, self.nope_dim, self.rope_dim, self.v_dim

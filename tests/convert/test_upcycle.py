@@ -48,8 +48,15 @@ def test_one_training_step_from_an_upcycled_folder(dense_run, tmp_path, cli):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("family,kw", [("llama", {}), ("qwen3", dict(head_dim=12))])
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("qwen3", dict(head_dim=12)), ("qwen2", {}),
+                                       ("mistral", dict(sliding_window=8)),
+                                       ("qwen3", dict(head_dim=12, rope_parameters={
+                                           "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                           "original_max_position_embeddings": 16}))],
+                         ids=["llama", "qwen3", "qwen2", "mistral-window", "qwen3-yarn"])
 def test_upcycle_a_dense_hf_folder(tmp_path, tokens, family, kw):
+    """Every dense source upcycles to an MoE that computes exactly what the dense model computes
+    (Qwen2's q/k/v biases, a binding Mistral window and YaRN carried over)."""
     from moectl.convert.upcycle import upcycle
     from moectl.runs import load_run
 

@@ -91,3 +91,25 @@ def test_refused_settings(overrides, words, corpus, write, cli):
 
     r = cli("recipes", "validate", write("r.yaml", train_recipe_text(corpus)), *overrides)
     assert r.exit_code == 2 and words in r.output, r.output
+
+
+def test_build_counts_and_describes_the_2025_attention_parts(cli):
+    """`moectl build` counts what these parts add (sink logits, latent projections) and says what
+    they do: windows, sinks, latent attention's KV cache, YaRN's temperature."""
+    r = cli("build", "quickstart", "model.attention_sinks=true", "model.sliding_window=64", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    report = json.loads(r.output)
+    plain = json.loads(cli("build", "quickstart", "--json").output)
+    attention = lambda rep: rep["params"]["components"]["attention"]["total"]  # noqa: E731
+    assert attention(report) - attention(plain) == 4 * 4          # 4 layers x 4 heads of sink logits
+    assert any("sliding-window attention: 64 positions" in n for n in report["notes"])
+    assert any("attention sinks" in n for n in report["notes"])
+    latent = json.loads(cli("build", "quickstart", "model.qk_norm=none",
+                            "model.latent_attention={q_rank: 64, kv_rank: 32, nope_dim: 16, rope_dim: 8, v_dim: 16}",
+                            "model.rope_scaling={kind: yarn, factor: 4, original_context: 128}", "--json").output)
+    assert any("KV cache holds 160 values per token" in n for n in latent["notes"])
+    assert any("RoPE scaled yarn x4 from 128 positions, attention temperature 1.1386" in n for n in latent["notes"])
+    # 4 layers: wq_a 128x64, wq_b 64x96, wkv_a 128x40, wkv_b 32x128, wo 64x128 (the latent norms count as norms)
+    assert attention(latent) == 4 * (128 * 64 + 64 * 96 + 128 * 40 + 32 * 128 + 64 * 128)
