@@ -102,7 +102,7 @@ def test_build_counts_and_describes_the_2025_attention_parts(cli):
 
     report = json.loads(r.output)
     plain = json.loads(cli("build", "quickstart", "--json").output)
-    attention = lambda rep: rep["params"]["components"]["attention"]["total"]  # noqa: E731
+    attention = lambda rep: rep["params"]["components"]["attention"]["total"]
     assert attention(report) - attention(plain) == 4 * 4          # 4 layers x 4 heads of sink logits
     assert any("sliding-window attention: 64 positions" in n for n in report["notes"])
     assert any("attention sinks" in n for n in report["notes"])
