@@ -36,8 +36,9 @@ def convert(
                                "written under a temporary name and renamed when complete.", metavar="OUT"),
     to: str = typer.Option(None, "--to", help="Export to this format: 'hf' (a folder that "
                            "AutoModelForCausalLM.from_pretrained loads)."),
-    from_: str = typer.Option(None, "--from", help="Import from this format: 'hf' (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-                              "OLMoE, Llama and Qwen3 dense models, or a folder moectl exported; docs/convert.md "
+    from_: str = typer.Option(None, "--from", help="Import from this format: 'hf' (DeepSeek-V2/V3, GPT-OSS, "
+                              "dots1, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; dense Llama, Mistral, Qwen2 and Qwen3; "
+                              "or a folder moectl exported; FP8 and MXFP4 weights are dequantised; docs/convert.md "
                               "lists the families)."),
     upcycle: bool = typer.Option(False, "--upcycle", help="Turn a dense model into an MoE whose experts start as "
                                  "copies of its FFN (needs --experts and --top-k)."),
